@@ -1,0 +1,238 @@
+"""Command line: ``onnxpq compress | inspect | validate``. Argument parsing only; the work lives in the passes.
+
+Exit codes: 0 success, 1 accuracy gate failed, 2 bad input or option (one line, no traceback unless -v).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnxpq.config import OP_TYPES, CompressConfig
+from onnxpq.errors import OnnxpqError, ValidationFailedError
+from onnxpq.version import __version__
+
+__all__ = ["main"]
+
+
+def _add_compress(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compress", help="compress a model", description="Compress IN into OUT with product quantization."
+    )
+    p.add_argument("input", type=Path, metavar="IN")
+    p.add_argument("output", type=Path, metavar="OUT")
+    sel = p.add_argument_group("what to compress")
+    sel.add_argument(
+        "--op-types",
+        nargs="+",
+        default=list(OP_TYPES),
+        metavar="OP",
+        help=f"operator types to compress: {' '.join(OP_TYPES)} or 'all' (default: all of these)",
+    )
+    sel.add_argument(
+        "--nodes-to-exclude", nargs="+", default=[], metavar="REGEX", help="node-name patterns to keep in float"
+    )
+    sel.add_argument("--nodes-to-include", nargs="+", default=[], metavar="REGEX", help="compress only matching nodes")
+    sel.add_argument("--min-elements", type=int, default=4096, help="smaller weights stay in float (default 4096)")
+    sel.add_argument(
+        "--keep-first",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the first Conv in float (default: yes)",
+    )
+    q = p.add_argument_group("quantization")
+    q.add_argument(
+        "--block-size",
+        choices=("small", "large"),
+        default="small",
+        help="PQF blocks: small (d=9 for 3x3, 4 otherwise) or large (18 and 8)",
+    )
+    q.add_argument("--subvector-dim", type=int, default=None, metavar="D", help="use d=D for every layer")
+    q.add_argument("-k", "--n-codewords", type=int, default=256, help="codebook size (default 256)")
+    q.add_argument("--kmeans-iters", type=int, default=20)
+    q.add_argument("--seed", type=int, default=0)
+    _add_validation_options(p, data_flag="--calibration-data")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime validation")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--report", type=Path, default=None, help="JSON report path (default: OUT.report.json)")
+
+
+def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str) -> None:
+    v = p.add_argument_group("validation")
+    flags = [data_flag, "--validation-data"] if data_flag != "--validation-data" else [data_flag]
+    v.add_argument(
+        *flags,
+        dest="data",
+        default=None,
+        metavar="PATH",
+        help=".npz keyed by input name, .npy, or a test_data_set_* folder; 'random' for synthetic inputs",
+    )
+    v.add_argument("--labels", type=Path, default=None, help=".npy of class labels aligned with the data")
+    v.add_argument("--max-samples", type=int, default=None)
+    v.add_argument(
+        "--metric",
+        choices=("top1", "cosine", "rel_l2", "max_abs", "accuracy"),
+        default=None,
+        help="gate metric (default: top1 for logits, else cosine)",
+    )
+    v.add_argument(
+        "--max-degradation", type=float, default=None, help="fail (exit 1) when the metric degrades by more than this"
+    )
+    v.add_argument(
+        "--no-measure", dest="measure", action="store_false", help="skip load-time, memory and latency measurements"
+    )
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="list the weights onnxpq would compress",
+        description="List candidate weights with node names, shapes and sizes.",
+    )
+    p.add_argument("input", type=Path, metavar="IN")
+    p.add_argument("--op-types", nargs="+", default=list(OP_TYPES), metavar="OP")
+    p.add_argument("--min-elements", type=int, default=4096)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="compare a compressed model with its original",
+        description="Run both models in onnxruntime and gate the degradation.",
+    )
+    p.add_argument("original", type=Path)
+    p.add_argument("compressed", type=Path)
+    _add_validation_options(p, data_flag="--data")
+    p.add_argument("--report", type=Path, default=None, help="write the validation JSON here")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnxpq", description="Permute, Quantize, Fine-tune for ONNX models.")
+    parser.add_argument("--version", action="version", version=f"onnxpq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_compress(sub)
+    _add_inspect(sub)
+    _add_validate(sub)
+    return parser
+
+
+def _settings(args: argparse.Namespace, enabled: bool = True):
+    from onnxpq.pipeline import ValidationSettings
+
+    return ValidationSettings(
+        enabled=enabled,
+        data=args.data,
+        labels=args.labels,
+        max_samples=args.max_samples,
+        metric=args.metric,
+        max_degradation=args.max_degradation,
+        measure=args.measure,
+    )
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from onnxpq.pipeline import compress
+    from onnxpq.report import format_table
+
+    config = CompressConfig(
+        op_types=tuple(args.op_types),
+        nodes_to_exclude=tuple(args.nodes_to_exclude),
+        nodes_to_include=tuple(args.nodes_to_include),
+        min_elements=args.min_elements,
+        keep_first=args.keep_first,
+        block_size=args.block_size,
+        subvector_dim=args.subvector_dim,
+        n_codewords=args.n_codewords,
+        kmeans_iters=args.kmeans_iters,
+        seed=args.seed,
+    )
+    try:
+        result = compress(
+            args.input,
+            args.output,
+            config,
+            validation=_settings(args, not args.no_validate),
+            force=args.force,
+            report_path=args.report,
+            progress=sys.stderr.isatty(),
+        )
+    except ValidationFailedError:
+        report_path = args.report or args.output.with_name(args.output.name + ".report.json")
+        print(format_table(json.loads(Path(report_path).read_text())))
+        raise
+    print(format_table(result.report))
+    print(f"report: {result.report_path}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from onnxpq.graph import load_model
+    from onnxpq.report import layer_rows
+    from onnxpq.selection import find_candidates
+
+    config = CompressConfig(op_types=tuple(args.op_types), min_elements=args.min_elements, keep_first=False)
+    rows = layer_rows(find_candidates(load_model(args.input), config), {})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'node':40} {'weight':40} {'op':13} {'shape':>20} {'elements':>10}  note")
+    for r in rows:
+        shape = "x".join(str(s) for s in r["shape"])
+        print(
+            f"{','.join(r['nodes'])[:40]:40} {r['weight'][:40]:40} {r['op_type']:13} {shape:>20} "
+            f"{r['elements']:>10}  {r['skip_reason'] or ''}"
+        )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from onnxpq.graph import load_model
+    from onnxpq.pipeline import run_validation
+    from onnxpq.report import _validation_lines, write_json
+
+    model = load_model(args.original)
+    load_model(args.compressed)
+    section, notes = run_validation(args.original, args.compressed, model, _settings(args), args.seed)
+    print("\n".join(_validation_lines(section)))
+    for note in notes:
+        print(f"warning: {note}")
+    if args.report:
+        write_json(section, args.report)
+    failure = (section.get("gate") or {}).get("failure")
+    if failure:
+        raise ValidationFailedError(failure)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    handlers = {"compress": _compress, "inspect": _inspect, "validate": _validate}
+    try:
+        with warnings.catch_warnings():
+            # The report already lists every warning; Python's own display would print them twice.
+            warnings.simplefilter("ignore" if not args.verbose else "default")
+            return handlers[args.command](args)
+    except ValidationFailedError as err:
+        print(f"onnxpq: {err}", file=sys.stderr)
+        return 1
+    except OnnxpqError as err:
+        if args.verbose:
+            raise
+        print(f"onnxpq: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxpq: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Write quantized weights back as standard ONNX: ``Cast(indices) -> Gather(codebook) [-> Reshape]``.
+
+onnxruntime folds this chain into a plain initializer when the session is
+created, so the compressed model runs the original's kernels at the original's
+speed. The layout is chosen so ``Gather`` already yields the weight's memory
+order (no Transpose); at most one Reshape restores the shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxpq.errors import UnsupportedGraphError
+from onnxpq.graph import opset_version
+from onnxpq.kmeans import Codebook
+from onnxpq.selection import Candidate
+
+__all__ = [
+    "FOLD_LIMIT_BYTES",
+    "FOLD_LIMIT_KEY",
+    "METADATA_CONFIG",
+    "METADATA_VERSION",
+    "QuantizedWeight",
+    "encode_weights",
+    "index_dtype",
+    "pq_name",
+]
+
+METADATA_VERSION = "onnxpq.version"
+METADATA_CONFIG = "onnxpq.config"
+#: onnxruntime >= 1.27 does not fold node outputs larger than this by default.
+FOLD_LIMIT_BYTES = 1 << 30
+FOLD_LIMIT_KEY = "optimization.constant_folding_max_output_size_in_bytes"
+_ROLES = ("codebook", "indices", "codebook_cast", "indices_int32", "gathered", "shape")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A candidate weight and the codebook that replaces it."""
+
+    candidate: Candidate
+    codebook: Codebook
+
+
+def pq_name(weight: str, role: str) -> str:
+    """The one place generated tensor and node names come from: ``<weight>_pq_<role>``."""
+    if role not in _ROLES and not role.startswith("decode_"):
+        raise ValueError(f"unknown role {role!r}")
+    return f"{weight}_pq_{role}"
+
+
+def index_dtype(n_codewords: int, model: onnx.ModelProto) -> int:
+    """UINT4 when 16 codewords suffice and the model may use it (opset >= 21, IR >= 10), else UINT8."""
+    if n_codewords <= 16 and opset_version(model) >= 21 and model.ir_version >= 10:
+        return onnx.TensorProto.UINT4
+    return onnx.TensorProto.UINT8
+
+
+def _gather_layout(shape: tuple[int, ...], row_axes: int, d: int) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """(codebook trailing shape, index shape, needs_reshape).
+
+    When the trailing axes of the weight hold exactly d values (a 3x3 kernel with
+    d=9), the codebook takes those axes' shape and Gather yields the weight directly.
+    """
+    for axis in range(row_axes, len(shape)):
+        if math.prod(shape[axis:]) == d:
+            return shape[axis:], shape[:axis], False
+    n_row = math.prod(shape[row_axes:]) // d
+    return (d,), (*shape[:row_axes], n_row), True
+
+
+def _index_tensor(name: str, codes: np.ndarray, shape: tuple[int, ...], dtype: int) -> onnx.TensorProto:
+    if dtype == onnx.TensorProto.UINT4:
+        flat = codes.astype(np.uint8).ravel()
+        if len(flat) % 2:
+            flat = np.append(flat, np.uint8(0))
+        packed = flat[0::2] | (flat[1::2] << 4)  # ONNX packs the first element in the low nibble.
+        return helper.make_tensor(name, dtype, shape, packed.tobytes(), raw=True)
+    return numpy_helper.from_array(codes.astype(np.uint8).reshape(shape), name)
+
+
+def _decode_nodes(q: QuantizedWeight, model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The nodes and initializers that rebuild one weight under its original name."""
+    cand = q.candidate
+    w = cand.name
+    trailing, index_shape, reshape = _gather_layout(cand.shape, cand.row_axes, cand.subvector_dim)
+    k = len(q.codebook.centroids)
+    codebook = q.codebook.centroids.astype(np.float16).reshape((k, *trailing))
+    inits = [
+        numpy_helper.from_array(codebook, pq_name(w, "codebook")),
+        _index_tensor(pq_name(w, "indices"), q.codebook.codes, index_shape, index_dtype(k, model)),
+    ]
+    nodes = []
+    table = pq_name(w, "codebook")
+    if cand.dtype != onnx.TensorProto.FLOAT16:
+        # Casting the k-row codebook is cheap; casting the decoded weight would cost a full copy.
+        table = pq_name(w, "codebook_cast")
+        nodes.append(
+            helper.make_node(
+                "Cast", [pq_name(w, "codebook")], [table], pq_name(w, "decode_cast_codebook"), to=cand.dtype
+            )
+        )
+    nodes.append(
+        helper.make_node(
+            "Cast",
+            [pq_name(w, "indices")],
+            [pq_name(w, "indices_int32")],
+            pq_name(w, "decode_cast_indices"),
+            to=onnx.TensorProto.INT32,
+        )
+    )
+    gathered = pq_name(w, "gathered") if reshape else w
+    nodes.append(
+        helper.make_node(
+            "Gather", [table, pq_name(w, "indices_int32")], [gathered], pq_name(w, "decode_gather"), axis=0
+        )
+    )
+    if reshape:
+        inits.append(numpy_helper.from_array(np.array(cand.shape, dtype=np.int64), pq_name(w, "shape")))
+        nodes.append(helper.make_node("Reshape", [gathered, pq_name(w, "shape")], [w], pq_name(w, "decode_reshape")))
+    return nodes, inits
+
+
+def _check_names_free(graph: onnx.GraphProto, weights: Sequence[QuantizedWeight]) -> None:
+    taken = {t.name for t in graph.initializer} | {n.name for n in graph.node}
+    taken |= {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    for q in weights:
+        for role in ("codebook", "indices", "gathered"):
+            if pq_name(q.candidate.name, role) in taken:
+                raise UnsupportedGraphError(
+                    f"the graph already has a tensor or node named {pq_name(q.candidate.name, role)!r}; "
+                    "was it compressed by onnxpq before?"
+                )
+
+
+def encode_weights(
+    model: onnx.ModelProto, weights: Sequence[QuantizedWeight], *, metadata: dict[str, object]
+) -> onnx.ModelProto:
+    """Return a copy of ``model`` with each weight replaced by its decode chain.
+
+    The input model is not modified. Initializer weights get their decode nodes
+    at the top of the graph; weights held by ``Constant`` nodes get them where
+    the Constant stood, so the node order stays topological. A weight also
+    listed as a graph input (old exporters did this) is removed from the inputs:
+    it can no longer be overridden, which no deployment relies on.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    _check_names_free(graph, weights)
+    by_name = {q.candidate.name: q for q in weights}
+    head: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    body: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in by_name:
+            nodes, inits = _decode_nodes(by_name.pop(node.output[0]), out)
+            body.extend(nodes)
+            new_inits.extend(inits)
+        else:
+            body.append(node)
+    kept_inits = [t for t in graph.initializer if t.name not in by_name]
+    for q in by_name.values():
+        nodes, inits = _decode_nodes(q, out)
+        head.extend(nodes)
+        new_inits.extend(inits)
+    replaced = {q.candidate.name for q in weights}
+    kept_inputs = [i for i in graph.input if i.name not in replaced]
+    del graph.node[:]
+    graph.node.extend(head + body)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits + new_inits)
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    _set_metadata(out, {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
+    return out
+
+
+def _set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Add or replace onnxpq's keys; every other entry (e.g. an OCR dictionary) is kept as it was."""
+    for prop in model.metadata_props:
+        if prop.key in entries:
+            prop.value = entries.pop(prop.key)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)

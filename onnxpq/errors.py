@@ -1,0 +1,36 @@
+"""Exception hierarchy: every user-facing failure is an ``OnnxpqError`` with a message that names the problem."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "InputModelError",
+    "OnnxpqError",
+    "OutputPathError",
+    "UnsupportedGraphError",
+    "ValidationFailedError",
+]
+
+
+class OnnxpqError(Exception):
+    """Root of onnxpq's errors; the CLI prints these as one line and exits 2."""
+
+
+class ConfigError(OnnxpqError, ValueError):
+    """An option or option combination is invalid for this model."""
+
+
+class InputModelError(OnnxpqError):
+    """The input file is missing, unreadable or not a valid ONNX model."""
+
+
+class OutputPathError(OnnxpqError):
+    """The output cannot be written where asked (exists, same as input, unwritable)."""
+
+
+class UnsupportedGraphError(OnnxpqError):
+    """The graph uses something onnxpq cannot handle safely."""
+
+
+class ValidationFailedError(OnnxpqError):
+    """The compressed model failed the user's accuracy gate; the CLI exits 1."""

@@ -1,0 +1,256 @@
+"""Load and save ONNX models safely, and find the constant tensors a graph holds.
+
+Loading turns every way a file can be wrong into one ``InputModelError`` that
+names the problem; saving is atomic so a failed or interrupted run never
+leaves a partial model behind, and switches to external data past protobuf's
+2 GB limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from onnxpq.errors import InputModelError, OutputPathError
+
+__all__ = [
+    "MIN_OPSET",
+    "ConstantTensor",
+    "check_output_path",
+    "constant_foldable_nodes",
+    "constant_tensors",
+    "display_name",
+    "load_model",
+    "opset_version",
+    "save_model",
+    "subgraph_initializer_count",
+]
+
+MIN_OPSET = 11
+#: Protobuf refuses to serialise messages of 2 GiB or more; keep a margin for the graph itself.
+PROTOBUF_LIMIT = 2**31 - 2**26
+
+
+@dataclass(frozen=True)
+class ConstantTensor:
+    """A constant tensor of the main graph: an initializer or the output of a ``Constant`` node.
+
+    Parameters
+    ----------
+    name : the tensor's name in the graph.
+    tensor : the TensorProto holding the values.
+    constant_node : index in ``graph.node`` of the ``Constant`` node that produces it, or None
+        for an initializer.
+    """
+
+    name: str
+    tensor: onnx.TensorProto
+    constant_node: int | None
+
+    def to_array(self) -> np.ndarray:
+        return numpy_helper.to_array(self.tensor)
+
+
+def _sniff(path: Path, head: bytes) -> None:
+    """Name the common wrong files before protobuf gives an unreadable error."""
+    if not head:
+        raise InputModelError(f"{path}: file is empty")
+    if head[4:8] == b"ORTM":
+        raise InputModelError(
+            f"{path}: this is an ORT-format model (.ort); onnxpq needs the .onnx model it was made from"
+        )
+    if head.lstrip()[:1] in (b"{", b"["):
+        raise InputModelError(f"{path}: this looks like a JSON file, not an ONNX protobuf model")
+
+
+def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read an ONNX model, external data included, or raise ``InputModelError`` saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise InputModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputModelError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise InputModelError(f"{path}: cannot read: {err.strerror}") from None
+    _sniff(path, head)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as err:
+        raise InputModelError(f"{path}: not a valid ONNX model (protobuf parse failed: {err})") from None
+    if not model.HasField("graph") or not (model.graph.node or model.graph.output):
+        raise InputModelError(f"{path}: parsed, but holds no graph: not an ONNX model or truncated")
+    _load_external(model, path.parent)
+    _check_opset(model, path)
+    return model
+
+
+def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Load external tensor data, naming the missing or short data file."""
+    for tensor in _all_tensors(model.graph):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        data_path = base_dir / info.location
+        if not data_path.is_file():
+            raise InputModelError(
+                f"external data file {info.location!r} of tensor {tensor.name!r} not found next to the model"
+            )
+        need = (info.offset or 0) + (info.length or 0)
+        if info.length and data_path.stat().st_size < need:
+            raise InputModelError(
+                f"external data file {info.location!r} is truncated: tensor {tensor.name!r} needs "
+                f"bytes up to {need}, the file has {data_path.stat().st_size}"
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except (OSError, ValueError) as err:
+        raise InputModelError(f"cannot load external data: {err}") from None
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a graph and its subgraphs: initializers and tensor attributes."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _all_tensors(body)
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain opset of the model (1 when the model does not declare one)."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def _check_opset(model: onnx.ModelProto, path: Path) -> None:
+    opset = opset_version(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        raise InputModelError(
+            f"{path}: opset {opset} is older than {MIN_OPSET}; convert it first with "
+            f"onnx.version_converter.convert_version(model, {MIN_OPSET})"
+        )
+    if opset > newest:
+        raise InputModelError(f"{path}: opset {opset} is newer than this onnx package knows ({newest}); upgrade onnx")
+
+
+def constant_tensors(graph: onnx.GraphProto) -> dict[str, ConstantTensor]:
+    """Every constant of the main graph by name: initializers and ``Constant(value=tensor)`` outputs."""
+    found = {t.name: ConstantTensor(t.name, t, None) for t in graph.initializer}
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attr in node.attribute:
+            if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                found[node.output[0]] = ConstantTensor(node.output[0], attr.t, index)
+    return found
+
+
+def subgraph_initializer_count(graph: onnx.GraphProto) -> int:
+    """Count the initializers inside ``If``/``Loop``/``Scan`` bodies, which onnxpq leaves alone."""
+    count = 0
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                count += len(body.initializer) + sum(n.op_type == "Constant" for n in body.node)
+                count += subgraph_initializer_count(body)
+    return count
+
+
+def display_name(node: onnx.NodeProto, index: int) -> str:
+    """The node's name, or a stable stand-in for the unnamed nodes some exporters write."""
+    return node.name or f"{node.op_type}_{index}"
+
+
+def check_output_path(input_path: Path, output_path: Path, *, force: bool) -> None:
+    """Refuse to overwrite the input ever, and an existing output unless ``force``."""
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise OutputPathError(f"{output_path}: output is the input model; choose another output path")
+    if output_path.is_dir():
+        raise OutputPathError(f"{output_path}: is a directory; give a file name for the output model")
+    if output_path.exists() and not force:
+        raise OutputPathError(f"{output_path}: exists; pass --force to overwrite it")
+    parent = output_path.parent
+    if not parent.is_dir():
+        raise OutputPathError(f"{output_path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"{output_path}: directory {parent} is not writable")
+
+
+@contextlib.contextmanager
+def _staging_dir(parent: Path) -> Iterator[Path]:
+    """A temporary folder beside the output, so the final rename never crosses file systems."""
+    tmp = Path(tempfile.mkdtemp(prefix=".onnxpq-", dir=parent))
+    try:
+        yield tmp
+    finally:
+        for child in tmp.iterdir():
+            child.unlink()
+        tmp.rmdir()
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: bool = True) -> list[Path]:
+    """Write ``model`` atomically; return the files written.
+
+    The model (and its external data past 2 GB) is written in a staging folder
+    beside ``path``, optionally checked with ``onnx.checker`` (full_check), then
+    renamed into place, so readers never see a half-written file.
+    """
+    path = Path(path)
+    large = model.ByteSize() >= PROTOBUF_LIMIT if _fits_bytesize(model) else True
+    data_name = path.name + ".data"
+    with _staging_dir(path.parent) as stage:
+        staged = stage / path.name
+        if large:
+            onnx.save_model(model, str(staged), save_as_external_data=True, location=data_name)
+        else:
+            onnx.save_model(model, str(staged))
+        if check:
+            onnx.checker.check_model(str(staged), full_check=True)
+        written = []
+        if large:
+            os.replace(stage / data_name, path.parent / data_name)
+            written.append(path.parent / data_name)
+        os.replace(staged, path)
+        written.insert(0, path)
+    return written
+
+
+def _fits_bytesize(model: onnx.ModelProto) -> bool:
+    """``ByteSize`` itself fails on messages past 2 GiB in some protobuf builds."""
+    try:
+        model.ByteSize()
+    except (ValueError, OverflowError):
+        return False
+    return True
+
+
+def constant_foldable_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes whose inputs are all constants (transitively): what onnxruntime should fold at load."""
+    overridable = {i.name for i in graph.input}
+    known = {t.name for t in graph.initializer if t.name not in overridable}
+    foldable = []
+    for node in graph.node:
+        if node.op_type == "Constant":
+            known.update(node.output)
+        elif node.input and all(not name or name in known for name in node.input):
+            known.update(node.output)
+            foldable.append(node)
+    return foldable

@@ -1,0 +1,129 @@
+"""Vectorised k-means for product quantization: k-means++ seeding, Lloyd iterations, no empty clusters.
+
+Pure numpy, no ONNX: the quantizer sees an (n, d) matrix of subvectors and
+returns a codebook (PQF calls the centroids the codebook and the labels the codes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Codebook", "assign", "kmeans", "kmeans_plusplus"]
+
+#: Rows per distance block: bounds memory at CHUNK * k floats whatever the layer size.
+CHUNK = 1 << 16
+#: k-means++ seeds on at most this many points per centroid, as faiss trains on a sample.
+SEED_SAMPLE_PER_CENTROID = 256
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """The result of quantizing n subvectors of dimension d with k codewords.
+
+    Parameters
+    ----------
+    centroids : ndarray of shape (k, d), float32
+        The codewords.
+    codes : ndarray of shape (n,), int64
+        Index of the codeword that replaces each subvector.
+    inertia : float
+        Sum of squared distances of subvectors to their codewords.
+    """
+
+    centroids: np.ndarray
+    codes: np.ndarray
+    inertia: float
+
+    def __post_init__(self) -> None:
+        if self.centroids.ndim != 2 or self.codes.ndim != 1:
+            raise ValueError(f"centroids {self.centroids.shape} must be 2-D and codes {self.codes.shape} 1-D")
+
+    def decode(self) -> np.ndarray:
+        """The quantized subvectors, of shape (n, d)."""
+        return self.centroids[self.codes]
+
+
+def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row of ``x`` and the squared distance to it, in bounded memory."""
+    c_sq = np.einsum("ij,ij->i", centroids, centroids)
+    codes = np.empty(len(x), dtype=np.int64)
+    dist = np.empty(len(x), dtype=np.float64)
+    for start in range(0, len(x), CHUNK):
+        block = x[start : start + CHUNK]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the ||x||^2 term does not change the argmin.
+        scores = c_sq[None, :] - 2.0 * (block @ centroids.T)
+        best = np.argmin(scores, axis=1)
+        codes[start : start + CHUNK] = best
+        x_sq = np.einsum("ij,ij->i", block, block)
+        dist[start : start + CHUNK] = np.maximum(x_sq + scores[np.arange(len(block)), best], 0.0)
+    return codes, dist
+
+
+def kmeans_plusplus(x: np.ndarray, n_clusters: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii): each new centre drawn with probability ~ D(x)^2.
+
+    Prior validation of data is assumed: ``x`` is float32 (n, d) with n >= 1.
+    """
+    centers = np.empty((n_clusters, x.shape[1]), dtype=x.dtype)
+    centers[0] = x[rng.integers(len(x))]
+    closest = np.sum((x - centers[0]) ** 2, axis=1, dtype=np.float64)
+    for i in range(1, n_clusters):
+        total = closest.sum()
+        # All points already coincide with a centre: any point is as good as another.
+        pick = rng.integers(len(x)) if total <= 0 else rng.choice(len(x), p=closest / total)
+        centers[i] = x[pick]
+        np.minimum(closest, np.sum((x - centers[i]) ** 2, axis=1, dtype=np.float64), out=closest)
+    return centers
+
+
+def _update(x: np.ndarray, codes: np.ndarray, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster means and sizes; loops over the d dimensions only, never over subvectors."""
+    counts = np.bincount(codes, minlength=n_clusters)
+    sums = np.stack([np.bincount(codes, weights=x[:, j], minlength=n_clusters) for j in range(x.shape[1])], 1)
+    means = sums / np.maximum(counts, 1)[:, None]
+    return means.astype(x.dtype), counts
+
+
+def _reseed_empty(x: np.ndarray, centroids: np.ndarray, counts: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Move every empty centroid onto one of the worst-quantized points, so no codeword is wasted."""
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        worst = np.argsort(-dist, kind="stable")[: len(empty)]
+        centroids = centroids.copy()
+        centroids[empty[: len(worst)]] = x[worst]
+    return centroids
+
+
+def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Generator) -> Codebook:
+    """Cluster the rows of ``x`` into ``n_clusters`` codewords.
+
+    Parameters
+    ----------
+    x : ndarray of shape (n, d)
+        Subvectors; converted to float32.
+    n_clusters : int
+        Codebook size k, 1 <= k <= n.
+    n_iter : int
+        Lloyd iterations after seeding; stops early once the codes no longer change.
+    rng : numpy Generator
+        The only source of randomness, so the same seed gives the same codebook.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"x of shape {x.shape} must be a non-empty 2-D array")
+    if not 1 <= n_clusters <= len(x):
+        raise ValueError(f"n_samples={len(x)} should be >= n_clusters={n_clusters} >= 1")
+    sample_size = n_clusters * SEED_SAMPLE_PER_CENTROID
+    sample = x if len(x) <= sample_size else x[np.sort(rng.choice(len(x), sample_size, replace=False))]
+    centroids = kmeans_plusplus(sample, n_clusters, rng)
+    codes, dist = assign(x, centroids)
+    for _ in range(n_iter):
+        means, counts = _update(x, codes, n_clusters)
+        centroids = _reseed_empty(x, means, counts, dist)
+        new_codes, dist = assign(x, centroids)
+        if np.array_equal(new_codes, codes):
+            break
+        codes = new_codes
+    return Codebook(centroids=centroids, codes=codes, inertia=float(dist.sum()))

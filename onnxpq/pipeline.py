@@ -1,0 +1,191 @@
+"""``compress()``: load -> select -> quantize -> encode -> save -> validate -> report, one direction only."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpq.calibration import Dataset, load_dataset, random_dataset
+from onnxpq.config import CompressConfig
+from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
+from onnxpq.errors import ConfigError, InputModelError, ValidationFailedError
+from onnxpq.graph import check_output_path, load_model, save_model, subgraph_initializer_count
+from onnxpq.quantize import quantize_weights
+from onnxpq.report import layer_rows, pqf_sizes, sha256_file, versions, write_json
+from onnxpq.selection import Candidate, find_candidates
+from onnxpq.validate import check_gate, default_metric, file_bytes, validate_compressed
+from onnxpq.version import __version__
+
+__all__ = ["CompressResult", "ValidationSettings", "compress", "validation_dataset"]
+
+SYNTHETIC_SAMPLES = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationSettings:
+    """How to check the compressed model; separate from ``CompressConfig`` because it never changes the bytes.
+
+    Parameters
+    ----------
+    enabled : run the validation at all.
+    data : path or reader of samples; None means synthetic inputs (with a warning).
+    labels : class labels aligned with ``data`` for accuracy (first logits output).
+    max_samples : use at most this many samples.
+    metric, max_degradation : the accuracy gate; no gate when ``max_degradation`` is None.
+    measure : also measure load time, peak RSS and latency in fresh processes.
+    """
+
+    enabled: bool = True
+    data: str | os.PathLike[str] | Any | None = None
+    labels: str | os.PathLike[str] | np.ndarray | None = None
+    max_samples: int | None = None
+    metric: str | None = None
+    max_degradation: float | None = None
+    measure: bool = True
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """What a run produced: files written and the report (also saved as JSON)."""
+
+    output_paths: list[Path]
+    report_path: Path
+    report: dict[str, Any]
+
+
+def _refuse_recompress(model: onnx.ModelProto, path: Path) -> None:
+    if any(p.key == METADATA_VERSION for p in model.metadata_props):
+        raise InputModelError(f"{path}: already compressed by onnxpq; compress the original model instead")
+
+
+def _fold_warnings(candidates: list[Candidate]) -> list[str]:
+    out = []
+    for c in candidates:
+        nbytes = c.size * onnx.helper.tensor_dtype_to_np_dtype(c.dtype).itemsize
+        if c.compressed and nbytes > FOLD_LIMIT_BYTES:
+            out.append(
+                f"decoded weight {c.name!r} is {nbytes / 2**30:.2f} GiB: onnxruntime >= 1.27 does not fold outputs "
+                f"over 1 GiB by default, so it would decode on every run; raise the limit with "
+                f"SessionOptions.add_session_config_entry('{FOLD_LIMIT_KEY}', '{nbytes}') or exclude the node"
+            )
+    return out
+
+
+def validation_dataset(model: onnx.ModelProto, settings: ValidationSettings, seed: int) -> Dataset:
+    """The user's samples, or synthetic ones from the declared input shapes."""
+    if settings.data is None or settings.data == "random":
+        return random_dataset(model, settings.max_samples or SYNTHETIC_SAMPLES, np.random.default_rng(seed))
+    return load_dataset(settings.data, model, max_samples=settings.max_samples)
+
+
+def _labels(settings: ValidationSettings, n_samples: int) -> np.ndarray | None:
+    if settings.labels is None:
+        return None
+    labels = settings.labels
+    if not isinstance(labels, np.ndarray):
+        path = Path(labels)
+        if not path.is_file():
+            raise ConfigError(f"{path}: labels file not found")
+        labels = np.load(path, allow_pickle=False)
+    labels = np.asarray(labels)
+    if settings.max_samples:
+        labels = labels[: settings.max_samples]
+    if len(labels) != n_samples:
+        raise ConfigError(f"{len(labels)} labels for {n_samples} validation samples")
+    return labels
+
+
+def run_validation(
+    original: Path, compressed: Path, model: onnx.ModelProto, settings: ValidationSettings, seed: int
+) -> tuple[dict[str, Any], list[str]]:
+    """Validation section and warnings; the gate result is recorded, not raised, so the report is complete."""
+    dataset = validation_dataset(model, settings, seed)
+    notes = []
+    if dataset.source == "random":
+        notes.append(
+            "validated on synthetic random inputs: pass --calibration-data or --validation-data for "
+            "real samples; the numbers say little about accuracy"
+        )
+    section = validate_compressed(
+        original, compressed, dataset, labels=_labels(settings, dataset.n_samples), measure=settings.measure
+    )
+    if not section["decode_folded"]:
+        notes.append(
+            f"onnxruntime did not fold {len(section['unfolded_nodes'])} decode node(s): they will run "
+            "on every inference"
+        )
+    if settings.max_degradation is not None:
+        metric = settings.metric or default_metric(section["outputs"])
+        section["gate"] = {
+            "metric": metric,
+            "max_degradation": settings.max_degradation,
+            "failure": check_gate(section["outputs"], metric, settings.max_degradation),
+        }
+    return section, notes
+
+
+def compress(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    config: CompressConfig | None = None,
+    *,
+    validation: ValidationSettings | None = None,
+    force: bool = False,
+    report_path: str | os.PathLike[str] | None = None,
+    progress: bool = False,
+) -> CompressResult:
+    """Compress the ONNX model at ``input_path`` into ``output_path`` and report on it.
+
+    The input is never modified. The output (and its ``.report.json``) is
+    written atomically. Raises ``ValidationFailedError`` after writing both when
+    the accuracy gate fails, so the user can inspect what failed.
+    """
+    config = config or CompressConfig()
+    validation = validation or ValidationSettings()
+    source, target = Path(input_path), Path(output_path)
+    check_output_path(source, target, force=force)
+    model = load_model(source)
+    _refuse_recompress(model, source)
+    candidates = find_candidates(model, config)
+    quantized, errors = quantize_weights(model, candidates, config, progress=progress)
+    metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
+    compressed = encode_weights(model, quantized, metadata=metadata)
+    written = save_model(compressed, target)
+    notes = _fold_warnings(candidates)
+    left = subgraph_initializer_count(model.graph)
+    if left:
+        notes.append(f"{left} weight(s) inside If/Loop/Scan subgraphs were left in float")
+    original_bytes, compressed_bytes = file_bytes(source), file_bytes(target)
+    report: dict[str, Any] = {
+        "versions": versions(),
+        "config": config.to_json(),
+        "input": {"path": str(source), "sha256": sha256_file(source), "bytes": original_bytes},
+        "output": {"path": str(target), "sha256": sha256_file(target), "bytes": compressed_bytes},
+        "files": {
+            "original_bytes": original_bytes,
+            "compressed_bytes": compressed_bytes,
+            "ratio": original_bytes / compressed_bytes,
+        },
+        "pqf": pqf_sizes(model, candidates),
+        "layers": layer_rows(candidates, errors),
+        "subgraph_weights_left": left,
+        "validation": None,
+        "warnings": notes,
+    }
+    if validation.enabled:
+        report["validation"], more = run_validation(source, target, model, validation, config.seed)
+        notes.extend(more)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    report_file = Path(report_path) if report_path else target.with_name(target.name + ".report.json")
+    write_json(report, report_file)
+    gate = (report["validation"] or {}).get("gate") or {}
+    if gate.get("failure"):
+        raise ValidationFailedError(f"{gate['failure']} (model and report kept: {target}, {report_file})")
+    return CompressResult(written, report_file, report)

@@ -1,0 +1,187 @@
+"""The compression report: sizes in real bytes and in PQF's accounting, per-layer errors, validation.
+
+One JSON document a machine can parse, and a table a person can read; both
+come from the same ``dict`` so they never disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+
+from onnxpq.graph import constant_tensors
+from onnxpq.quantize import LayerError
+from onnxpq.selection import FLOAT_TYPES, Candidate
+from onnxpq.version import __version__
+
+__all__ = ["format_table", "layer_rows", "pqf_sizes", "sha256_file", "versions", "write_json"]
+
+MIB = 1024.0 * 1024.0
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    return {
+        "onnxpq": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _index_bits(k: int) -> int:
+    return max(1, math.ceil(math.log2(k)))
+
+
+def layer_bits(c: Candidate) -> int:
+    """PQF accounting of a compressed layer: log2(k)-bit indices plus an fp16 codebook."""
+    return c.n_subvectors * _index_bits(c.n_codewords) + c.n_codewords * c.subvector_dim * 16
+
+
+def pqf_sizes(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[str, float]:
+    """Sizes as PQF counts them: every float parameter at 32 bits unless compressed."""
+    total = sum(
+        math.prod(t.tensor.dims) for t in constant_tensors(model.graph).values() if t.tensor.data_type in FLOAT_TYPES
+    )
+    done = [c for c in candidates if c.compressed]
+    compressed_params = sum(c.size for c in done)
+    compressed_bits = sum(layer_bits(c) for c in done)
+    total_bits = compressed_bits + 32 * (total - compressed_params)
+    return {
+        "parameters": total,
+        "compressed_parameters": compressed_params,
+        "compressible_fraction": compressed_params / total if total else 0.0,
+        "original_mib": 32 * total / 8 / MIB,
+        "compressed_mib": total_bits / 8 / MIB,
+        "ratio": (32 * total) / total_bits if total_bits else 1.0,
+        "bits_per_weight_compressed_layers": compressed_bits / compressed_params if compressed_params else 32.0,
+        "bits_per_weight_all_parameters": total_bits / total if total else 32.0,
+    }
+
+
+def layer_rows(candidates: Sequence[Candidate], errors: Mapping[str, LayerError]) -> list[dict[str, Any]]:
+    """One row per candidate weight, compressed ones worst-first by SQNR, then the ones kept in float."""
+    rows = []
+    for c in candidates:
+        err = errors.get(c.name)
+        rows.append(
+            {
+                "weight": c.name,
+                "nodes": list(c.node_names),
+                "op_type": c.kind,
+                "shape": list(c.shape),
+                "elements": c.size,
+                "k": c.n_codewords or None,
+                "d": c.subvector_dim or None,
+                "bytes_pqf": layer_bits(c) / 8 if c.compressed else 4 * c.size,
+                "sqnr_db": None if err is None else _finite(err.sqnr_db),
+                "rel_l2": None if err is None else _finite(err.rel_l2),
+                "skip_reason": c.skip_reason,
+            }
+        )
+    done = sorted((r for r in rows if r["skip_reason"] is None), key=lambda r: r["sqnr_db"] or 0.0)
+    return done + [r for r in rows if r["skip_reason"] is not None]
+
+
+def _finite(x: float) -> float | str:
+    """JSON has no inf; write it as a string a reader can still parse with float()."""
+    return x if math.isfinite(x) else str(x)
+
+
+def write_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write the report atomically (temp file + rename), like the model itself."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    if x is None:
+        return "-"
+    return format(x, spec) if isinstance(x, float) else str(x)
+
+
+def _size_lines(r: Mapping[str, Any]) -> list[str]:
+    files, pqf = r["files"], r["pqf"]
+    return [
+        f"original     {files['original_bytes'] / MIB:9.3f} MiB on disk",
+        f"compressed   {files['compressed_bytes'] / MIB:9.3f} MiB on disk   ratio {files['ratio']:.1f}x",
+        f"PQF size     {pqf['original_mib']:.3f} -> {pqf['compressed_mib']:.3f} MiB   ratio {pqf['ratio']:.1f}x",
+        f"bits/weight  {pqf['bits_per_weight_compressed_layers']:.3f} on compressed layers, "
+        f"{pqf['bits_per_weight_all_parameters']:.3f} over all {pqf['parameters']} parameters "
+        f"({100 * pqf['compressible_fraction']:.1f}% compressed)",
+    ]
+
+
+def _layer_lines(rows: Sequence[Mapping[str, Any]], limit: int) -> list[str]:
+    lines = [f"{'weight':40} {'op':13} {'shape':>20} {'k':>4} {'d':>3} {'KiB':>9} {'SQNR dB':>8}  note"]
+    for row in rows[:limit]:
+        shape = "x".join(str(s) for s in row["shape"])
+        sqnr = row["sqnr_db"] if isinstance(row["sqnr_db"], float) else None
+        lines.append(
+            f"{row['weight'][:40]:40} {row['op_type'][:13]:13} {shape:>20} {_fmt(row['k']):>4} {_fmt(row['d']):>3} "
+            f"{row['bytes_pqf'] / 1024:9.1f} {_fmt(sqnr, '.1f'):>8}  {row['skip_reason'] or ''}"
+        )
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more rows in the JSON report")
+    return lines
+
+
+def _validation_lines(v: Mapping[str, Any]) -> list[str]:
+    lines = [f"validation on {v['n_samples']} {v['inputs']} samples"]
+    for m in v["outputs"]:
+        line = f"  {m['name']}: max_abs {m['max_abs']:.4g}  rel_l2 {m['rel_l2']:.4g}  cosine {m['cosine']:.6f}"
+        if m["top1_agreement"] is not None:
+            line += f"  top1 agreement {m['top1_agreement']:.4f}"
+        if m["accuracy_original"] is not None:
+            line += f"  accuracy {m['accuracy_original']:.4f} -> {m['accuracy_compressed']:.4f}"
+        lines.append(line)
+    if "decode_folded" in v:
+        lines.append(f"  decode folded by onnxruntime at load: {'yes' if v['decode_folded'] else 'NO'}")
+    if "load" in v:
+        o, c = v["load"]["original"], v["load"]["compressed"]
+        lines.append(
+            f"  load {o['load_s'] * 1000:.0f} -> {c['load_s'] * 1000:.0f} ms, peak RSS "
+            f"{o['peak_rss_mib']:.0f} -> {c['peak_rss_mib']:.0f} MiB ({v['load']['rss_ratio']:.2f}x)"
+        )
+    if "latency_ms" in v:
+        lat = v["latency_ms"]
+        lines.append(f"  latency {lat['original']:.3f} -> {lat['compressed']:.3f} ms ({lat['ratio']:.2f}x)")
+    if v.get("gate"):
+        lines.append(f"  gate: {v['gate']}")
+    return lines
+
+
+def format_table(report: Mapping[str, Any], *, max_layers: int = 25) -> str:
+    """The human summary printed after a run."""
+    lines = [f"onnxpq {report['versions']['onnxpq']}: {report['input']['path']} -> {report['output']['path']}"]
+    lines += _size_lines(report)
+    lines.append("")
+    lines += _layer_lines(report["layers"], max_layers)
+    if report["subgraph_weights_left"]:
+        lines.append(f"{report['subgraph_weights_left']} weights inside If/Loop/Scan subgraphs left in float")
+    if report.get("validation"):
+        lines.append("")
+        lines += _validation_lines(report["validation"])
+    for warning in report["warnings"]:
+        lines.append(f"warning: {warning}")
+    return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""Choose which weights to compress and how to cut each one into subvectors.
+
+Every constant weight read by a supported operator becomes a ``Candidate``;
+the ones that stay in float carry a ``skip_reason`` so the report can say why.
+The subvector layout follows PQF's blocks and is chosen so the decoded
+``Gather`` output is the weight in its own memory order: no Transpose is ever
+needed at decode time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxpq.config import CompressConfig
+from onnxpq.errors import ConfigError
+from onnxpq.graph import ConstantTensor, constant_tensors, display_name
+
+__all__ = ["Candidate", "Use", "find_candidates"]
+
+#: Which input of each operator holds its weight.
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+#: PQF's target subvector sizes: (small, large) for kernels with spatial extent and for the rest.
+KERNEL_DIM = {"small": 9, "large": 18}
+ROW_DIM = {"small": 4, "large": 8}
+
+
+@dataclass(frozen=True)
+class Use:
+    """One node reading a weight: which node, its operator and which of its inputs."""
+
+    node: str
+    op_type: str
+    input_index: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A constant weight and how it will be quantized.
+
+    Parameters
+    ----------
+    name : tensor name of the weight.
+    shape : the weight's shape.
+    uses : the nodes that read it (a shared weight is compressed once).
+    kind : the operator family that decides the layout (``Conv``, ``Gemm``, ... or ``other``).
+    row_axes : leading axes that are kept as index dimensions; the rest is one
+        contiguous row cut into subvectors of ``subvector_dim`` weights.
+    subvector_dim : d, or 0 when skipped.
+    n_codewords : k after clamping, or 0 when skipped.
+    skip_reason : why the weight stays in float; None when it is compressed.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: int
+    uses: tuple[Use, ...]
+    kind: str
+    row_axes: int = 1
+    subvector_dim: int = 0
+    n_codewords: int = 0
+    skip_reason: str | None = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def compressed(self) -> bool:
+        return self.skip_reason is None
+
+    @property
+    def n_subvectors(self) -> int:
+        return self.size // self.subvector_dim if self.subvector_dim else 0
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(u.node for u in self.uses)
+
+
+def _nearest_divisor(n: int, target: int) -> int:
+    """The divisor of ``n`` closest to ``target``; ties go to the smaller one (more bits, safer)."""
+    divisors = [d for d in range(1, min(n, 4 * target) + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - target), d))
+
+
+def _layout(kind: str, shape: tuple[int, ...], config: CompressConfig) -> tuple[int, int, str | None]:
+    """(row_axes, subvector_dim, skip_reason) for a weight of this operator family and shape.
+
+    1. Conv/ConvTranspose: rows are dim 0, the row is the flattened kernel slab (dim 1 onwards);
+       a 3x3 kernel gives d=9 (small) or 18 (large: two input channels), other kernels keep
+       about the same bits per weight by taking the divisor of the row closest to 9 or 18,
+       never a whole big kernel as one subvector.
+    2. Everything else: rows are all axes but the last, cut along the last, contiguous axis
+       (Gemm transB=1 and Gather rows cut along inputs; MatMul [K, N] along N) with d=4 or 8.
+    """
+    if len(shape) < 2:
+        return 0, 0, "1-D tensor: per-channel vectors stay in float"
+    conv = kind in ("Conv", "ConvTranspose")
+    row_axes = 1 if conv else len(shape) - 1
+    row = math.prod(shape[row_axes:])
+    spatial = math.prod(shape[2:]) if conv else 1
+    if config.subvector_dim is not None:
+        d = config.subvector_dim
+        if row % d:
+            return row_axes, 0, f"subvector_dim={d} does not divide the {row} weights of each row"
+        return row_axes, d, None
+    target = (KERNEL_DIM if spatial > 1 else ROW_DIM)[config.block_size]
+    return row_axes, _nearest_divisor(row, target), None
+
+
+def _clamp_codewords(n_subvectors: int, requested: int) -> int:
+    """k <= 2^floor(log2(n/4)): at least four subvectors per codeword, else the codebook just memorises."""
+    if n_subvectors < 8:
+        return 0
+    return min(requested, 2 ** math.floor(math.log2(n_subvectors / 4)))
+
+
+def _uses(graph: onnx.GraphProto, constants: dict[str, ConstantTensor]) -> dict[str, list[Use]]:
+    """For each constant, the nodes reading it, in graph order."""
+    uses: dict[str, list[Use]] = {}
+    for index, node in enumerate(graph.node):
+        for i, name in enumerate(node.input):
+            if name in constants:
+                uses.setdefault(name, []).append(Use(display_name(node, index), node.op_type, i))
+    return uses
+
+
+def _family(uses: Sequence[Use]) -> str | None:
+    """The operator family that owns a weight: the first use where it is that operator's weight input."""
+    for use in uses:
+        if WEIGHT_INPUT.get(use.op_type) == use.input_index:
+            return use.op_type
+    return None
+
+
+def _first_conv(graph: onnx.GraphProto) -> str | None:
+    for index, node in enumerate(graph.node):
+        if node.op_type == "Conv":
+            return display_name(node, index)
+    return None
+
+
+def _check_patterns(patterns: Sequence[str], names: Sequence[str], option: str) -> None:
+    """A pattern matching no node is almost always a typo: fail and show the closest names."""
+    for pattern in patterns:
+        if not any(re.search(pattern, n) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3)
+            hint = f"; close names: {', '.join(close)}" if close else ""
+            raise ConfigError(f"{option} pattern {pattern!r} matches no node{hint}")
+
+
+def _skip_reason(
+    family: str | None, uses: Sequence[Use], dtype: int, size: int, config: CompressConfig, first_conv: str | None
+) -> str | None:
+    """Why a weight must stay in float, checked in the order a user would ask about it."""
+    nodes = [u.node for u in uses]
+    if family is not None and family not in config.op_types and not config.all_op_types:
+        return f"op type {family} not selected (--op-types)"
+    if config.nodes_to_include and not any(re.search(p, n) for p in config.nodes_to_include for n in nodes):
+        return "not matched by --nodes-to-include"
+    if any(re.search(p, n) for p in config.nodes_to_exclude for n in nodes):
+        return "matched by --nodes-to-exclude"
+    if config.keep_first and first_conv is not None and first_conv in nodes:
+        return "first conv kept in float (--keep-first)"
+    if dtype not in FLOAT_TYPES:
+        return f"{onnx.TensorProto.DataType.Name(dtype).lower()} weight: already integer or not float"
+    if size < config.min_elements:
+        return f"{size} elements < --min-elements {config.min_elements}"
+    return None
+
+
+def _candidate(
+    name: str,
+    constant: ConstantTensor,
+    uses: Sequence[Use],
+    family: str | None,
+    config: CompressConfig,
+    first_conv: str | None,
+) -> Candidate:
+    tensor = constant.tensor
+    shape = tuple(int(d) for d in tensor.dims)
+    kind = family or "other"
+    reason = _skip_reason(family, uses, tensor.data_type, math.prod(shape), config, first_conv)
+    row_axes, d, layout_reason = _layout(kind, shape, config)
+    reason = reason or layout_reason
+    k = 0
+    if reason is None:
+        k = _clamp_codewords(math.prod(shape) // d, config.n_codewords)
+        if k == 0:
+            reason = f"only {math.prod(shape) // d} subvectors of d={d}: too few for a codebook"
+    if reason is None and not np.isfinite(constant.to_array()).all():
+        reason = "contains NaN or Inf"
+    if reason is not None:
+        d, k = 0, 0
+    return Candidate(name, shape, tensor.data_type, tuple(uses), kind, row_axes, d, k, reason)
+
+
+def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Candidate]:
+    """Every constant weight of the main graph that a selected operator reads, with its layout or skip reason.
+
+    Weights read only by other operators are considered only with ``--op-types all``,
+    and then only float tensors of at least ``min_elements``.
+    """
+    graph = model.graph
+    constants = constant_tensors(graph)
+    names = [display_name(n, i) for i, n in enumerate(graph.node)]
+    _check_patterns(config.nodes_to_include, names, "--nodes-to-include")
+    _check_patterns(config.nodes_to_exclude, names, "--nodes-to-exclude")
+    first_conv = _first_conv(graph)
+    candidates = []
+    for name, uses in _uses(graph, constants).items():
+        family = _family(uses)
+        tensor = constants[name].tensor
+        if family is None:
+            large_float = tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) >= config.min_elements
+            if not (config.all_op_types and large_float):
+                continue
+        candidates.append(_candidate(name, constants[name], uses, family, config, first_conv))
+    return candidates

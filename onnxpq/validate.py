@@ -1,0 +1,291 @@
+"""Compare the compressed model with the original in onnxruntime, and check the deployment claims.
+
+Fidelity: per-output max-abs error, relative L2, cosine and (for logits)
+top-1 agreement, optionally accuracy against labels. Deployment: the decode
+chain must be folded by onnxruntime at load; load time and peak RSS are
+measured in fresh processes, latency on a warm session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxpq.calibration import Dataset, batches
+from onnxpq.errors import ConfigError
+from onnxpq.graph import constant_foldable_nodes
+
+__all__ = [
+    "METRICS",
+    "LoadStats",
+    "OutputMetrics",
+    "check_gate",
+    "compare_models",
+    "decode_nodes_left",
+    "default_metric",
+    "degradation",
+    "file_bytes",
+    "measure_latency_ms",
+    "measure_load",
+    "validate_compressed",
+]
+
+#: Gate metrics and how each one turns into a degradation (higher is worse).
+METRICS = ("top1", "cosine", "rel_l2", "max_abs", "accuracy")
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    """How one output of the compressed model differs from the original's over all samples."""
+
+    name: str
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    top1_agreement: float | None
+    accuracy_original: float | None = None
+    accuracy_compressed: float | None = None
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """Cold-start cost of a model in a fresh process (medians over repeats)."""
+
+    load_s: float
+    peak_rss_mib: float
+
+
+def session(
+    model: str | os.PathLike[str] | bytes,
+    *,
+    level: ort.GraphOptimizationLevel | None = None,
+    optimized_path: str | None = None,
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if level is not None:
+        options.graph_optimization_level = level
+    if optimized_path is not None:
+        options.optimized_model_filepath = optimized_path
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run_model(path: str | os.PathLike[str], dataset: Dataset, model: onnx.ModelProto) -> list[np.ndarray]:
+    """All outputs over the dataset, concatenated along the sample axis."""
+    sess = session(path)
+    names = [o.name for o in sess.get_outputs()]
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for feed in batches(dataset, model):
+        for i, out in enumerate(sess.run(names, feed)):
+            parts[i].append(np.asarray(out))
+    return [np.concatenate(p) if p[0].ndim else np.stack(p) for p in parts]
+
+
+def _looks_like_logits(out: np.ndarray) -> bool:
+    """Class scores: float, at least (samples, classes), more than one class."""
+    return np.issubdtype(out.dtype, np.floating) and out.ndim >= 2 and out.shape[-1] > 1
+
+
+def output_metrics(name: str, ref: np.ndarray, test: np.ndarray, labels: np.ndarray | None) -> OutputMetrics:
+    ref64, test64 = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
+    diff = ref64 - test64
+    ref_norm = float(np.linalg.norm(ref64))
+    denom = ref_norm * float(np.linalg.norm(test64))
+    cosine = float(ref64 @ test64 / denom) if denom > 0 else float(np.array_equal(ref64, test64))
+    top1 = acc_ref = acc_test = None
+    if _looks_like_logits(ref):
+        ref_top, test_top = ref.argmax(-1), test.argmax(-1)
+        top1 = float(np.mean(ref_top == test_top))
+        if labels is not None:
+            if labels.shape != ref_top.shape:
+                raise ConfigError(
+                    f"labels of shape {labels.shape} do not match output {name!r} predictions {ref_top.shape}"
+                )
+            acc_ref, acc_test = float(np.mean(ref_top == labels)), float(np.mean(test_top == labels))
+    return OutputMetrics(
+        name=name,
+        max_abs=float(np.max(np.abs(diff))) if diff.size else 0.0,
+        rel_l2=float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff)),
+        cosine=cosine,
+        top1_agreement=top1,
+        accuracy_original=acc_ref,
+        accuracy_compressed=acc_test,
+    )
+
+
+def compare_models(
+    original: str | os.PathLike[str],
+    compressed: str | os.PathLike[str],
+    dataset: Dataset,
+    *,
+    labels: np.ndarray | None = None,
+) -> list[OutputMetrics]:
+    """Run both models on the dataset and measure each output's difference."""
+    model = onnx.load(str(original), load_external_data=False)
+    ref = run_model(original, dataset, model)
+    test = run_model(compressed, dataset, model)
+    names = [o.name for o in model.graph.output]
+    first_logits = next((i for i, r in enumerate(ref) if _looks_like_logits(r)), None)
+    return [
+        output_metrics(n, r, t, labels if i == first_logits else None)
+        for i, (n, r, t) in enumerate(zip(names, ref, test, strict=True))
+    ]
+
+
+def degradation(output: Mapping[str, Any], metric: str) -> float | None:
+    """Loss of one output on ``metric`` as a number where higher is worse; None when it does not apply."""
+    if metric == "top1":
+        agreement = output["top1_agreement"]
+        return None if agreement is None else 1.0 - agreement
+    if metric == "cosine":
+        return 1.0 - output["cosine"]
+    if metric == "accuracy":
+        if output["accuracy_original"] is None:
+            return None
+        return output["accuracy_original"] - output["accuracy_compressed"]
+    return float(output[metric])
+
+
+def check_gate(outputs: Sequence[Mapping[str, Any]], metric: str, max_degradation: float) -> str | None:
+    """None when every output is within the gate, else a message naming the failing output and value."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    applicable = [(o, degradation(o, metric)) for o in outputs if degradation(o, metric) is not None]
+    if not applicable:
+        raise ConfigError(
+            f"metric {metric!r} applies to no output of this model (top1 and accuracy need logits, "
+            "accuracy also --labels)"
+        )
+    for output, value in applicable:
+        if value > max_degradation:
+            return (
+                f"accuracy gate failed: output {output['name']!r} {metric} degradation {value:.6g} > "
+                f"--max-degradation {max_degradation:g}"
+            )
+    return None
+
+
+def decode_nodes_left(path: str | os.PathLike[str], decode_nodes: Sequence[str]) -> list[str]:
+    """Names of onnxpq decode nodes that survive onnxruntime's basic optimisation (should be none).
+
+    ORT writes the graph it actually runs to ``optimized_model_filepath``; a
+    folded decode chain is gone from it, replaced by a plain initializer.
+    """
+    with tempfile.TemporaryDirectory(prefix="onnxpq-fold-") as tmp:
+        out = os.path.join(tmp, "optimized.onnx")
+        session(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized_path=out)
+        optimized = onnx.load(out, load_external_data=False)
+    wanted = set(decode_nodes)
+    return sorted(n.name for n in optimized.graph.node if n.name in wanted)
+
+
+_LOAD_PROBE = """
+import json, resource, sys, time
+import onnxruntime as ort
+opts = ort.SessionOptions(); opts.log_severity_level = 3
+t0 = time.perf_counter()
+ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+t1 = time.perf_counter()
+print(json.dumps({"load_s": t1 - t0, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def measure_load(path: str | os.PathLike[str], repeats: int = 3) -> LoadStats:
+    """Session creation time and the process's peak RSS, each in a fresh interpreter (so caches do not help)."""
+    runs = []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_PROBE, str(path)], capture_output=True, text=True, check=True
+        )
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return LoadStats(
+        load_s=statistics.median(r["load_s"] for r in runs),
+        peak_rss_mib=statistics.median(r["peak_rss_kib"] for r in runs) / 1024.0,
+    )
+
+
+def measure_latency_ms(
+    path: str | os.PathLike[str], feed: dict[str, np.ndarray], *, warmup: int = 5, repeats: int = 30
+) -> float:
+    """Median wall time of one warm ``run`` on ``feed``."""
+    sess = session(path)
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def to_json(items: Sequence[OutputMetrics] | LoadStats) -> object:
+    return [asdict(m) for m in items] if isinstance(items, Sequence) else asdict(items)
+
+
+def file_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk of a model and the external data files it references."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    total = path.stat().st_size
+    seen = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                total += (path.parent / entry.value).stat().st_size
+    return total
+
+
+def validate_compressed(
+    original: str | os.PathLike[str],
+    compressed: str | os.PathLike[str],
+    dataset: Dataset,
+    *,
+    labels: np.ndarray | None = None,
+    measure: bool = True,
+) -> dict[str, object]:
+    """The report's validation section: fidelity, decode folding, load cost and latency."""
+    metrics = compare_models(original, compressed, dataset, labels=labels)
+    model = onnx.load(str(compressed), load_external_data=False)
+    decode = [n.name for n in constant_foldable_nodes(model.graph) if n.name]
+    left = decode_nodes_left(compressed, decode)
+    section: dict[str, object] = {
+        "inputs": "synthetic" if dataset.source == "random" else "file",
+        "source": dataset.source,
+        "n_samples": dataset.n_samples,
+        "sha256": dataset.sha256(),
+        "outputs": to_json(metrics),
+        "decode_folded": not left,
+        "unfolded_nodes": left,
+    }
+    if measure:
+        base, comp = measure_load(original), measure_load(compressed)
+        section["load"] = {
+            "original": to_json(base),
+            "compressed": to_json(comp),
+            "rss_ratio": comp.peak_rss_mib / base.peak_rss_mib,
+        }
+        feed = next(batches(dataset.head(1), onnx.load(str(original), load_external_data=False)))
+        lat_o, lat_c = measure_latency_ms(original, feed), measure_latency_ms(compressed, feed)
+        section["latency_ms"] = {"original": lat_o, "compressed": lat_c, "ratio": lat_c / lat_o}
+    return section
+
+
+def default_metric(outputs: Sequence[dict[str, object]]) -> str:
+    """top1 when an output holds class scores, cosine otherwise (embeddings, feature maps)."""
+    return "top1" if any(o["top1_agreement"] is not None for o in outputs) else "cosine"
