@@ -85,6 +85,10 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def _kind(dtype: np.dtype) -> str:
+    return "i" if dtype.kind in "iu" else dtype.kind
+
+
 def _check(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], source: str) -> dict[str, np.ndarray]:
     """Names, dtypes and ranks must match the model; the sample axis must agree across inputs."""
     names = {s.name for s in specs}
@@ -103,7 +107,8 @@ def _check(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], source: str
                 f"rank {len(spec.shape)} {spec.shape} with samples on the first axis"
             )
         if arr.dtype != spec.dtype:
-            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+            # float64 -> float32 or int32 -> int64 is harmless; uint8 pixels into a float model are not.
+            if _kind(arr.dtype) != _kind(spec.dtype):
                 raise ConfigError(f"{source}: input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
             arr = arr.astype(spec.dtype)
         for axis, (got, want) in enumerate(zip(arr.shape[1:], spec.shape[1:], strict=True), start=1):

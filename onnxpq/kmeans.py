@@ -126,4 +126,6 @@ def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Genera
         if np.array_equal(new_codes, codes):
             break
         codes = new_codes
-    return Codebook(centroids=centroids, codes=codes, inertia=float(dist.sum()))
+    # Exact residuals: the expanded distance above loses precision to cancellation.
+    inertia = float(np.sum((x - centroids[codes]).astype(np.float64) ** 2))
+    return Codebook(centroids=centroids, codes=codes, inertia=inertia)

@@ -14,7 +14,7 @@ import onnx
 from onnxpq.calibration import Dataset, load_dataset, random_dataset
 from onnxpq.config import CompressConfig
 from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
-from onnxpq.errors import ConfigError, InputModelError, ValidationFailedError
+from onnxpq.errors import ConfigError, InputModelError, UnsupportedGraphError, ValidationFailedError
 from onnxpq.graph import check_output_path, load_model, save_model, subgraph_initializer_count
 from onnxpq.quantize import quantize_weights
 from onnxpq.report import layer_rows, pqf_sizes, sha256_file, versions, write_json
@@ -75,6 +75,19 @@ def _fold_warnings(candidates: list[Candidate]) -> list[str]:
                 f"SessionOptions.add_session_config_entry('{FOLD_LIMIT_KEY}', '{nbytes}') or exclude the node"
             )
     return out
+
+
+def _save_checked(compressed: onnx.ModelProto, original: onnx.ModelProto, target: Path, notes: list[str]) -> list[Path]:
+    """Save with ``onnx.checker`` (full_check); tolerate only failures the input model already had."""
+    try:
+        return save_model(compressed, target, check=True)
+    except onnx.checker.ValidationError as err:
+        try:
+            onnx.checker.check_model(original, full_check=True)
+        except onnx.checker.ValidationError as input_err:
+            notes.append(f"the input model does not pass onnx.checker either, so neither does the output: {input_err}")
+            return save_model(compressed, target, check=False)
+        raise UnsupportedGraphError(f"the compressed model fails onnx.checker ({err}); nothing was written") from None
 
 
 def validation_dataset(model: onnx.ModelProto, settings: ValidationSettings, seed: int) -> Dataset:
@@ -156,8 +169,8 @@ def compress(
     quantized, errors = quantize_weights(model, candidates, config, progress=progress)
     metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
     compressed = encode_weights(model, quantized, metadata=metadata)
-    written = save_model(compressed, target)
     notes = _fold_warnings(candidates)
+    written = _save_checked(compressed, model, target, notes)
     left = subgraph_initializer_count(model.graph)
     if left:
         notes.append(f"{left} weight(s) inside If/Loop/Scan subgraphs were left in float")

@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+from conftest import conv_model, make_model, rand
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpq import ConfigError
+from onnxpq.calibration import batches, load_dataset, random_dataset
+
+
+@pytest.fixture
+def model():
+    m = conv_model(8, 4)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    return m
+
+
+def test_npz_keyed_by_input_name(model, tmp_path, rng):
+    np.savez(tmp_path / "d.npz", x=rand(rng, 10, 4, 12, 12))
+    ds = load_dataset(tmp_path / "d.npz", model, max_samples=6)
+    assert ds.n_samples == 6 and len(ds.sha256()) == 64
+    assert [len(b["x"]) for b in batches(ds, model, batch_size=4)] == [4, 2]
+
+
+def test_npz_errors_name_the_problem(model, tmp_path, rng):
+    np.savez(tmp_path / "wrong_key.npz", images=rand(rng, 2, 4, 12, 12))
+    with pytest.raises(ConfigError, match=r"no data for model input\(s\) \['x'\]"):
+        load_dataset(tmp_path / "wrong_key.npz", model)
+    np.savez(tmp_path / "rank.npz", x=rand(rng, 4, 12, 12))
+    with pytest.raises(ConfigError, match="has rank 3"):
+        load_dataset(tmp_path / "rank.npz", model)
+    np.savez(tmp_path / "dtype.npz", x=np.zeros((2, 4, 12, 12), np.int64))
+    with pytest.raises(ConfigError, match="is int64, the model expects float32"):
+        load_dataset(tmp_path / "dtype.npz", model)
+    (tmp_path / "d.txt").write_text("")
+    with pytest.raises(ConfigError, match="unknown calibration format"):
+        load_dataset(tmp_path / "d.txt", model)
+
+
+def test_npy_only_for_single_input_models(tmp_path, rng):
+    nodes = [helper.make_node("Add", ["a", "b"], ["y"], "add")]
+    two = make_model(nodes, [("a", [1, 4]), ("b", [1, 4])], ["y"], {})
+    np.save(tmp_path / "d.npy", rand(rng, 3, 4))
+    with pytest.raises(ConfigError, match="has 2 inputs"):
+        load_dataset(tmp_path / "d.npy", two)
+
+
+def test_test_data_set_folders(model, tmp_path, rng):
+    for i in range(3):
+        folder = tmp_path / f"test_data_set_{i}"
+        folder.mkdir()
+        tensor = numpy_helper.from_array(rand(rng, 1, 4, 12, 12), "x")
+        (folder / "input_0.pb").write_bytes(tensor.SerializeToString())
+    assert load_dataset(tmp_path, model).n_samples == 3
+
+
+def test_calibration_data_reader_and_iterables(model, rng):
+    class Reader:
+        def __init__(self):
+            self.items = [{"x": rand(rng, 1, 4, 12, 12)} for _ in range(5)]
+            self.rewind()
+
+        def rewind(self):
+            self.it = iter(self.items)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    assert load_dataset(Reader(), model).n_samples == 5
+    assert load_dataset([{"x": rand(rng, 2, 4, 12, 12)}] * 2, model).n_samples == 4
+
+
+def test_random_dataset_follows_declared_shapes_and_types(rng):
+    nodes = [helper.make_node("Identity", ["ids"], ["y"], "id")]
+    m = make_model(nodes, [], ["y"], {})
+    m.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]))
+    ds = random_dataset(m, 3, rng, dims={"seq": 7})
+    assert ds.arrays["ids"].shape == (3, 7) and ds.arrays["ids"].dtype == np.int64
+    assert set(np.unique(ds.arrays["ids"])) <= {0, 1}

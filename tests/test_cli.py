@@ -1,0 +1,167 @@
+"""Every bad input ends in one clear line and a non-zero exit; nothing is lost or half-written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT, conv_model
+
+from onnxpq import graph
+from onnxpq.cli import main
+
+
+@pytest.fixture
+def model_path(tmp_path) -> Path:
+    path = tmp_path / "model.onnx"
+    onnx.save(conv_model(64, 32), path)
+    return path
+
+
+def cli(*args: str | Path) -> int:
+    return main([str(a) for a in args])
+
+
+def _bad_inputs(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    (tmp / "empty.onnx").write_bytes(b"")
+    (tmp / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp / "truncated.onnx").write_bytes(good.read_bytes()[:-2000])
+    (tmp / "model.json").write_text('{"graph": {}}')
+    (tmp / "model.ort").write_bytes(b"\x1c\x00\x00\x00ORTM" + b"\x00" * 64)
+    old = conv_model()
+    old.opset_import[0].version = 9
+    onnx.save(old, tmp / "old.onnx")
+    external = conv_model()
+    onnx.save(external, tmp / "ext.onnx", save_as_external_data=True, location="ext.data", size_threshold=0)
+    (tmp / "ext.data").unlink()
+    return {
+        "missing": (tmp / "nope.onnx", "no such file"),
+        "directory": (tmp, "is a directory"),
+        "empty": (tmp / "empty.onnx", "file is empty"),
+        "random": (tmp / "random.onnx", "not a valid ONNX model"),
+        "truncated": (tmp / "truncated.onnx", "not a valid ONNX model"),
+        "json": (tmp / "model.json", "JSON file"),
+        "ort_format": (tmp / "model.ort", "ORT-format"),
+        "old_opset": (tmp / "old.onnx", "opset 9 is older than 11"),
+        "missing_external_data": (tmp / "ext.onnx", "external data file 'ext.data'"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "directory",
+        "empty",
+        "random",
+        "truncated",
+        "json",
+        "ort_format",
+        "old_opset",
+        "missing_external_data",
+    ],
+)
+def test_bad_input_models(case, tmp_path, model_path, capsys):
+    bad, message = _bad_inputs(tmp_path, model_path)[case]
+    assert cli("compress", bad, tmp_path / "out.onnx") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_refuses_output_equal_to_input(model_path, capsys):
+    before = model_path.read_bytes()
+    assert cli("compress", model_path, model_path, "--force") == 2
+    assert "output is the input" in capsys.readouterr().err
+    assert model_path.read_bytes() == before
+
+
+def test_refuses_to_overwrite_without_force(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"keep me")
+    assert cli("compress", model_path, out, "--no-validate") == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+    assert cli("compress", model_path, out, "--no-validate", "--force", "--min-elements", "1") == 0
+    assert onnx.load(out).graph.node
+
+
+def test_missing_or_unwritable_output_directory(model_path, tmp_path, capsys):
+    assert cli("compress", model_path, tmp_path / "no" / "out.onnx") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_op_type_and_bad_pattern(model_path, tmp_path, capsys):
+    assert cli("compress", model_path, tmp_path / "o.onnx", "--op-types", "Convv") == 2
+    assert "unknown op type(s) Convv" in capsys.readouterr().err
+    assert cli("compress", model_path, tmp_path / "o.onnx", "--nodes-to-exclude", "cnv") == 2
+    assert "matches no node; close names: conv" in capsys.readouterr().err
+
+
+def test_interrupted_write_leaves_no_partial_file(model_path, tmp_path, monkeypatch):
+    def explode(model, path, **kwargs):
+        Path(path).write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graph.onnx, "save_model", explode)
+    assert cli("compress", model_path, tmp_path / "out.onnx", "--no-validate", "--min-elements", "1") == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_inspect_lists_candidates(model_path, capsys):
+    assert cli("inspect", model_path, "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["nodes"] == ["conv"] and rows[0]["shape"] == [64, 32, 3, 3]
+
+
+def test_compress_writes_report_and_validate_gates(model_path, tmp_path, capsys):
+    out = tmp_path / "out.onnx"
+    assert cli("compress", model_path, out, "--min-elements", "1", "--no-keep-first", "--no-measure") == 0
+    report = json.loads((tmp_path / "out.onnx.report.json").read_text())
+    assert report["validation"]["inputs"] == "synthetic"
+    assert report["validation"]["decode_folded"] is True
+    assert report["layers"][0]["k"] == 256 and report["output"]["sha256"]
+    assert "synthetic" in capsys.readouterr().out
+    assert cli("validate", model_path, out, "--no-measure", "--metric", "cosine", "--max-degradation", "0.5") == 0
+    assert cli("validate", model_path, out, "--no-measure", "--metric", "max_abs", "--max-degradation", "0") == 1
+    assert "accuracy gate failed: output 'y' max_abs" in capsys.readouterr().err
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "onnxpq.cli", "compress", str(tmp_path / "x.onnx"), "y.onnx"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and "no such file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bundled_mnist_passes_accuracy_gate(tmp_path, capsys):
+    """The CI accuracy gate: data-free, the bundled model keeps its test accuracy within 5 points."""
+    out = tmp_path / "mnist_pq.onnx"
+    code = cli(
+        "compress",
+        ROOT / "models/mnist_cnn.onnx",
+        out,
+        "--calibration-data",
+        ROOT / "models/mnist_test.npz",
+        "--labels",
+        ROOT / "models/mnist_test_labels.npy",
+        "--max-samples",
+        "2000",
+        "--no-measure",
+        "--metric",
+        "accuracy",
+        "--max-degradation",
+        "0.05",
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
+    assert report["files"]["ratio"] >= 15
+    assert report["validation"]["gate"]["failure"] is None

@@ -1,0 +1,245 @@
+"""The compressed model computes exactly what a dense model holding the decoded weights computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import conv_model, make_model, rand, run
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpq import CompressConfig, compress
+from onnxpq.encode import pq_name
+from onnxpq.graph import constant_foldable_nodes
+from onnxpq.pipeline import ValidationSettings
+from onnxpq.validate import decode_nodes_left
+
+NO_VALIDATION = ValidationSettings(enabled=False)
+
+
+def decoded_weights(original: onnx.ModelProto, compressed: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Decode every compressed weight in numpy, independently of onnxpq's own decode helper."""
+    inits = {t.name: t for t in compressed.graph.initializer}
+    out = {}
+    for t in original.graph.initializer:
+        if pq_name(t.name, "codebook") in inits:
+            table = numpy_helper.to_array(inits[pq_name(t.name, "codebook")]).astype(np.float32)
+            idx = numpy_helper.to_array(inits[pq_name(t.name, "indices")]).astype(np.int64)
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+            out[t.name] = table[idx].reshape(tuple(t.dims)).astype(dtype)
+    return out
+
+
+def dense_equivalent(original: onnx.ModelProto, compressed: onnx.ModelProto) -> onnx.ModelProto:
+    dense = onnx.ModelProto()
+    dense.CopyFrom(original)
+    decoded = decoded_weights(original, compressed)
+    for t in dense.graph.initializer:
+        if t.name in decoded:
+            t.CopyFrom(numpy_helper.from_array(decoded[t.name], t.name))
+    return dense
+
+
+def compress_model(model: onnx.ModelProto, tmp_path: Path, **config) -> onnx.ModelProto:
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    settings = {"min_elements": 1, "keep_first": False, **config}
+    compress(src, dst, CompressConfig(**settings), validation=NO_VALIDATION)
+    return onnx.load(dst)
+
+
+def assert_equivalent(model: onnx.ModelProto, compressed: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    expected = run(dense_equivalent(model, compressed), feeds)
+    got = run(compressed, feeds)
+    for e, g in zip(expected, got, strict=True):
+        scale = max(float(np.abs(e).max()), 1e-6)
+        assert float(np.abs(e.astype(np.float64) - g).max()) / scale <= 1e-5
+
+
+def assert_decode_shape(compressed: onnx.ModelProto) -> None:
+    """Cast -> Gather, at most one Reshape per weight, never a Transpose, never uint8 into Gather."""
+    ops = [n.op_type for n in compressed.graph.node]
+    assert "Transpose" not in ops
+    inits = {t.name: t for t in compressed.graph.initializer}
+    for node in compressed.graph.node:
+        if node.op_type == "Gather" and node.input[1] in inits:
+            assert inits[node.input[1]].data_type not in (TensorProto.UINT8, TensorProto.UINT4)
+
+
+CONV_CASES = {
+    "conv3x3": (conv_model(), {}, 9),
+    "conv1x1": (conv_model(64, 32, k=1), {}, 4),
+    "grouped": (conv_model(32, 16, group=4), {}, 9),
+    "depthwise": (conv_model(64, 64, group=64), {}, 9),
+    "dilated": (conv_model(32, 16, dilation=2), {}, 9),
+    "large_blocks": (conv_model(), {"block_size": "large"}, 18),
+    "conv5x5": (conv_model(16, 16, k=5), {}, 8),
+}
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_variants_match_dense(case, tmp_path, rng):
+    model, config, d = CONV_CASES[case]
+    compressed = compress_model(model, tmp_path, **config)
+    x = rand(rng, *[dim.dim_value for dim in model.graph.input[0].type.tensor_type.shape.dim])
+    assert_equivalent(model, compressed, {"x": x})
+    assert_decode_shape(compressed)
+    codebook = next(t for t in compressed.graph.initializer if t.name == pq_name("w", "codebook"))
+    assert np.prod(codebook.dims[1:]) == d
+
+
+def test_3x3_codebook_is_kernel_shaped_without_reshape(tmp_path):
+    compressed = compress_model(conv_model(32, 16), tmp_path)
+    inits = {t.name: t for t in compressed.graph.initializer}
+    assert list(inits[pq_name("w", "codebook")].dims)[1:] == [3, 3]
+    assert list(inits[pq_name("w", "indices")].dims) == [32, 16]
+    assert "Reshape" not in [n.op_type for n in compressed.graph.node]
+
+
+def _matrix_case(op: str, w_shape: tuple[int, ...], x_shape: tuple[int, ...], **attrs) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    node = helper.make_node(op, ["x", "w"], ["y"], op.lower(), **attrs)
+    return make_model([node], [("x", x_shape)], ["y"], {"w": rand(rng, *w_shape)})
+
+
+MATRIX_CASES = {
+    "gemm_transB1": _matrix_case("Gemm", (64, 128), (2, 128), transB=1),
+    "gemm_transB0": _matrix_case("Gemm", (128, 64), (2, 128), transB=0),
+    "matmul_2d": _matrix_case("MatMul", (128, 64), (2, 3, 128)),
+    "matmul_batched": _matrix_case("MatMul", (4, 64, 32), (4, 5, 64)),
+}
+
+
+@pytest.mark.parametrize("case", MATRIX_CASES)
+def test_matrix_variants_match_dense(case, tmp_path, rng):
+    model = MATRIX_CASES[case]
+    compressed = compress_model(model, tmp_path)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert_equivalent(model, compressed, {"x": rand(rng, *shape)})
+    assert_decode_shape(compressed)
+    assert [n.op_type for n in compressed.graph.node].count("Reshape") == 1
+
+
+def test_convtranspose_matches_dense(tmp_path, rng):
+    w = rand(rng, 16, 32, 3, 3)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], "deconv", strides=[2, 2])
+    model = make_model([node], [("x", [1, 16, 6, 6])], ["y"], {"w": w})
+    compressed = compress_model(model, tmp_path)
+    assert_equivalent(model, compressed, {"x": rand(rng, 1, 16, 6, 6)})
+
+
+def test_gather_embedding_matches_dense(tmp_path, rng):
+    node = helper.make_node("Gather", ["table", "ids"], ["y"], "embed", axis=0)
+    model = make_model([node], [], ["y"], {"table": rand(rng, 1000, 32)})
+    model.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 7]))
+    compressed = compress_model(model, tmp_path)
+    ids = rng.integers(0, 1000, size=(2, 7)).astype(np.int64)
+    assert_equivalent(model, compressed, {"ids": ids})
+
+
+def test_fp16_weights_decode_to_fp16_without_cast(tmp_path, rng):
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], "mm")
+    model = make_model(
+        [node], [("x", [2, 64])], ["y"], {"w": rand(rng, 64, 64, dtype=np.float16)}, elem_type=TensorProto.FLOAT16
+    )
+    compressed = compress_model(model, tmp_path)
+    assert_equivalent(model, compressed, {"x": rand(rng, 2, 64, dtype=np.float16)})
+    assert pq_name("w", "decode_cast_codebook") not in [n.name for n in compressed.graph.node]
+
+
+def test_constant_node_weights_are_compressed_in_place(tmp_path, rng):
+    w = rand(rng, 32, 16, 3, 3)
+    const = helper.make_node("Constant", [], ["w"], "w_const", value=numpy_helper.from_array(w, "w"))
+    relu = helper.make_node("Relu", ["x"], ["xr"], "relu")
+    conv = helper.make_node("Conv", ["xr", "w"], ["y"], "conv", pads=[1, 1, 1, 1])
+    model = make_model([relu, const, conv], [("x", [1, 16, 8, 8])], ["y"], {})
+    compressed = compress_model(model, tmp_path)
+    assert "Constant" not in [n.op_type for n in compressed.graph.node]
+    dense = onnx.ModelProto()
+    dense.CopyFrom(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer}
+    decoded = inits[pq_name("w", "codebook")].astype(np.float32)[inits[pq_name("w", "indices")]]
+    dense.graph.node[1].attribute[0].t.CopyFrom(numpy_helper.from_array(decoded.reshape(w.shape), "w"))
+    x = rand(rng, 1, 16, 8, 8)
+    np.testing.assert_allclose(run(compressed, {"x": x})[0], run(dense, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_shared_weight_is_compressed_once(tmp_path, rng):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], "mm1"), helper.make_node("MatMul", ["h", "w"], ["y"], "mm2")]
+    model = make_model(nodes, [("x", [2, 64])], ["y"], {"w": rand(rng, 64, 64)})
+    compressed = compress_model(model, tmp_path)
+    assert [t.name for t in compressed.graph.initializer].count(pq_name("w", "codebook")) == 1
+    assert [n.op_type for n in compressed.graph.node].count("Gather") == 1
+    assert_equivalent(model, compressed, {"x": rand(rng, 2, 64)})
+
+
+def test_metadata_and_interface_are_kept(tmp_path):
+    model = conv_model()
+    onnx.helper.set_model_props(model, {"character": "a\nb\nc", "author": "me"})
+    compressed = compress_model(model, tmp_path)
+    props = {p.key: p.value for p in compressed.metadata_props}
+    assert props["character"] == "a\nb\nc" and props["author"] == "me"
+    assert "onnxpq.version" in props and '"seed": 0' in props["onnxpq.config"]
+    assert [i.name for i in compressed.graph.input] == ["x"]
+    assert [o.name for o in compressed.graph.output] == ["y"]
+    assert compressed.opset_import == model.opset_import
+    kept = {t.name: t for t in compressed.graph.initializer}
+    assert kept["b"] == next(t for t in model.graph.initializer if t.name == "b")  # bias kept bit-for-bit
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 21, 23])
+def test_opsets_11_to_23(opset, tmp_path, rng):
+    model = _matrix_case("MatMul", (128, 64), (2, 128))
+    model.opset_import[0].version = opset
+    model.ir_version = 10 if opset >= 21 else 7
+    compressed = compress_model(model, tmp_path)
+    assert_equivalent(model, compressed, {"x": rand(rng, 2, 128)})
+    onnx.checker.check_model(compressed, full_check=True)
+
+
+def test_uint4_indices_when_k_le_16_and_opset_21(tmp_path, rng):
+    model = _matrix_case("MatMul", (64, 64), (2, 64))
+    model.opset_import[0].version = 21
+    model.ir_version = 10
+    compressed = compress_model(model, tmp_path, n_codewords=16)
+    idx = next(t for t in compressed.graph.initializer if t.name == pq_name("w", "indices"))
+    assert idx.data_type == TensorProto.UINT4
+    cast = next(n for n in compressed.graph.node if n.input and n.input[0] == idx.name)
+    assert cast.op_type == "Cast"
+    assert_equivalent(model, compressed, {"x": rand(rng, 2, 64)})
+
+
+def test_uint8_indices_below_opset_21(tmp_path):
+    compressed = compress_model(_matrix_case("MatMul", (64, 64), (2, 64)), tmp_path, n_codewords=16)
+    idx = next(t for t in compressed.graph.initializer if t.name == pq_name("w", "indices"))
+    assert idx.data_type == TensorProto.UINT8
+
+
+def test_weight_listed_as_graph_input_is_removed_from_inputs(tmp_path, rng):
+    model = _matrix_case("MatMul", (64, 64), (2, 64))
+    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 64]))
+    compressed = compress_model(model, tmp_path)
+    assert [i.name for i in compressed.graph.input] == ["x"]
+    assert_equivalent(model, compressed, {"x": rand(rng, 2, 64)})
+
+
+def test_decode_is_folded_by_onnxruntime(tmp_path):
+    compressed = compress_model(conv_model(64, 32, k=1), tmp_path)
+    decode = [n.name for n in constant_foldable_nodes(compressed.graph)]
+    assert len(decode) == 4  # codebook Cast, indices Cast, Gather, Reshape
+    assert decode_nodes_left(tmp_path / "out.onnx", decode) == []
+
+
+def test_same_seed_gives_identical_bytes(tmp_path):
+    model = conv_model()
+    onnx.save(model, tmp_path / "in.onnx")
+    for name in ("a.onnx", "b.onnx"):
+        compress(
+            tmp_path / "in.onnx",
+            tmp_path / name,
+            CompressConfig(min_elements=1, keep_first=False),
+            validation=NO_VALIDATION,
+        )
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
