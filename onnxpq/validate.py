@@ -234,18 +234,29 @@ def measure_load(path: str | os.PathLike[str], repeats: int = 3) -> LoadStats:
 
 
 def measure_latency_ms(
-    path: str | os.PathLike[str], feed: dict[str, np.ndarray], *, warmup: int = 5, repeats: int = 30
-) -> float:
-    """Median wall time of one warm ``run`` on ``feed``."""
-    sess = session(path)
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    paths: Sequence[str | os.PathLike[str]],
+    feed: dict[str, np.ndarray],
+    *,
+    warmup: int = 5,
+    min_runs: int = 30,
+    min_seconds: float = 1.0,
+) -> list[float]:
+    """Median wall time (ms) of one warm ``run`` per model, runs interleaved so machine noise hits all alike.
+
+    Runs at least ``min_runs`` times and ``min_seconds`` in all, so sub-millisecond models get enough samples.
+    """
+    sessions = [session(p) for p in paths]
+    for sess in sessions:
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    while len(times[0]) < min_runs or time.perf_counter() - start < min_seconds:
+        for sess, record in zip(sessions, times, strict=True):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            record.append(time.perf_counter() - t0)
+    return [1000.0 * statistics.median(t) for t in times]
 
 
 def to_json(items: Sequence[OutputMetrics] | LoadStats) -> object:
@@ -296,7 +307,7 @@ def validate_compressed(
             "rss_ratio": comp.peak_rss_mib / base.peak_rss_mib,
         }
         feed = next(batches(dataset.head(1), onnx.load(str(original), load_external_data=False)))
-        lat_o, lat_c = measure_latency_ms(original, feed), measure_latency_ms(compressed, feed)
+        lat_o, lat_c = measure_latency_ms([original, compressed], feed)
         section["latency_ms"] = {"original": lat_o, "compressed": lat_c, "ratio": lat_c / lat_o}
     return section
 

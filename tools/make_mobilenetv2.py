@@ -74,10 +74,10 @@ def load_pretrained() -> MobileNetV2:
     return model.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "models" / "mobilenetv2.onnx")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         load_pretrained(),

