@@ -196,12 +196,12 @@ def _inspect(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from onnxpq.graph import load_model
     from onnxpq.pipeline import run_validation
-    from onnxpq.report import _validation_lines, write_json
+    from onnxpq.report import validation_lines, write_json
 
     model = load_model(args.original)
     load_model(args.compressed)
     section, notes = run_validation(args.original, args.compressed, model, _settings(args), args.seed)
-    print("\n".join(_validation_lines(section)))
+    print("\n".join(validation_lines(section)))
     for note in notes:
         print(f"warning: {note}")
     if args.report:

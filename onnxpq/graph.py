@@ -214,7 +214,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: b
     renamed into place, so readers never see a half-written file.
     """
     path = Path(path)
-    large = model.ByteSize() >= PROTOBUF_LIMIT if _fits_bytesize(model) else True
+    large = _byte_size(model) >= PROTOBUF_LIMIT
     data_name = path.name + ".data"
     with _staging_dir(path.parent) as stage:
         staged = stage / path.name
@@ -233,13 +233,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: b
     return written
 
 
-def _fits_bytesize(model: onnx.ModelProto) -> bool:
-    """``ByteSize`` itself fails on messages past 2 GiB in some protobuf builds."""
+def _byte_size(model: onnx.ModelProto) -> int:
+    """Serialised size; ``ByteSize`` itself overflows past 2 GiB in some protobuf builds."""
     try:
-        model.ByteSize()
+        return model.ByteSize()
     except (ValueError, OverflowError):
-        return False
-    return True
+        return PROTOBUF_LIMIT
 
 
 def constant_foldable_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

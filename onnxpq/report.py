@@ -24,7 +24,15 @@ from onnxpq.quantize import LayerError
 from onnxpq.selection import FLOAT_TYPES, Candidate
 from onnxpq.version import __version__
 
-__all__ = ["format_table", "layer_rows", "pqf_sizes", "sha256_file", "versions", "write_json"]
+__all__ = [
+    "format_table",
+    "layer_rows",
+    "pqf_sizes",
+    "sha256_file",
+    "validation_lines",
+    "versions",
+    "write_json",
+]
 
 MIB = 1024.0 * 1024.0
 
@@ -146,7 +154,7 @@ def _layer_lines(rows: Sequence[Mapping[str, Any]], limit: int) -> list[str]:
     return lines
 
 
-def _validation_lines(v: Mapping[str, Any]) -> list[str]:
+def validation_lines(v: Mapping[str, Any]) -> list[str]:
     lines = [f"validation on {v['n_samples']} {v['inputs']} samples"]
     for m in v["outputs"]:
         line = f"  {m['name']}: max_abs {m['max_abs']:.4g}  rel_l2 {m['rel_l2']:.4g}  cosine {m['cosine']:.6f}"
@@ -181,7 +189,7 @@ def format_table(report: Mapping[str, Any], *, max_layers: int = 25) -> str:
         lines.append(f"{report['subgraph_weights_left']} weights inside If/Loop/Scan subgraphs left in float")
     if report.get("validation"):
         lines.append("")
-        lines += _validation_lines(report["validation"])
+        lines += validation_lines(report["validation"])
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
