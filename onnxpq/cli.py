@@ -195,12 +195,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from onnxpq.graph import load_model
-    from onnxpq.pipeline import run_validation
+    from onnxpq.pipeline import prepare_validation, run_validation
     from onnxpq.report import validation_lines, write_json
 
     model = load_model(args.original)
     load_model(args.compressed)
-    section, notes = run_validation(args.original, args.compressed, model, _settings(args), args.seed)
+    settings = _settings(args)
+    data = prepare_validation(model, settings, args.seed)
+    section, notes = run_validation(args.original, args.compressed, data, settings)
     print("\n".join(validation_lines(section)))
     for note in notes:
         print(f"warning: {note}")

@@ -22,7 +22,14 @@ from onnxpq.selection import Candidate, find_candidates
 from onnxpq.validate import check_gate, default_metric, file_bytes, validate_compressed
 from onnxpq.version import __version__
 
-__all__ = ["CompressResult", "ValidationSettings", "compress", "validation_dataset"]
+__all__ = [
+    "CompressResult",
+    "ValidationSettings",
+    "compress",
+    "prepare_validation",
+    "run_validation",
+    "validation_dataset",
+]
 
 SYNTHETIC_SAMPLES = 8
 
@@ -114,20 +121,26 @@ def _labels(settings: ValidationSettings, n_samples: int) -> np.ndarray | None:
     return labels
 
 
+def prepare_validation(
+    model: onnx.ModelProto, settings: ValidationSettings, seed: int
+) -> tuple[Dataset, np.ndarray | None]:
+    """Read and check the validation samples and labels, before any work, so bad data fails fast."""
+    dataset = validation_dataset(model, settings, seed)
+    return dataset, _labels(settings, dataset.n_samples)
+
+
 def run_validation(
-    original: Path, compressed: Path, model: onnx.ModelProto, settings: ValidationSettings, seed: int
+    original: Path, compressed: Path, data: tuple[Dataset, np.ndarray | None], settings: ValidationSettings
 ) -> tuple[dict[str, Any], list[str]]:
     """Validation section and warnings; the gate result is recorded, not raised, so the report is complete."""
-    dataset = validation_dataset(model, settings, seed)
+    dataset, labels = data
     notes = []
     if dataset.source == "random":
         notes.append(
             "validated on synthetic random inputs: pass --calibration-data or --validation-data for "
             "real samples; the numbers say little about accuracy"
         )
-    section = validate_compressed(
-        original, compressed, dataset, labels=_labels(settings, dataset.n_samples), measure=settings.measure
-    )
+    section = validate_compressed(original, compressed, dataset, labels=labels, measure=settings.measure)
     if not section["decode_folded"]:
         notes.append(
             f"onnxruntime did not fold {len(section['unfolded_nodes'])} decode node(s): they will run "
@@ -165,6 +178,7 @@ def compress(
     check_output_path(source, target, force=force)
     model = load_model(source)
     _refuse_recompress(model, source)
+    data = prepare_validation(model, validation, config.seed) if validation.enabled else None
     candidates = find_candidates(model, config)
     quantized, errors = quantize_weights(model, candidates, config, progress=progress)
     metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
@@ -191,8 +205,8 @@ def compress(
         "validation": None,
         "warnings": notes,
     }
-    if validation.enabled:
-        report["validation"], more = run_validation(source, target, model, validation, config.seed)
+    if data is not None:
+        report["validation"], more = run_validation(source, target, data, validation)
         notes.extend(more)
     for note in notes:
         warnings.warn(note, stacklevel=2)

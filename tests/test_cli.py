@@ -132,6 +132,13 @@ def test_compress_writes_report_and_validate_gates(model_path, tmp_path, capsys)
     assert "accuracy gate failed: output 'y' max_abs" in capsys.readouterr().err
 
 
+def test_bad_validation_data_fails_before_anything_is_written(model_path, tmp_path, capsys):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 32, 12, 12), np.float32))
+    assert cli("compress", model_path, tmp_path / "out.onnx", "--calibration-data", tmp_path / "bad.npz") == 2
+    assert "no data for model input(s) ['x']" in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_console_script_runs_without_traceback(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "onnxpq.cli", "compress", str(tmp_path / "x.onnx"), "y.onnx"],
