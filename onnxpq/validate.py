@@ -132,11 +132,14 @@ def compare_models(
     original: str | os.PathLike[str],
     compressed: str | os.PathLike[str],
     dataset: Dataset,
+    model: onnx.ModelProto,
     *,
     labels: np.ndarray | None = None,
 ) -> list[OutputMetrics]:
-    """Run both models on the dataset and measure each output's difference."""
-    model = onnx.load(str(original), load_external_data=False)
+    """Run both models on the dataset and measure each output's difference.
+
+    ``model`` is the original's graph (weights not needed): it gives the input specs and output names.
+    """
     ref = run_model(original, dataset, model)
     test = run_model(compressed, dataset, model)
     names = [o.name for o in model.graph.output]
@@ -286,9 +289,10 @@ def validate_compressed(
     measure: bool = True,
 ) -> dict[str, object]:
     """The report's validation section: fidelity, decode folding, load cost and latency."""
-    metrics = compare_models(original, compressed, dataset, labels=labels)
-    model = onnx.load(str(compressed), load_external_data=False)
-    decode = [n.name for n in constant_foldable_nodes(model.graph) if n.name]
+    reference = onnx.load(str(original), load_external_data=False)
+    metrics = compare_models(original, compressed, dataset, reference, labels=labels)
+    graph = onnx.load(str(compressed), load_external_data=False).graph
+    decode = [n.name for n in constant_foldable_nodes(graph) if n.name]
     left = decode_nodes_left(compressed, decode)
     section: dict[str, object] = {
         "inputs": "synthetic" if dataset.source == "random" else "file",
@@ -306,7 +310,7 @@ def validate_compressed(
             "compressed": to_json(comp),
             "rss_ratio": comp.peak_rss_mib / base.peak_rss_mib,
         }
-        feed = next(batches(dataset.head(1), onnx.load(str(original), load_external_data=False)))
+        feed = next(batches(dataset.head(1), reference))
         lat_o, lat_c = measure_latency_ms([original, compressed], feed)
         section["latency_ms"] = {"original": lat_o, "compressed": lat_c, "ratio": lat_c / lat_o}
     return section
