@@ -23,7 +23,16 @@ from onnx import numpy_helper
 
 from onnxpq.errors import ConfigError
 
-__all__ = ["Dataset", "InputSpec", "batches", "input_specs", "load_dataset", "random_dataset"]
+__all__ = [
+    "Dataset",
+    "InputSpec",
+    "RandomInputs",
+    "batches",
+    "input_specs",
+    "load_dataset",
+    "parse_shapes",
+    "random_dataset",
+]
 
 _NP_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -196,16 +205,58 @@ def _concrete(dim: int | str | None, axis: int, overrides: Mapping[str, int]) ->
     return 1 if axis == 0 else 32
 
 
+@dataclass(frozen=True)
+class RandomInputs:
+    """A request for synthetic calibration inputs with explicit shapes (``--calibration-shapes``)."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+
+
+def parse_shapes(text: str) -> dict[str, tuple[int, ...]]:
+    """``input:1x3x224x224,mask:1x128`` (ModelOpt's syntax) -> {name: shape}."""
+    shapes = {}
+    for item in text.split(","):
+        name, sep, dims = item.strip().rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 1:
+            raise ConfigError(f"bad shape {item!r}: write NAME:DxDx... with positive sizes, e.g. input:1x3x224x224")
+        shapes[name] = shape
+    return shapes
+
+
+def _check_shape(spec: InputSpec, shape: tuple[int, ...]) -> list[int]:
+    fixed_ok = all(not isinstance(d, int) or d == s for d, s in zip(spec.shape, shape, strict=False))
+    if len(shape) != len(spec.shape) or not fixed_ok:
+        raise ConfigError(f"shape {shape} for input {spec.name!r} does not match its declared shape {spec.shape}")
+    return list(shape)
+
+
 def random_dataset(
-    model: onnx.ModelProto, n_samples: int, rng: np.random.Generator, *, dims: Mapping[str, int] | None = None
+    model: onnx.ModelProto,
+    n_samples: int,
+    rng: np.random.Generator,
+    *,
+    dims: Mapping[str, int] | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Dataset:
     """Synthetic inputs from the declared shapes: floats ~ N(0,1), integers 0/1 (valid ids and masks).
 
-    Symbolic dimensions take ``dims[name]`` when given, else 1 for the batch axis and 32 elsewhere.
+    ``shapes`` gives whole shapes per input; otherwise symbolic dimensions take
+    ``dims[name]`` when given, else 1 for the batch axis and 32 elsewhere.
     """
+    specs = input_specs(model)
+    unknown = sorted(set(shapes or {}) - {s.name for s in specs})
+    if unknown:
+        raise ConfigError(f"--calibration-shapes names unknown input(s) {', '.join(unknown)}")
     arrays = {}
-    for spec in input_specs(model):
-        shape = [_concrete(d, i, dims or {}) for i, d in enumerate(spec.shape)]
+    for spec in specs:
+        if shapes and spec.name in shapes:
+            shape = _check_shape(spec, shapes[spec.name])
+        else:
+            shape = [_concrete(d, i, dims or {}) for i, d in enumerate(spec.shape)]
         shape[0] = shape[0] * n_samples if shape else n_samples
         if np.issubdtype(spec.dtype, np.floating):
             arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)

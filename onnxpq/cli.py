@@ -13,8 +13,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from onnxpq.calibration import RandomInputs, parse_shapes
 from onnxpq.config import OP_TYPES, CompressConfig
-from onnxpq.errors import OnnxpqError, ValidationFailedError
+from onnxpq.errors import ConfigError, OnnxpqError, ValidationFailedError
 from onnxpq.version import __version__
 
 __all__ = ["main"]
@@ -55,18 +56,54 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--subvector-dim", type=int, default=None, metavar="D", help="use d=D for every layer")
     q.add_argument("-k", "--n-codewords", type=int, default=256, help="codebook size (default 256)")
     q.add_argument("--kmeans-iters", type=int, default=20)
+    q.add_argument("--anneal", action="store_true", help="PQF's annealed (stochastically relaxed) k-means")
     q.add_argument("--seed", type=int, default=0)
-    _add_validation_options(p, data_flag="--calibration-data")
+    _add_calibration_options(p)
+    _add_validation_options(p, data_flag="--validation-data")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime validation")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--report", type=Path, default=None, help="JSON report path (default: OUT.report.json)")
 
 
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("calibration (data-aware quantization)")
+    c.add_argument(
+        "--calibration-data",
+        default=None,
+        metavar="PATH",
+        help=".npz keyed by input name, .npy, or a test_data_set_* folder: quantize to minimise each layer's "
+        "output error on these samples; 'random' for synthetic inputs (not recommended)",
+    )
+    c.add_argument("--calibration-samples", type=int, default=512, help="use at most N samples (default 512)")
+    c.add_argument(
+        "--calibration-shapes",
+        default=None,
+        metavar="SHAPES",
+        help="shapes for synthetic inputs, e.g. input:1x3x224x224,mask:1x128 (with 'random')",
+    )
+    for flag, default, text in (
+        ("output-aware", True, "assign and update codewords in each subvector's output metric"),
+        ("error-feedback", False, "GPTQ-style sequential assignment with error feedback"),
+        ("refit", True, "exact least-squares codebook refit"),
+        ("bias-correction", True, "fold the mean output shift into the bias"),
+    ):
+        c.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=default, help=text)
+    c.add_argument(
+        "--sequential",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-collect statistics N times on the partly quantized model (GPTQ's sequential mode; default off)",
+    )
+    size = c.add_mutually_exclusive_group()
+    size.add_argument("--target-bpw", type=float, default=None, help="choose per-layer settings to meet B bits/weight")
+    size.add_argument("--target-size", type=float, default=None, metavar="MIB", help="... or a size in MiB")
+
+
 def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str) -> None:
     v = p.add_argument_group("validation")
-    flags = [data_flag, "--validation-data"] if data_flag != "--validation-data" else [data_flag]
     v.add_argument(
-        *flags,
+        data_flag,
         dest="data",
         default=None,
         metavar="PATH",
@@ -152,13 +189,28 @@ def _compress(args: argparse.Namespace) -> int:
         subvector_dim=args.subvector_dim,
         n_codewords=args.n_codewords,
         kmeans_iters=args.kmeans_iters,
+        anneal=args.anneal,
         seed=args.seed,
+        output_aware=args.output_aware,
+        error_feedback=args.error_feedback,
+        refit=args.refit,
+        bias_correction=args.bias_correction,
+        calibration_samples=args.calibration_samples,
+        sequential=args.sequential,
+        target_bpw=args.target_bpw,
+        target_mib=args.target_size,
     )
+    calibration = args.calibration_data
+    if args.calibration_shapes:
+        if calibration != "random":
+            raise ConfigError("--calibration-shapes only applies to --calibration-data random")
+        calibration = RandomInputs(parse_shapes(args.calibration_shapes))
     try:
         result = compress(
             args.input,
             args.output,
             config,
+            calibration=calibration,
             validation=_settings(args, not args.no_validate),
             force=args.force,
             report_path=args.report,

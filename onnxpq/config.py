@@ -34,7 +34,24 @@ class CompressConfig:
     subvector_dim : a fixed d for every layer, overriding ``block_size``.
     n_codewords : codebook size k, clamped per layer to ``2**floor(log2(n_subvectors / 4))``.
     kmeans_iters : Lloyd iterations after k-means++ initialisation.
+    anneal : PQF's stochastic relaxation of k-means (noisy codewords, cooling to zero).
     seed : seeds every random choice; same seed and input give identical bytes.
+
+    With calibration data (see ``stats``) these choose how the output error
+    ‖X(W - Ŵ)‖² is minimised; without data they are ignored:
+
+    output_aware : assign and update codewords in the metric of each subvector's H block (BGD).
+    error_feedback : GPTQ's sequential assignment, later subvectors compensating earlier ones.
+    refit : exact least-squares codebook for the final codes (full H).
+    bias_correction : put the mean output shift back into the layer's bias, and
+        quantize in the centred statistics the correction leaves.
+    calibration_samples : use at most this many calibration samples for the statistics.
+    sequential : 0 (statistics of the original model for every layer) or N >= 1: split the
+        layers into N groups in graph order and collect each group's statistics on the
+        model whose earlier groups are already quantized (GPTQ/BGD's sequential mode).
+    target_bpw, target_mib : a size budget (bits per weight over all parameters, or MiB, in
+        PQF's accounting); each layer then gets the (d, k) or float setting that meets it
+        with the least estimated output error (see ``allocate``). At most one of the two.
     """
 
     op_types: tuple[str, ...] = OP_TYPES
@@ -46,7 +63,16 @@ class CompressConfig:
     subvector_dim: int | None = None
     n_codewords: int = 256
     kmeans_iters: int = 20
+    anneal: bool = False
     seed: int = 0
+    output_aware: bool = True
+    error_feedback: bool = False
+    refit: bool = True
+    bias_correction: bool = True
+    calibration_samples: int = 512
+    sequential: int = 0
+    target_bpw: float | None = None
+    target_mib: float | None = None
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.op_types if t not in OP_TYPES and t != "all"]
@@ -69,6 +95,16 @@ class CompressConfig:
             raise ConfigError(f"n_codewords={self.n_codewords} must be between 2 and 256 (uint8 indices)")
         if self.kmeans_iters < 0:
             raise ConfigError(f"kmeans_iters={self.kmeans_iters} must be >= 0")
+        if self.target_bpw is not None and self.target_mib is not None:
+            raise ConfigError("give either target_bpw or target_mib, not both")
+        if self.target_bpw is not None and not 0 < self.target_bpw <= 32:
+            raise ConfigError(f"target_bpw={self.target_bpw} must be in (0, 32] bits per weight")
+        if self.target_mib is not None and self.target_mib <= 0:
+            raise ConfigError(f"target_mib={self.target_mib} must be positive")
+        if self.sequential < 0:
+            raise ConfigError(f"sequential={self.sequential} must be >= 0")
+        if self.calibration_samples < 1:
+            raise ConfigError(f"calibration_samples={self.calibration_samples} must be >= 1")
 
     @property
     def all_op_types(self) -> bool:

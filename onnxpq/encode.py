@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ __all__ = [
     "encode_weights",
     "index_dtype",
     "pq_name",
+    "replace_constants",
 ]
 
 METADATA_VERSION = "onnxpq.version"
@@ -86,16 +87,32 @@ def _index_tensor(name: str, codes: np.ndarray, shape: tuple[int, ...], dtype: i
     return numpy_helper.from_array(codes.astype(np.uint8).reshape(shape), name)
 
 
+def _tables(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """(fp16 codebook, codes in index layout, Gather axis, needs_reshape) for one weight.
+
+    Codes come in ``layout.unit_matrix`` order, (unit, position). A strided [K, N]
+    weight stores its codebook as [d, k] and its indices as [K/d, N]: Gather on
+    axis 1 yields [d, K/d, N], which is the weight once reshaped to [K, N].
+    """
+    cand = q.candidate
+    centroids = q.codebook.centroids.astype(np.float16)
+    if cand.strided:
+        k_in, n = cand.shape
+        codes = q.codebook.codes.reshape(n, k_in // cand.subvector_dim).T
+        return np.ascontiguousarray(centroids.T), codes, 1, True
+    trailing, index_shape, reshape = _gather_layout(cand.shape, cand.row_axes, cand.subvector_dim)
+    return centroids.reshape((len(centroids), *trailing)), q.codebook.codes.reshape(index_shape), 0, reshape
+
+
 def _decode_nodes(q: QuantizedWeight, model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """The nodes and initializers that rebuild one weight under its original name."""
     cand = q.candidate
     w = cand.name
-    trailing, index_shape, reshape = _gather_layout(cand.shape, cand.row_axes, cand.subvector_dim)
+    codebook, codes, axis, reshape = _tables(q)
     k = len(q.codebook.centroids)
-    codebook = q.codebook.centroids.astype(np.float16).reshape((k, *trailing))
     inits = [
         numpy_helper.from_array(codebook, pq_name(w, "codebook")),
-        _index_tensor(pq_name(w, "indices"), q.codebook.codes, index_shape, index_dtype(k, model)),
+        _index_tensor(pq_name(w, "indices"), codes, codes.shape, index_dtype(k, model)),
     ]
     nodes = []
     table = pq_name(w, "codebook")
@@ -119,7 +136,7 @@ def _decode_nodes(q: QuantizedWeight, model: onnx.ModelProto) -> tuple[list[onnx
     gathered = pq_name(w, "gathered") if reshape else w
     nodes.append(
         helper.make_node(
-            "Gather", [table, pq_name(w, "indices_int32")], [gathered], pq_name(w, "decode_gather"), axis=0
+            "Gather", [table, pq_name(w, "indices_int32")], [gathered], pq_name(w, "decode_gather"), axis=axis
         )
     )
     if reshape:
@@ -140,10 +157,28 @@ def _check_names_free(graph: onnx.GraphProto, weights: Sequence[QuantizedWeight]
                 )
 
 
+def replace_constants(graph: onnx.GraphProto, values: Mapping[str, np.ndarray]) -> None:
+    """Overwrite float constants (corrected biases, tuned norms) in place, initializer or Constant node alike."""
+    for tensor in graph.initializer:
+        if tensor.name in values:
+            tensor.CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in values:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    attr.t.CopyFrom(numpy_helper.from_array(values[node.output[0]], attr.t.name))
+
+
 def encode_weights(
-    model: onnx.ModelProto, weights: Sequence[QuantizedWeight], *, metadata: dict[str, object]
+    model: onnx.ModelProto,
+    weights: Sequence[QuantizedWeight],
+    *,
+    metadata: dict[str, object],
+    constants: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with each weight replaced by its decode chain.
+
+    ``constants`` gives new values for other float constants (same name, shape and dtype).
 
     The input model is not modified. Initializer weights get their decode nodes
     at the top of the graph; weights held by ``Constant`` nodes get them where
@@ -155,6 +190,7 @@ def encode_weights(
     out.CopyFrom(model)
     graph = out.graph
     _check_names_free(graph, weights)
+    replace_constants(graph, constants or {})
     by_name = {q.candidate.name: q for q in weights}
     head: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []

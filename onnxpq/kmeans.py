@@ -10,12 +10,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Codebook", "assign", "kmeans", "kmeans_plusplus"]
+__all__ = ["CONVERGED", "Codebook", "assign", "kmeans", "kmeans_plusplus"]
 
-#: Rows per distance block: bounds memory at CHUNK * k floats whatever the layer size.
-CHUNK = 1 << 16
+#: Rows per distance block: bounds memory at CHUNK * k floats whatever the layer size; blocks that
+#: stay in cache ran twice as fast as 65536-row ones (320k subvectors, k=256, 2 cores).
+CHUNK = 1 << 13
 #: k-means++ seeds on at most this many points per centroid, as faiss trains on a sample.
 SEED_SAMPLE_PER_CENTROID = 256
+#: Lloyd stops once at most this fraction of codes changes in an iteration: the last
+#: iterations of a big layer move a handful of subvectors and cost as much as the first.
+CONVERGED = 1e-3
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,21 @@ def _reseed_empty(x: np.ndarray, centroids: np.ndarray, counts: np.ndarray, dist
     return centroids
 
 
-def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Generator) -> Codebook:
+def _anneal(
+    centroids: np.ndarray, counts: np.ndarray, spread: np.ndarray, step: int, n_iter: int, rng: np.random.Generator
+) -> np.ndarray:
+    """PQF's stochastic relaxation (SR-C): jitter each mean by the noise that averaging noisy data would leave.
+
+    Noise of std ``spread`` added to every subvector shifts a cluster mean by
+    N(0, spread²/count); the temperature (1 - step/n)^½ falls to zero, so the
+    search explores early and converges to a plain k-means fixed point.
+    """
+    temperature = (1.0 - step / n_iter) ** 0.5
+    noise = rng.standard_normal(centroids.shape) * spread / np.sqrt(np.maximum(counts, 1))[:, None]
+    return (centroids + temperature * noise).astype(centroids.dtype)
+
+
+def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Generator, anneal: bool = False) -> Codebook:
     """Cluster the rows of ``x`` into ``n_clusters`` codewords.
 
     Parameters
@@ -106,9 +124,11 @@ def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Genera
     n_clusters : int
         Codebook size k, 1 <= k <= n.
     n_iter : int
-        Lloyd iterations after seeding; stops early once the codes no longer change.
+        Lloyd iterations after seeding; stops early once at most ``CONVERGED`` of the codes change.
     rng : numpy Generator
         The only source of randomness, so the same seed gives the same codebook.
+    anneal : bool
+        Stochastic relaxation (``_anneal``): noisy updates for all ``n_iter`` steps, then a noiseless one.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or len(x) == 0:
@@ -119,13 +139,21 @@ def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Genera
     sample = x if len(x) <= sample_size else x[np.sort(rng.choice(len(x), sample_size, replace=False))]
     centroids = kmeans_plusplus(sample, n_clusters, rng)
     codes, dist = assign(x, centroids)
-    for _ in range(n_iter):
+    spread = x.std(axis=0)
+    for step in range(n_iter):
         means, counts = _update(x, codes, n_clusters)
         centroids = _reseed_empty(x, means, counts, dist)
+        if anneal:
+            centroids = _anneal(centroids, counts, spread, step, n_iter, rng)
         new_codes, dist = assign(x, centroids)
-        if np.array_equal(new_codes, codes):
-            break
+        changed = np.count_nonzero(new_codes != codes)
         codes = new_codes
+        if not anneal and changed <= CONVERGED * len(x):
+            break
+    if anneal:
+        means, counts = _update(x, codes, n_clusters)
+        centroids = _reseed_empty(x, means, counts, dist)
+        codes, dist = assign(x, centroids)
     # Exact residuals: the expanded distance above loses precision to cancellation.
     inertia = float(np.sum((x - centroids[codes]).astype(np.float64) ** 2))
     return Codebook(centroids=centroids, codes=codes, inertia=inertia)

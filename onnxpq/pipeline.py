@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxpq.calibration import Dataset, load_dataset, random_dataset
+from onnxpq.allocate import allocate_bits
+from onnxpq.bias import bias_targets, corrected_biases
+from onnxpq.calibration import Dataset, RandomInputs, load_dataset, random_dataset
 from onnxpq.config import CompressConfig
 from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
 from onnxpq.errors import ConfigError, InputModelError, UnsupportedGraphError, ValidationFailedError
 from onnxpq.graph import check_output_path, load_model, save_model, subgraph_initializer_count
-from onnxpq.quantize import quantize_weights
+from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import layer_rows, pqf_sizes, sha256_file, versions, write_json
 from onnxpq.selection import Candidate, find_candidates
+from onnxpq.stats import collect_stats
 from onnxpq.validate import check_gate, default_metric, file_bytes, validate_compressed
 from onnxpq.version import __version__
 
 __all__ = [
     "CompressResult",
     "ValidationSettings",
+    "calibration_dataset",
     "compress",
     "prepare_validation",
     "run_validation",
@@ -97,6 +101,16 @@ def _save_checked(compressed: onnx.ModelProto, original: onnx.ModelProto, target
         raise UnsupportedGraphError(f"the compressed model fails onnx.checker ({err}); nothing was written") from None
 
 
+def calibration_dataset(model: onnx.ModelProto, source: Any, config: CompressConfig) -> Dataset | None:
+    """The samples whose layer inputs steer the quantizer; synthetic only when the user asks for ``random``."""
+    if source is None:
+        return None
+    if isinstance(source, RandomInputs) or (isinstance(source, str) and source == "random"):
+        shapes = source.shapes if isinstance(source, RandomInputs) else None
+        return random_dataset(model, SYNTHETIC_SAMPLES, np.random.default_rng(config.seed), shapes=shapes)
+    return load_dataset(source, model, max_samples=config.calibration_samples)
+
+
 def validation_dataset(model: onnx.ModelProto, settings: ValidationSettings, seed: int) -> Dataset:
     """The user's samples, or synthetic ones from the declared input shapes."""
     if settings.data is None or settings.data == "random":
@@ -156,17 +170,69 @@ def run_validation(
     return section, notes
 
 
+def _calibration_section(dataset: Dataset | None, stats: dict[str, Any]) -> dict[str, Any] | None:
+    if dataset is None:
+        return None
+    return {
+        "source": dataset.source,
+        "samples": dataset.n_samples,
+        "sha256": dataset.sha256(),
+        "layers_with_statistics": len(stats),
+    }
+
+
+@dataclass(frozen=True)
+class _Quantized:
+    """What the quantization stage learned, for encoding and the report."""
+
+    candidates: list[Candidate]
+    results: dict[str, LayerResult]
+    biases: dict[str, np.ndarray]
+    stats: dict[str, Any]
+    allocation: dict[str, Any] | None
+
+
+def _quantize(
+    model: onnx.ModelProto, candidates: list[Candidate], config: CompressConfig, calib: Dataset | None, progress: bool
+) -> _Quantized:
+    """Statistics -> per-layer quantization (or bit allocation) -> bias correction."""
+    stats = collect_stats(model, candidates, calib, progress=progress) if calib is not None else {}
+    targets = bias_targets(model, candidates) if config.bias_correction and stats else {}
+    allocation = None
+    if config.target_bpw is not None or config.target_mib is not None:
+        found = allocate_bits(
+            model, candidates, config, stats=stats, calibration=calib, targets=targets, progress=progress
+        )
+        candidates = found.candidates
+        allocation = {"budget_bits": found.budget_bits, "sensitivity": found.sensitivity}
+        targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
+    if config.sequential and calib is not None:
+        results = quantize_sequential(model, candidates, config, calib, targets, progress=progress)
+    else:
+        results = quantize_weights(
+            model, candidates, config, stats=stats, bias_weights=frozenset(targets), progress=progress
+        )
+    shifts = {n: r.shift for n, r in results.items() if r.shift is not None}
+    return _Quantized(candidates, results, corrected_biases(model, targets, shifts), stats, allocation)
+
+
 def compress(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
     config: CompressConfig | None = None,
     *,
+    calibration: str | os.PathLike[str] | Any | None = None,
     validation: ValidationSettings | None = None,
     force: bool = False,
     report_path: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> CompressResult:
     """Compress the ONNX model at ``input_path`` into ``output_path`` and report on it.
+
+    ``calibration`` (a path, reader or iterable of feeds; ``"random"`` for
+    synthetic inputs) makes the quantizer minimise each layer's output error on
+    those samples; without it the quantization is data-free. Validation uses
+    ``validation.data``, or the calibration samples when none is given.
 
     The input is never modified. The output (and its ``.report.json``) is
     written atomically. Raises ``ValidationFailedError`` after writing both when
@@ -178,12 +244,21 @@ def compress(
     check_output_path(source, target, force=force)
     model = load_model(source)
     _refuse_recompress(model, source)
+    calib = calibration_dataset(model, calibration, config)
+    if validation.data is None and calib is not None and calib.source != "random":
+        validation = replace(validation, data=calibration, max_samples=validation.max_samples or calib.n_samples)
     data = prepare_validation(model, validation, config.seed) if validation.enabled else None
     candidates = find_candidates(model, config)
-    quantized, errors = quantize_weights(model, candidates, config, progress=progress)
+    q = _quantize(model, candidates, config, calib, progress)
+    candidates = q.candidates
     metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
-    compressed = encode_weights(model, quantized, metadata=metadata)
+    quantized = [r.quantized for r in q.results.values()]
+    compressed = encode_weights(model, quantized, metadata=metadata, constants=q.biases)
     notes = _fold_warnings(candidates)
+    if calib is not None and calib.source == "random":
+        notes.append("calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real")
+    if validation.enabled and validation.data is not None and validation.data is calibration:
+        notes.append("validated on the calibration samples: pass --validation-data for an unbiased measurement")
     written = _save_checked(compressed, model, target, notes)
     left = subgraph_initializer_count(model.graph)
     if left:
@@ -200,7 +275,10 @@ def compress(
             "ratio": original_bytes / compressed_bytes,
         },
         "pqf": pqf_sizes(model, candidates),
-        "layers": layer_rows(candidates, errors),
+        "calibration": _calibration_section(calib, q.stats),
+        "bias_corrected": sorted(q.biases),
+        "allocation": q.allocation,
+        "layers": layer_rows(candidates, {n: r.error for n, r in q.results.items()}),
         "subgraph_weights_left": left,
         "validation": None,
         "warnings": notes,

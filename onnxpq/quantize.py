@@ -1,30 +1,64 @@
-"""The quantization pass: cut each selected weight into subvectors and learn its codebook."""
+"""The quantization pass: cut each selected weight into subvectors and learn its codebook.
+
+Without calibration data a layer gets (annealed) k-means on its weights. With
+the layer's input statistics (``stats``) the codebook and codes are then
+refined to minimise the layer's output error, by the steps ``CompressConfig``
+selects (see ``output_aware``), and the mean output shift is returned so the
+caller can fold it into the bias.
+"""
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import helper
 from tqdm.auto import tqdm
 
+from onnxpq import output_aware
+from onnxpq.bias import BiasTarget, corrected_biases
+from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
-from onnxpq.encode import QuantizedWeight
-from onnxpq.graph import constant_tensors
-from onnxpq.kmeans import kmeans
+from onnxpq.encode import QuantizedWeight, replace_constants
+from onnxpq.graph import constant_tensors, display_name
+from onnxpq.kmeans import CONVERGED, Codebook, kmeans
+from onnxpq.layout import data_aware, unit_matrix, weight_from_units
 from onnxpq.selection import Candidate
+from onnxpq.stats import LayerStats, collect_stats
 
-__all__ = ["LayerError", "layer_rng", "quantize_weights"]
+__all__ = [
+    "LayerError",
+    "LayerResult",
+    "decoded_weight",
+    "layer_rng",
+    "quantize_layer",
+    "quantize_sequential",
+    "quantize_weights",
+]
 
 
 @dataclass(frozen=True)
 class LayerError:
-    """How far a decoded weight is from the original, as stored (fp16 codebook included)."""
+    """How far a decoded weight is from the original, as stored (fp16 codebook included).
+
+    ``output_rel`` is ‖X(W - Ŵ)‖² / ‖XW‖² on the calibration data, None without data.
+    """
 
     sqnr_db: float
     rel_l2: float
+    output_rel: float | None = None
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One quantized layer: its codebook, its error, and the mean output shift per unit (None if not computed)."""
+
+    quantized: QuantizedWeight
+    error: LayerError
+    shift: np.ndarray | None
 
 
 def layer_rng(seed: int, weight: str) -> np.random.Generator:
@@ -36,42 +70,157 @@ def layer_rng(seed: int, weight: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(weight.encode())])
 
 
-def weight_error(original: np.ndarray, decoded: np.ndarray) -> LayerError:
+def weight_error(original: np.ndarray, decoded: np.ndarray, output_rel: float | None = None) -> LayerError:
     """Signal-to-quantization-noise ratio of a weight, in dB, and its relative L2 error."""
     signal = float(np.sum(original.astype(np.float64) ** 2))
     noise = float(np.sum((original.astype(np.float64) - decoded) ** 2))
     if noise == 0.0:
-        return LayerError(float("inf"), 0.0)
+        return LayerError(float("inf"), 0.0, output_rel)
     if signal == 0.0:
-        return LayerError(float("-inf"), float("inf"))
-    return LayerError(10.0 * np.log10(signal / noise), float(np.sqrt(noise / signal)))
-
-
-def quantize_weight(array: np.ndarray, candidate: Candidate, config: CompressConfig) -> QuantizedWeight:
-    """k-means on the weight's contiguous d-blocks (the layout ``selection`` chose)."""
-    subvectors = array.astype(np.float32).reshape(-1, candidate.subvector_dim)
-    codebook = kmeans(
-        subvectors, candidate.n_codewords, n_iter=config.kmeans_iters, rng=layer_rng(config.seed, candidate.name)
-    )
-    return QuantizedWeight(candidate, codebook)
+        return LayerError(float("-inf"), float("inf"), output_rel)
+    return LayerError(10.0 * np.log10(signal / noise), float(np.sqrt(noise / signal)), output_rel)
 
 
 def decoded_weight(q: QuantizedWeight) -> np.ndarray:
     """The weight onnxruntime will see: fp16 codewords gathered by the codes, in the weight's shape."""
-    table = q.codebook.centroids.astype(np.float16).astype(np.float32)
-    return table[q.codebook.codes].reshape(q.candidate.shape)
+    return weight_from_units(_decoded_units(q.codebook), q.candidate)
+
+
+def _decoded_units(book: Codebook) -> np.ndarray:
+    table = book.centroids.astype(np.float16).astype(np.float32)
+    return table[book.codes]
+
+
+def _metric(stats: LayerStats, centred: bool) -> np.ndarray | None:
+    """The damped output metric H of a layer, or None when the layer saw no signal."""
+    h = stats.covariance() if centred else stats.hessian
+    if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
+        return None
+    return output_aware.damped(h)
+
+
+def _refine(units: np.ndarray, book: Codebook, h: np.ndarray, config: CompressConfig) -> Codebook:
+    """Move codes and codewords from the weight-space optimum towards the output-space one."""
+    d = book.centroids.shape[1]
+    centroids, codes = book.centroids.astype(np.float64), book.codes
+    if config.output_aware:
+        blocks = output_aware.block_diagonal(h, d)
+        for _ in range(config.kmeans_iters):
+            new_codes = output_aware.assign(units, centroids, blocks)
+            centroids = output_aware.update(units, new_codes, centroids, blocks)
+            changed = np.count_nonzero(new_codes != codes)
+            codes = new_codes
+            if changed <= CONVERGED * len(codes):
+                break
+    if config.error_feedback:
+        codes = output_aware.error_feedback(units, centroids, h)
+    if config.refit:
+        centroids = output_aware.refit(units, codes, centroids, h)
+    centroids = centroids.astype(np.float32)
+    inertia = float(np.sum((units.reshape(-1, d) - centroids[codes]).astype(np.float64) ** 2))
+    return Codebook(centroids=centroids, codes=codes, inertia=inertia)
+
+
+def quantize_layer(
+    array: np.ndarray,
+    candidate: Candidate,
+    config: CompressConfig,
+    stats: LayerStats | None = None,
+    *,
+    correct_bias: bool = False,
+) -> LayerResult:
+    """Quantize one weight; with ``stats``, minimise its output error and measure its mean output shift."""
+    units = unit_matrix(array, candidate)
+    d = candidate.subvector_dim
+    metric = _metric(stats, correct_bias) if stats is not None else None
+    rng = layer_rng(config.seed, candidate.name)
+    k, iters = candidate.n_codewords, config.kmeans_iters
+    book = kmeans(units.reshape(-1, d), k, n_iter=iters, rng=rng, anneal=config.anneal)
+    if metric is not None:
+        book = _refine(units, book, metric, config)
+    q = QuantizedWeight(candidate, book)
+    decoded = _decoded_units(book).reshape(units.shape)
+    output_rel = shift = None
+    if metric is not None:
+        noise = stats.covariance() if correct_bias else None
+        output_rel = output_aware.output_error(units, decoded, stats.hessian, noise)
+        if correct_bias:
+            shift = _mean_shift(units, decoded, stats)
+    return LayerResult(q, weight_error(array, weight_from_units(decoded, candidate), output_rel), shift)
+
+
+def _mean_shift(units: np.ndarray, decoded: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """Per unit, how much the mean output moved: (w - ŵ)·E[x]."""
+    diff = (units - decoded).astype(np.float64).reshape(stats.groups, -1, units.shape[1])
+    return np.einsum("gur,gr->gu", diff, stats.mean).ravel()
 
 
 def quantize_weights(
-    model: onnx.ModelProto, candidates: Sequence[Candidate], config: CompressConfig, *, progress: bool = True
-) -> tuple[list[QuantizedWeight], dict[str, LayerError]]:
-    """Quantize every compressible candidate; return the codebooks and each layer's weight error."""
+    model: onnx.ModelProto,
+    candidates: Sequence[Candidate],
+    config: CompressConfig,
+    *,
+    stats: Mapping[str, LayerStats] | None = None,
+    bias_weights: frozenset[str] = frozenset(),
+    progress: bool = True,
+) -> dict[str, LayerResult]:
+    """Quantize every compressible candidate, with its statistics when there are some."""
+    constants = constant_tensors(model.graph)
+    stats = stats or {}
+    todo = [c for c in candidates if c.compressed]
+    results = {}
+    for cand in tqdm(todo, desc="quantize", unit="layer", disable=not progress, leave=False):
+        correct = config.bias_correction and cand.name in bias_weights and cand.name in stats
+        array = constants[cand.name].to_array()
+        results[cand.name] = quantize_layer(array, cand, config, stats.get(cand.name), correct_bias=correct)
+    return results
+
+
+def _graph_order(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Candidates sorted by the position of the first node that reads them."""
+    position = {display_name(n, i): i for i, n in enumerate(model.graph.node)}
+    return sorted(candidates, key=lambda c: min(position.get(u.node, len(position)) for u in c.uses))
+
+
+def quantize_sequential(
+    model: onnx.ModelProto,
+    candidates: Sequence[Candidate],
+    config: CompressConfig,
+    calibration: Dataset,
+    targets: Mapping[str, BiasTarget],
+    *,
+    progress: bool = True,
+) -> dict[str, LayerResult]:
+    """GPTQ/BGD's sequential mode: each group of layers is calibrated on the model whose earlier layers are quantized.
+
+    The data-aware layers are split, in graph order, into ``config.sequential``
+    groups; before each group the statistics are collected again on a copy of
+    the model holding the decoded weights and corrected biases so far, so each
+    layer is fitted to the inputs it will really see. (Aiming each layer at the
+    original model's output instead, E[x x₀ᵀ] corrections as in GPTAQ, fitted the
+    calibration images better but generalised worse on MobileNetV2; not kept.)
+    """
     constants = constant_tensors(model.graph)
     todo = [c for c in candidates if c.compressed]
-    quantized, errors = [], {}
-    for cand in tqdm(todo, desc="quantize", unit="layer", disable=not progress, leave=False):
-        array = constants[cand.name].to_array()
-        q = quantize_weight(array, cand, config)
-        quantized.append(q)
-        errors[cand.name] = weight_error(array, decoded_weight(q))
-    return quantized, errors
+    ordered = _graph_order(model, [c for c in todo if data_aware(c)])
+    current = onnx.ModelProto()
+    current.CopyFrom(model)
+    results: dict[str, LayerResult] = {}
+    chunks = [list(part) for part in np.array_split(np.array(ordered, dtype=object), config.sequential) if len(part)]
+    for chunk in tqdm(chunks, desc="sequential", unit="group", disable=not progress, leave=False):
+        stats = collect_stats(current, chunk, calibration)
+        for c in chunk:
+            correct = config.bias_correction and c.name in targets and c.name in stats
+            results[c.name] = quantize_layer(
+                constants[c.name].to_array(), c, config, stats.get(c.name), correct_bias=correct
+            )
+        dense = {
+            c.name: decoded_weight(results[c.name].quantized).astype(helper.tensor_dtype_to_np_dtype(c.dtype))
+            for c in chunk
+        }
+        shifts = {c.name: results[c.name].shift for c in chunk if results[c.name].shift is not None}
+        replace_constants(current.graph, {**dense, **corrected_biases(current, targets, shifts)})
+    for c in todo:
+        if c.name not in results:
+            results[c.name] = quantize_layer(constants[c.name].to_array(), c, config)
+    return {c.name: results[c.name] for c in todo}

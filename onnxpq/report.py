@@ -102,11 +102,25 @@ def layer_rows(candidates: Sequence[Candidate], errors: Mapping[str, LayerError]
                 "bytes_pqf": layer_bits(c) / 8 if c.compressed else 4 * c.size,
                 "sqnr_db": None if err is None else _finite(err.sqnr_db),
                 "rel_l2": None if err is None else _finite(err.rel_l2),
+                "output_sqnr_db": _output_sqnr(err),
                 "skip_reason": c.skip_reason,
             }
         )
-    done = sorted((r for r in rows if r["skip_reason"] is None), key=lambda r: r["sqnr_db"] or 0.0)
+    done = sorted((r for r in rows if r["skip_reason"] is None), key=_badness)
     return done + [r for r in rows if r["skip_reason"] is not None]
+
+
+def _output_sqnr(err: LayerError | None) -> float | str | None:
+    """The layer's output SQNR on the calibration data, in dB: what a worst-first table should sort by."""
+    if err is None or err.output_rel is None:
+        return None
+    return _finite(float("inf") if err.output_rel <= 0 else -10.0 * math.log10(err.output_rel))
+
+
+def _badness(row: Mapping[str, Any]) -> float:
+    """Sort key, worst first: output SQNR when the layer had data, else weight SQNR."""
+    value = row["output_sqnr_db"] if row["output_sqnr_db"] is not None else row["sqnr_db"]
+    return float(value) if value is not None else 0.0
 
 
 def _finite(x: float) -> float | str:
@@ -141,13 +155,15 @@ def _size_lines(r: Mapping[str, Any]) -> list[str]:
 
 
 def _layer_lines(rows: Sequence[Mapping[str, Any]], limit: int) -> list[str]:
-    lines = [f"{'weight':40} {'op':13} {'shape':>20} {'k':>4} {'d':>3} {'KiB':>9} {'SQNR dB':>8}  note"]
+    head = f"{'weight':40} {'op':13} {'shape':>20} {'k':>4} {'d':>3} {'KiB':>9} {'SQNR dB':>8} {'out dB':>7}  note"
+    lines = [head]
     for row in rows[:limit]:
         shape = "x".join(str(s) for s in row["shape"])
         sqnr = row["sqnr_db"] if isinstance(row["sqnr_db"], float) else None
+        out = row["output_sqnr_db"] if isinstance(row["output_sqnr_db"], float) else None
         lines.append(
             f"{row['weight'][:40]:40} {row['op_type'][:13]:13} {shape:>20} {_fmt(row['k']):>4} {_fmt(row['d']):>3} "
-            f"{row['bytes_pqf'] / 1024:9.1f} {_fmt(sqnr, '.1f'):>8}  {row['skip_reason'] or ''}"
+            f"{row['bytes_pqf'] / 1024:9.1f} {_fmt(sqnr, '.1f'):>8} {_fmt(out, '.1f'):>7}  {row['skip_reason'] or ''}"
         )
     if len(rows) > limit:
         lines.append(f"... {len(rows) - limit} more rows in the JSON report")

@@ -13,7 +13,7 @@ import difflib
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from onnxpq.config import CompressConfig
 from onnxpq.errors import ConfigError
 from onnxpq.graph import ConstantTensor, constant_tensors, display_name
 
-__all__ = ["Candidate", "Use", "find_candidates"]
+__all__ = ["Candidate", "Use", "find_candidates", "variants"]
 
 #: Which input of each operator holds its weight.
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
@@ -34,11 +34,17 @@ ROW_DIM = {"small": 4, "large": 8}
 
 @dataclass(frozen=True)
 class Use:
-    """One node reading a weight: which node, its operator and which of its inputs."""
+    """One node reading a weight: which node, its operator and which of its inputs.
+
+    ``inputs_first`` is true when the node reduces over the weight's first axis
+    (MatMul's [K, N] weight, Gemm with transB=0): subvectors must then run down
+    that axis to stay along the inputs.
+    """
 
     node: str
     op_type: str
     input_index: int
+    inputs_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class Candidate:
     subvector_dim : d, or 0 when skipped.
     n_codewords : k after clamping, or 0 when skipped.
     skip_reason : why the weight stays in float; None when it is compressed.
+    strided : a 2-D [K, N] weight whose subvectors run along the K inputs: subvector
+        (j, n) holds rows j, j + K/d, j + 2K/d, ... of column n, which a Gather on
+        axis 1 of a [d, k] codebook followed by one Reshape rebuilds without a Transpose.
     """
 
     name: str
@@ -67,6 +76,7 @@ class Candidate:
     subvector_dim: int = 0
     n_codewords: int = 0
     skip_reason: str | None = None
+    strided: bool = False
 
     @property
     def size(self) -> int:
@@ -85,13 +95,15 @@ class Candidate:
         return tuple(u.node for u in self.uses)
 
 
-def _nearest_divisor(n: int, target: int) -> int:
+def _nearest_divisor(n: int, target: float) -> int:
     """The divisor of ``n`` closest to ``target``; ties go to the smaller one (more bits, safer)."""
-    divisors = [d for d in range(1, min(n, 4 * target) + 1) if n % d == 0]
+    divisors = [d for d in range(1, min(n, 4 * math.ceil(target)) + 1) if n % d == 0]
     return min(divisors, key=lambda d: (abs(d - target), d))
 
 
-def _layout(kind: str, shape: tuple[int, ...], config: CompressConfig) -> tuple[int, int, str | None]:
+def _layout(
+    kind: str, shape: tuple[int, ...], config: CompressConfig, *, strided: bool = False
+) -> tuple[int, int, str | None]:
     """(row_axes, subvector_dim, skip_reason) for a weight of this operator family and shape.
 
     1. Conv/ConvTranspose: rows are dim 0, the row is the flattened kernel slab (dim 1 onwards);
@@ -99,18 +111,20 @@ def _layout(kind: str, shape: tuple[int, ...], config: CompressConfig) -> tuple[
        about the same bits per weight by taking the divisor of the row closest to 9 or 18,
        never a whole big kernel as one subvector.
     2. Everything else: rows are all axes but the last, cut along the last, contiguous axis
-       (Gemm transB=1 and Gather rows cut along inputs; MatMul [K, N] along N) with d=4 or 8.
+       (Gemm transB=1 and Gather rows cut along inputs) with d=4 or 8.
+    3. Strided 2-D [K, N] weights (MatMul, Gemm transB=0): d divides K, subvectors along the inputs.
     """
     if len(shape) < 2:
         return 0, 0, "1-D tensor: per-channel vectors stay in float"
     conv = kind in ("Conv", "ConvTranspose")
-    row_axes = 1 if conv else len(shape) - 1
-    row = math.prod(shape[row_axes:])
+    row_axes = 1 if conv or strided else len(shape) - 1
+    row = shape[0] if strided else math.prod(shape[row_axes:])
     spatial = math.prod(shape[2:]) if conv else 1
     if config.subvector_dim is not None:
         d = config.subvector_dim
         if row % d:
-            return row_axes, 0, f"subvector_dim={d} does not divide the {row} weights of each row"
+            what = "inputs" if strided else "weights of each row"
+            return row_axes, 0, f"subvector_dim={d} does not divide the {row} {what}"
         return row_axes, d, None
     target = (KERNEL_DIM if spatial > 1 else ROW_DIM)[config.block_size]
     return row_axes, _nearest_divisor(row, target), None
@@ -129,15 +143,17 @@ def _uses(graph: onnx.GraphProto, constants: dict[str, ConstantTensor]) -> dict[
     for index, node in enumerate(graph.node):
         for i, name in enumerate(node.input):
             if name in constants:
-                uses.setdefault(name, []).append(Use(display_name(node, index), node.op_type, i))
+                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+                inputs_first = i == 1 and (node.op_type == "MatMul" or (node.op_type == "Gemm" and not trans_b))
+                uses.setdefault(name, []).append(Use(display_name(node, index), node.op_type, i, inputs_first))
     return uses
 
 
-def _family(uses: Sequence[Use]) -> str | None:
-    """The operator family that owns a weight: the first use where it is that operator's weight input."""
+def _owner(uses: Sequence[Use]) -> Use | None:
+    """The use that decides a weight's layout: the first where it is that operator's weight input."""
     for use in uses:
         if WEIGHT_INPUT.get(use.op_type) == use.input_index:
-            return use.op_type
+            return use
     return None
 
 
@@ -181,15 +197,17 @@ def _candidate(
     name: str,
     constant: ConstantTensor,
     uses: Sequence[Use],
-    family: str | None,
+    owner: Use | None,
     config: CompressConfig,
     first_conv: str | None,
 ) -> Candidate:
     tensor = constant.tensor
     shape = tuple(int(d) for d in tensor.dims)
+    family = owner.op_type if owner else None
     kind = family or "other"
+    strided = owner is not None and owner.inputs_first and len(shape) == 2
     reason = _skip_reason(family, uses, tensor.data_type, math.prod(shape), config, first_conv)
-    row_axes, d, layout_reason = _layout(kind, shape, config)
+    row_axes, d, layout_reason = _layout(kind, shape, config, strided=strided)
     reason = reason or layout_reason
     k = 0
     if reason is None:
@@ -200,7 +218,28 @@ def _candidate(
         reason = "contains NaN or Inf"
     if reason is not None:
         d, k = 0, 0
-    return Candidate(name, shape, tensor.data_type, tuple(uses), kind, row_axes, d, k, reason)
+    return Candidate(name, shape, tensor.data_type, tuple(uses), kind, row_axes, d, k, reason, strided)
+
+
+def variants(c: Candidate) -> list[Candidate]:
+    """Other layouts a bit allocator may give a compressed weight: about half and double its d, and d=1
+    (scalar k-means: 8 bits/weight, for the layers that need them).
+
+    The longest subvectors also come with k/2 ... k/16 codewords: on small layers
+    the fp16 codebook, not the indices, is what sets the size. Each variant keeps
+    ``selection``'s rules (d divides the row or the inputs, k clamped to n/4), so
+    any of them encodes without a Transpose.
+    """
+    row = c.shape[0] if c.strided else math.prod(c.shape[c.row_axes :])
+    dims = sorted(
+        {1, c.subvector_dim, _nearest_divisor(row, c.subvector_dim / 2), _nearest_divisor(row, 2 * c.subvector_dim)}
+    )
+    out = []
+    for d in dims:
+        k = _clamp_codewords(c.size // d, max(c.n_codewords, 2))
+        sizes = [k >> shift for shift in range(5)] if d == dims[-1] else [k]
+        out.extend(replace(c, subvector_dim=d, n_codewords=n) for n in sizes if n >= 2)
+    return out
 
 
 def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Candidate]:
@@ -217,11 +256,11 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
     first_conv = _first_conv(graph)
     candidates = []
     for name, uses in _uses(graph, constants).items():
-        family = _family(uses)
+        owner = _owner(uses)
         tensor = constants[name].tensor
-        if family is None:
+        if owner is None:
             large_float = tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) >= config.min_elements
             if not (config.all_op_types and large_float):
                 continue
-        candidates.append(_candidate(name, constants[name], uses, family, config, first_conv))
+        candidates.append(_candidate(name, constants[name], uses, owner, config, first_conv))
     return candidates

@@ -40,6 +40,9 @@ __all__ = [
     "file_bytes",
     "measure_latency_ms",
     "measure_load",
+    "run_model",
+    "run_session",
+    "session",
     "validate_compressed",
 ]
 
@@ -87,7 +90,11 @@ def session(
 
 def run_model(path: str | os.PathLike[str], dataset: Dataset, model: onnx.ModelProto) -> list[np.ndarray]:
     """All outputs over the dataset, concatenated along the sample axis."""
-    sess = session(path)
+    return run_session(session(path), dataset, model)
+
+
+def run_session(sess: ort.InferenceSession, dataset: Dataset, model: onnx.ModelProto) -> list[np.ndarray]:
+    """All outputs of an open session over the dataset, concatenated along the sample axis."""
     names = [o.name for o in sess.get_outputs()]
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for feed in batches(dataset, model):

@@ -22,13 +22,15 @@ NO_VALIDATION = ValidationSettings(enabled=False)
 def decoded_weights(original: onnx.ModelProto, compressed: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Decode every compressed weight in numpy, independently of onnxpq's own decode helper."""
     inits = {t.name: t for t in compressed.graph.initializer}
+    axes = {n.name: helper.get_node_attr_value(n, "axis") for n in compressed.graph.node if n.op_type == "Gather"}
     out = {}
     for t in original.graph.initializer:
         if pq_name(t.name, "codebook") in inits:
             table = numpy_helper.to_array(inits[pq_name(t.name, "codebook")]).astype(np.float32)
             idx = numpy_helper.to_array(inits[pq_name(t.name, "indices")]).astype(np.int64)
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-            out[t.name] = table[idx].reshape(tuple(t.dims)).astype(dtype)
+            gathered = np.take(table, idx, axis=axes[pq_name(t.name, "decode_gather")])
+            out[t.name] = gathered.reshape(tuple(t.dims)).astype(dtype)
     return out
 
 

@@ -1,0 +1,92 @@
+"""Bias correction: find where each layer's bias lives, and fold the quantization's mean output shift into it.
+
+Quantizing W shifts every output unit's mean by μᵀ(w - ŵ), μ being the mean
+input. A bias that only this layer reads can absorb that shift exactly, for
+free: it stays a float vector of the same size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxpq.graph import constant_tensors, display_name
+from onnxpq.selection import FLOAT_TYPES, Candidate
+
+__all__ = ["BiasTarget", "bias_targets", "corrected_biases"]
+
+
+@dataclass(frozen=True)
+class BiasTarget:
+    """The constant holding a layer's per-output bias, and what one unit of output shift is in its units."""
+
+    tensor: str
+    scale: float
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _target(
+    node: onnx.NodeProto, units: int, graph: onnx.GraphProto, readers: Mapping[str, list[onnx.NodeProto]]
+) -> BiasTarget | None:
+    """The bias of a Conv/Gemm node (input 2), or of the Add right after a MatMul."""
+    constants = constant_tensors(graph)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    name, scale = None, 1.0
+    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
+        name = node.input[2]
+        if node.op_type == "Gemm":
+            beta = float(attrs.get("beta", 1.0))
+            scale = float(attrs.get("alpha", 1.0)) / beta if beta else 0.0
+    elif node.op_type == "MatMul":
+        after = readers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add":
+            name = next((i for i in after[0].input if i != node.output[0]), None)
+    if name is None or name not in constants or len(readers.get(name, [])) != 1 or scale == 0.0:
+        return None
+    tensor = constants[name].tensor
+    dims = [int(d) for d in tensor.dims]
+    if tensor.data_type not in FLOAT_TYPES or int(np.prod(dims)) != units or (dims and dims[-1] != units):
+        return None
+    return BiasTarget(name, scale)
+
+
+def bias_targets(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[str, BiasTarget]:
+    """For each single-use Conv/Gemm/MatMul weight, the bias that can absorb its mean output shift."""
+    graph = model.graph
+    nodes = {display_name(n, i): n for i, n in enumerate(graph.node)}
+    readers = _readers(graph)
+    compressed = {c.name for c in candidates if c.compressed}
+    out = {}
+    for c in candidates:
+        if not c.compressed or len(c.uses) != 1 or c.uses[0].input_index != 1:
+            continue
+        units = c.shape[-1] if c.strided else c.shape[0]
+        target = _target(nodes[c.uses[0].node], units, graph, readers)
+        if target is not None and target.tensor not in compressed:
+            out[c.name] = target
+    return out
+
+
+def corrected_biases(
+    model: onnx.ModelProto, targets: Mapping[str, BiasTarget], shifts: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """New bias values: the old ones plus each layer's mean output shift, in the bias's own dtype and shape."""
+    constants = constant_tensors(model.graph)
+    out = {}
+    for weight, shift in shifts.items():
+        target = targets[weight]
+        old = constants[target.tensor].to_array()
+        new = old.astype(np.float64) + (shift * target.scale).reshape(old.shape)
+        out[target.tensor] = new.astype(old.dtype)
+    return out

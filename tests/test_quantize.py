@@ -1,0 +1,143 @@
+"""Data-aware compression end to end: calibration lowers the output error, bias correction restores the mean."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_model, rand, run
+from onnx import helper
+
+from onnxpq import CompressConfig, compress
+from onnxpq.bias import bias_targets
+from onnxpq.pipeline import ValidationSettings
+from onnxpq.selection import find_candidates
+
+NO_VALIDATION = ValidationSettings(enabled=False)
+
+
+def correlated_inputs(rng: np.random.Generator, n: int, width: int) -> np.ndarray:
+    """Inputs with a mean and channels of very unequal scale: where data-aware quantization matters."""
+    scales = rng.permutation(np.geomspace(3.0, 0.03, width))
+    return (rng.standard_normal((n, width)) * scales + 0.5).astype(np.float32)
+
+
+def gemm_model(rng: np.random.Generator, *, alpha: float = 1.0, beta: float = 1.0) -> onnx.ModelProto:
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], "fc", transB=1, alpha=alpha, beta=beta)]
+    return make_model(nodes, [("x", ["n", 64])], ["y"], {"w": rand(rng, 96, 64), "b": rand(rng, 96)})
+
+
+def matmul_add_model(rng: np.random.Generator) -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], "mm"), helper.make_node("Add", ["h", "b"], ["y"], "add")]
+    return make_model(nodes, [("x", ["n", 64])], ["y"], {"w": rand(rng, 64, 96), "b": rand(rng, 96)})
+
+
+def conv_bias_model(rng: np.random.Generator) -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], "conv", pads=[1, 1, 1, 1])]
+    return make_model(nodes, [("x", ["n", 16, 8, 8])], ["y"], {"w": rand(rng, 32, 16, 3, 3), "b": rand(rng, 32)})
+
+
+def _compress(model, tmp_path: Path, x: np.ndarray | None, name: str = "x", **config) -> onnx.ModelProto:
+    onnx.save(model, tmp_path / "in.onnx")
+    calibration = None
+    if x is not None:
+        np.savez(tmp_path / "calib.npz", **{name: x})
+        calibration = tmp_path / "calib.npz"
+    settings = {"min_elements": 1, "keep_first": False, "n_codewords": 16, **config}
+    out = tmp_path / "out.onnx"
+    compress(
+        tmp_path / "in.onnx",
+        out,
+        CompressConfig(**settings),
+        calibration=calibration,
+        validation=NO_VALIDATION,
+        force=True,
+    )
+    return onnx.load(out)
+
+
+def _output_error(model, compressed, feeds) -> float:
+    (ref,), (got,) = run(model, feeds), run(compressed, feeds)
+    return float(np.sum((ref - got) ** 2) / np.sum(ref**2))
+
+
+@pytest.mark.parametrize("build", [gemm_model, matmul_add_model])
+def test_calibration_lowers_the_output_error(tmp_path, rng, build):
+    model = build(rng)
+    x = correlated_inputs(rng, 512, 64)
+    free = _output_error(model, _compress(model, tmp_path, None), {"x": x})
+    aware = _output_error(model, _compress(model, tmp_path, x), {"x": x})
+    assert aware < 0.5 * free
+
+
+@pytest.mark.parametrize("build", [gemm_model, matmul_add_model, conv_bias_model])
+def test_bias_correction_restores_the_mean_output(tmp_path, rng, build):
+    model = build(rng)
+    shape = (256, 64) if build is not conv_bias_model else (64, 16, 8, 8)
+    x = rng.standard_normal(shape).astype(np.float32) + 2.0
+    (ref,) = run(model, {"x": x})
+    axes = (0,) if x.ndim == 2 else (0, 2, 3)
+    for correct in (False, True):
+        (got,) = run(_compress(model, tmp_path, x, bias_correction=correct), {"x": x})
+        shift = np.abs(ref.mean(axis=axes) - got.mean(axis=axes)).max()
+        if correct:
+            assert shift < 1e-3 * np.abs(ref).mean()
+        else:
+            assert shift > 1e-2 * np.abs(ref).mean()
+
+
+def test_gemm_bias_correction_accounts_for_alpha_and_beta(tmp_path, rng):
+    model = gemm_model(rng, alpha=0.5, beta=2.0)
+    x = rng.standard_normal((256, 64)).astype(np.float32) + 2.0
+    (ref,) = run(model, {"x": x})
+    (got,) = run(_compress(model, tmp_path, x), {"x": x})
+    assert np.abs(ref.mean(0) - got.mean(0)).max() < 1e-3 * np.abs(ref).mean()
+
+
+def test_bias_targets_skip_shared_and_missing_biases(rng):
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b"], ["h"], "fc1", transB=1),
+        helper.make_node("Gemm", ["h", "w2", "b"], ["y1"], "fc2", transB=1),
+        helper.make_node("MatMul", ["h", "w3"], ["y2"], "mm"),
+    ]
+    weights = {"w1": rand(rng, 64, 64), "w2": rand(rng, 64, 64), "b": rand(rng, 64), "w3": rand(rng, 64, 64)}
+    model = make_model(nodes, [("x", ["n", 64])], ["y1", "y2"], weights)
+    cands = find_candidates(model, CompressConfig(min_elements=1))
+    assert bias_targets(model, cands) == {}
+
+
+def test_sequential_mode_is_deterministic_and_not_worse(tmp_path, rng):
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], "fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], "fc2", transB=1),
+    ]
+    weights = {"w1": rand(rng, 64, 64), "b1": rand(rng, 64), "w2": rand(rng, 32, 64), "b2": rand(rng, 32)}
+    model = make_model(nodes, [("x", ["n", 64])], ["y"], weights)
+    x = correlated_inputs(rng, 512, 64)
+    once = _compress(model, tmp_path, x, sequential=2)
+    again = _compress(model, tmp_path, x, sequential=2)
+    assert once.SerializeToString() == again.SerializeToString()
+    plain = _compress(model, tmp_path, x)
+    assert _output_error(model, once, {"x": x}) <= 1.1 * _output_error(model, plain, {"x": x})
+
+
+def test_report_records_the_calibration_data(tmp_path, rng):
+    model = gemm_model(rng)
+    onnx.save(model, tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", x=correlated_inputs(rng, 100, 64))
+    result = compress(
+        tmp_path / "in.onnx",
+        tmp_path / "out.onnx",
+        CompressConfig(min_elements=1, keep_first=False, calibration_samples=40),
+        calibration=tmp_path / "calib.npz",
+        validation=ValidationSettings(measure=False),
+    )
+    section = result.report["calibration"]
+    assert section["samples"] == 40 and len(section["sha256"]) == 64 and section["layers_with_statistics"] == 1
+    assert result.report["bias_corrected"] == ["b"]
+    (row,) = [r for r in result.report["layers"] if r["skip_reason"] is None]
+    assert row["output_sqnr_db"] > row["sqnr_db"]
+    assert any("validated on the calibration samples" in w for w in result.report["warnings"])
