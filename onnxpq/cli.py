@@ -39,7 +39,12 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         "--nodes-to-exclude", nargs="+", default=[], metavar="REGEX", help="node-name patterns to keep in float"
     )
     sel.add_argument("--nodes-to-include", nargs="+", default=[], metavar="REGEX", help="compress only matching nodes")
-    sel.add_argument("--min-elements", type=int, default=4096, help="smaller weights stay in float (default 4096)")
+    sel.add_argument(
+        "--min-elements",
+        type=int,
+        default=None,
+        help="smaller weights stay in float (default 4096; 1024 with --target-bpw/--target-size)",
+    )
     sel.add_argument(
         "--keep-first",
         action=argparse.BooleanOptionalAction,
@@ -83,7 +88,7 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     )
     for flag, default, text in (
         ("output-aware", True, "assign and update codewords in each subvector's output metric"),
-        ("error-feedback", False, "GPTQ-style sequential assignment with error feedback"),
+        ("error-feedback", True, "GPTQ-style sequential assignment with error feedback"),
         ("refit", True, "exact least-squares codebook refit"),
         ("bias-correction", True, "fold the mean output shift into the bias"),
     ):
@@ -133,7 +138,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", type=Path, metavar="IN")
     p.add_argument("--op-types", nargs="+", default=list(OP_TYPES), metavar="OP")
-    p.add_argument("--min-elements", type=int, default=4096)
+    p.add_argument("--min-elements", type=int, default=None, help="default 4096")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -14,6 +14,10 @@ __all__ = ["OP_TYPES", "CompressConfig"]
 OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 
 BlockSize = Literal["small", "large"]
+#: Default smallest weight to compress; under a size budget smaller ones are offered to the allocator,
+#: which may keep them in float: on MobileNetV2 at 3 bits/weight that moved KL from 0.58 to 0.34.
+MIN_ELEMENTS = 4096
+MIN_ELEMENTS_BUDGET = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,7 +30,9 @@ class CompressConfig:
         float initializer (e.g. LSTM weights).
     nodes_to_exclude, nodes_to_include : regular expressions matched (``re.search``)
         against node names; a pattern that matches no node is an error.
-    min_elements : weights with fewer elements stay in float; codebooks would
+    min_elements : weights with fewer elements stay in float; None means 4096, or 1024 under a
+        size budget (the allocator then keeps any of them in float that is not worth its codebook);
+        codebooks would
         cost more than they save.
     keep_first : keep the first Conv (the one reading the image) in float, as PQF does.
     block_size : PQF's block sizes: ``small`` (d=9 for 3x3 kernels, 4 otherwise)
@@ -57,7 +63,7 @@ class CompressConfig:
     op_types: tuple[str, ...] = OP_TYPES
     nodes_to_exclude: tuple[str, ...] = ()
     nodes_to_include: tuple[str, ...] = ()
-    min_elements: int = 4096
+    min_elements: int | None = None
     keep_first: bool = True
     block_size: BlockSize = "small"
     subvector_dim: int | None = None
@@ -66,7 +72,7 @@ class CompressConfig:
     anneal: bool = False
     seed: int = 0
     output_aware: bool = True
-    error_feedback: bool = False
+    error_feedback: bool = True
     refit: bool = True
     bias_correction: bool = True
     calibration_samples: int = 512
@@ -85,7 +91,7 @@ class CompressConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"invalid node pattern {pattern!r}: {err}") from None
-        if self.min_elements < 1:
+        if self.min_elements is not None and self.min_elements < 1:
             raise ConfigError(f"min_elements={self.min_elements} must be >= 1")
         if self.block_size not in ("small", "large"):
             raise ConfigError(f"block_size={self.block_size!r} must be 'small' or 'large'")
@@ -105,6 +111,14 @@ class CompressConfig:
             raise ConfigError(f"sequential={self.sequential} must be >= 0")
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples={self.calibration_samples} must be >= 1")
+
+    @property
+    def min_size(self) -> int:
+        """The smallest weight considered for compression (``min_elements`` resolved)."""
+        if self.min_elements is not None:
+            return self.min_elements
+        budget = self.target_bpw is not None or self.target_mib is not None
+        return MIN_ELEMENTS_BUDGET if budget else MIN_ELEMENTS
 
     @property
     def all_op_types(self) -> bool:

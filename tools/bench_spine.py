@@ -30,18 +30,11 @@ from photos import crops  # noqa: E402
 from wheels import fetch_wheel  # noqa: E402
 
 
-def ocr_lines(width: int = 320) -> np.ndarray:
-    """Rendered text lines preprocessed as RapidOCR feeds its recognizer: height 48, [-1, 1], right-padded."""
-    from check_rapidocr import LINES, render
-    from PIL import Image
+def ocr_lines() -> np.ndarray:
+    """The first six evaluation lines, preprocessed as RapidOCR feeds its recognizer."""
+    from ocr_data import EVAL_LINES, preprocess, render
 
-    out = np.zeros((len(LINES), 3, 48, width), dtype=np.float32)
-    for i, text in enumerate(LINES):
-        image = Image.fromarray(render(text)[:, :, ::-1])
-        w = min(width, int(np.ceil(48 * image.width / image.height)))
-        line = np.asarray(image.resize((w, 48), Image.BILINEAR), dtype=np.float32) / 255.0
-        out[i, :, :, :w] = ((line - 0.5) / 0.5).transpose(2, 0, 1)
-    return out
+    return preprocess([render(t) for t in EVAL_LINES[:6]], width=320)
 
 
 def cases(work: Path) -> list[tuple[str, Path, CompressConfig, ValidationSettings]]:

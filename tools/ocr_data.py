@@ -111,6 +111,16 @@ def render(text: str, font: str = "DejaVu Sans", size: int = 32) -> np.ndarray:
     return np.asarray(image)
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: character errors for 1 - CER."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
 def preprocess(images: list[np.ndarray], width: int = 480) -> np.ndarray:
     """RapidOCR's recognizer input: height 48, aspect kept, [-1, 1], right-padded to ``width``."""
     out = np.zeros((len(images), 3, 48, width), dtype=np.float32)
