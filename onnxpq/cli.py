@@ -62,6 +62,13 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     q.add_argument("-k", "--n-codewords", type=int, default=256, help="codebook size (default 256)")
     q.add_argument("--kmeans-iters", type=int, default=20)
     q.add_argument("--anneal", action="store_true", help="PQF's annealed (stochastically relaxed) k-means")
+    q.add_argument(
+        "--permute",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="reorder channels so subvectors quantize better (PQF's P; no runtime cost; default off)",
+    )
+    q.add_argument("--permute-iters", type=int, default=2000, help="pair swaps tried per channel group")
     q.add_argument("--seed", type=int, default=0)
     _add_calibration_options(p)
     _add_validation_options(p, data_flag="--validation-data")
@@ -140,6 +147,12 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--op-types", nargs="+", default=list(OP_TYPES), metavar="OP")
     p.add_argument("--min-elements", type=int, default=None, help="default 4096")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--groups",
+        action="store_true",
+        help="list the permutable channel groups and check them: a random permutation of each must not "
+        "change the outputs (onnxruntime, synthetic inputs)",
+    )
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
@@ -196,6 +209,8 @@ def _compress(args: argparse.Namespace) -> int:
         kmeans_iters=args.kmeans_iters,
         anneal=args.anneal,
         seed=args.seed,
+        permute=args.permute,
+        permute_iters=args.permute_iters,
         output_aware=args.output_aware,
         error_feedback=args.error_feedback,
         refit=args.refit,
@@ -230,11 +245,35 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_groups(model) -> int:
+    import numpy as np
+
+    from onnxpq.calibration import random_dataset
+    from onnxpq.channels import find_groups
+    from onnxpq.permute import verify_groups
+
+    groups = find_groups(model)
+    print(f"{'group':>5} {'channels':>8} {'members':>7} {'consumers':>9}  origin / frozen because")
+    for i, g in enumerate(groups):
+        note = f"FROZEN: {g.frozen}" if g.frozen else g.origin
+        print(f"{i:>5} {g.size:>8} {len(g.members):>7} {len(g.consumers):>9}  {note}")
+    error = verify_groups(model, groups, random_dataset(model, 2, np.random.default_rng(0)), np.random.default_rng(1))
+    free = sum(not g.frozen for g in groups)
+    verdict = "equivalent" if error <= 1e-5 else "NOT EQUIVALENT (please report this model)"
+    print(
+        f"{free} of {len(groups)} groups free; random permutation of all: max relative difference {error:.2e}, "
+        f"{verdict}"
+    )
+    return 0 if error <= 1e-5 else 1
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from onnxpq.graph import load_model
     from onnxpq.report import layer_rows
     from onnxpq.selection import find_candidates
 
+    if args.groups:
+        return _inspect_groups(load_model(args.input))
     config = CompressConfig(op_types=tuple(args.op_types), min_elements=args.min_elements, keep_first=False)
     rows = layer_rows(find_candidates(load_model(args.input), config), {})
     if args.json:

@@ -42,6 +42,8 @@ class CompressConfig:
     kmeans_iters : Lloyd iterations after k-means++ initialisation.
     anneal : PQF's stochastic relaxation of k-means (noisy codewords, cooling to zero).
     seed : seeds every random choice; same seed and input give identical bytes.
+    permute : PQF's channel permutation before quantization (see ``permute``); free at run time.
+    permute_iters : pair swaps tried per channel group.
 
     With calibration data (see ``stats``) these choose how the output error
     ‖X(W - Ŵ)‖² is minimised; without data they are ignored:
@@ -71,6 +73,8 @@ class CompressConfig:
     kmeans_iters: int = 20
     anneal: bool = False
     seed: int = 0
+    permute: bool = False
+    permute_iters: int = 2000
     output_aware: bool = True
     error_feedback: bool = True
     refit: bool = True
@@ -107,6 +111,8 @@ class CompressConfig:
             raise ConfigError(f"target_bpw={self.target_bpw} must be in (0, 32] bits per weight")
         if self.target_mib is not None and self.target_mib <= 0:
             raise ConfigError(f"target_mib={self.target_mib} must be positive")
+        if self.permute_iters < 0:
+            raise ConfigError(f"permute_iters={self.permute_iters} must be >= 0")
         if self.sequential < 0:
             raise ConfigError(f"sequential={self.sequential} must be >= 0")
         if self.calibration_samples < 1:

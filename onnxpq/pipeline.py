@@ -18,6 +18,7 @@ from onnxpq.config import CompressConfig
 from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
 from onnxpq.errors import ConfigError, InputModelError, UnsupportedGraphError, ValidationFailedError
 from onnxpq.graph import check_output_path, load_model, save_model, subgraph_initializer_count
+from onnxpq.permute import permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import layer_rows, pqf_sizes, sha256_file, versions, write_json
 from onnxpq.selection import Candidate, find_candidates
@@ -249,6 +250,12 @@ def compress(
         validation = replace(validation, data=calibration, max_samples=validation.max_samples or calib.n_samples)
     data = prepare_validation(model, validation, config.seed) if validation.enabled else None
     candidates = find_candidates(model, config)
+    permutation = None
+    if config.permute:
+        # Same names and shapes afterwards: the candidates stay valid, only the values move.
+        model, permutation = permute_model(
+            model, candidates, iters=config.permute_iters, seed=config.seed, progress=progress
+        )
     q = _quantize(model, candidates, config, calib, progress)
     candidates = q.candidates
     metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
@@ -276,6 +283,7 @@ def compress(
         },
         "pqf": pqf_sizes(model, candidates),
         "calibration": _calibration_section(calib, q.stats),
+        "permutation": permutation,
         "bias_corrected": sorted(q.biases),
         "allocation": q.allocation,
         "layers": layer_rows(candidates, {n: r.error for n, r in q.results.items()}),
