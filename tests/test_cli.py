@@ -205,3 +205,16 @@ def test_bundled_mnist_passes_accuracy_gate(tmp_path, capsys):
     assert report["files"]["ratio"] >= 15
     assert 0.98 * 1.5 <= report["pqf"]["bits_per_weight_all_parameters"] <= 1.5
     assert report["validation"]["gate"]["failure"] is None
+
+
+def test_inspect_groups_lists_and_checks_the_channel_groups(capsys):
+    assert cli("inspect", ROOT / "models/mnist_cnn.onnx", "--groups") == 0
+    out = capsys.readouterr().out
+    assert "4 of 5 groups free" in out and "equivalent" in out and "FROZEN: graph output logits" in out
+
+
+def test_compress_with_permute_reports_the_search(tmp_path):
+    out = tmp_path / "out.onnx"
+    assert cli("compress", ROOT / "models/mnist_cnn.onnx", out, "--permute", "--no-validate") == 0
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
+    assert report["permutation"]["free"] == 4 and report["config"]["permute"] is True
