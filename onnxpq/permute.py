@@ -238,15 +238,20 @@ def permute_model(
     perms, rows = {}, []
     free = [(i, g) for i, g in enumerate(groups) if not g.frozen]
     for i, g in tqdm(free, desc="permute", unit="group", disable=not progress, leave=False):
-        consumers = [
-            c
+        searched = [
+            (m.tensor, c)
             for m in g.consumers
             if m.tensor in by_name and (c := _consumer(m, g, by_name[m.tensor], values[m.tensor])) is not None
         ]
+        consumers = [c for _, c in searched]
         row = {"group": i, "origin": g.origin, "channels": g.size, "members": sorted({m.tensor for m in g.members})}
         if consumers:
             found = search_group(consumers, g.size, iters, np.random.default_rng([seed, i]))
-            row |= {"consumers": len(consumers), "objective_before": found.before, "objective_after": found.after}
+            row |= {
+                "consumers": sorted({name for name, _ in searched}),
+                "objective_before": found.before,
+                "objective_after": found.after,
+            }
             if found.after < found.before:
                 perms[i] = found.perm
         rows.append(row)

@@ -61,7 +61,7 @@ def layer_table(model_path: Path) -> dict:
     error = verify_groups(model, groups, random_dataset(model, 2, np.random.default_rng(0)), np.random.default_rng(1))
     before = _sqnr({n: c.to_array() for n, c in constant_tensors(model.graph).items()}, candidates, config)
     after = _sqnr({n: c.to_array() for n, c in constant_tensors(permuted.graph).items()}, candidates, config)
-    consumers = {m for row in report["rows"] if row.get("consumers") for m in row["members"]}
+    consumers = {name for row in report["rows"] for name in row.get("consumers", [])}
     rows = [
         {"weight": c.name, "shape": list(c.shape), "d": c.subvector_dim, "k": c.n_codewords,
          "consumer": c.name in consumers, "sqnr_before": before[c.name], "sqnr_after": after[c.name]}
