@@ -107,8 +107,33 @@ def int8_model(src: Path, dst: Path) -> float:
     """onnxruntime's quantize_dynamic (int8, per channel); bits/weight from the file size."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = onnx.load(str(src))
+    if any(n.op_type == "Constant" for n in model.graph.node):
+        # quantize_dynamic only quantizes initializers (paddle2onnx keeps weights in Constant nodes).
+        staged = dst.with_name(dst.stem + "_inits.onnx")
+        onnx.save(constants_to_initializers(model), str(staged))
+        src = staged
     quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8)
     return dst.stat().st_size * 8 / parameters(src)
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with every Constant(value=tensor) node turned into an initializer."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = []
+    for node in out.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None:
+            keep.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        out.graph.initializer.append(tensor)
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    return out
 
 
 class Task:
