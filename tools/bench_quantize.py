@@ -339,6 +339,8 @@ def markdown(results: dict[str, list[dict]], commands: dict[str, str]) -> str:
         "Bits/weight count every float parameter (PQF's accounting: log2(k)-bit indices, fp16 codebooks,",
         "everything else 32-bit); for onnxruntime's int8 model it is the file size over the parameters.",
         "No fine-tuning anywhere. Calibration data never overlaps the evaluation data (see the tool's docstring).",
+        "Seconds are wall time of one compression; these runs shared the 2 cores with other benchmarks, so",
+        "uncontended runs are faster (MobileNetV2 defaults: about 80 s alone).",
     ]
     for model, rows in results.items():
         keys = [k for k in rows[0] if k not in ("method", "bpw_all", "file_mib", "seconds", "target_bpw")]
