@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpq.graph import constant_tensors, display_name
+from onnxpq.graph import ConstantTensor, constant_tensors, display_name
 from onnxpq.selection import FLOAT_TYPES, Candidate
 
 __all__ = ["BiasTarget", "bias_targets", "corrected_biases"]
@@ -37,10 +37,12 @@ def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def _target(
-    node: onnx.NodeProto, units: int, graph: onnx.GraphProto, readers: Mapping[str, list[onnx.NodeProto]]
+    node: onnx.NodeProto,
+    units: int,
+    constants: Mapping[str, ConstantTensor],
+    readers: Mapping[str, list[onnx.NodeProto]],
 ) -> BiasTarget | None:
     """The bias of a Conv/Gemm node (input 2), or of the Add right after a MatMul."""
-    constants = constant_tensors(graph)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     name, scale = None, 1.0
     if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
@@ -66,13 +68,14 @@ def bias_targets(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dic
     graph = model.graph
     nodes = {display_name(n, i): n for i, n in enumerate(graph.node)}
     readers = _readers(graph)
+    constants = constant_tensors(graph)
     compressed = {c.name for c in candidates if c.compressed}
     out = {}
     for c in candidates:
         if not c.compressed or len(c.uses) != 1 or c.uses[0].input_index != 1:
             continue
         units = c.shape[-1] if c.strided else c.shape[0]
-        target = _target(nodes[c.uses[0].node], units, graph, readers)
+        target = _target(nodes[c.uses[0].node], units, constants, readers)
         if target is not None and target.tensor not in compressed:
             out[c.name] = target
     return out

@@ -113,7 +113,9 @@ def calibration_dataset(model: onnx.ModelProto, source: Any, config: CompressCon
 
 
 def validation_dataset(model: onnx.ModelProto, settings: ValidationSettings, seed: int) -> Dataset:
-    """The user's samples, or synthetic ones from the declared input shapes."""
+    """The user's samples (already loaded, or to load), or synthetic ones from the declared input shapes."""
+    if isinstance(settings.data, Dataset):
+        return settings.data.head(settings.max_samples) if settings.max_samples else settings.data
     if settings.data is None or settings.data == "random":
         return random_dataset(model, settings.max_samples or SYNTHETIC_SAMPLES, np.random.default_rng(seed))
     return load_dataset(settings.data, model, max_samples=settings.max_samples)
@@ -208,7 +210,7 @@ def _quantize(
         allocation = {"budget_bits": found.budget_bits, "sensitivity": found.sensitivity}
         targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
     if config.sequential and calib is not None:
-        results = quantize_sequential(model, candidates, config, calib, targets, progress=progress)
+        results = quantize_sequential(model, candidates, config, calib, targets, first_stats=stats, progress=progress)
     else:
         results = quantize_weights(
             model, candidates, config, stats=stats, bias_weights=frozenset(targets), progress=progress
@@ -247,7 +249,8 @@ def compress(
     _refuse_recompress(model, source)
     calib = calibration_dataset(model, calibration, config)
     if validation.data is None and calib is not None and calib.source != "random":
-        validation = replace(validation, data=calibration, max_samples=validation.max_samples or calib.n_samples)
+        # The samples already in memory: a reader or generator could not be read a second time anyway.
+        validation = replace(validation, data=calib)
     data = prepare_validation(model, validation, config.seed) if validation.enabled else None
     candidates = find_candidates(model, config)
     permutation = None
@@ -264,7 +267,7 @@ def compress(
     notes = _fold_warnings(candidates)
     if calib is not None and calib.source == "random":
         notes.append("calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real")
-    if validation.enabled and validation.data is not None and validation.data is calibration:
+    if validation.enabled and validation.data is not None and validation.data is calib:
         notes.append("validated on the calibration samples: pass --validation-data for an unbiased measurement")
     written = _save_checked(compressed, model, target, notes)
     left = subgraph_initializer_count(model.graph)

@@ -189,6 +189,7 @@ def quantize_sequential(
     calibration: Dataset,
     targets: Mapping[str, BiasTarget],
     *,
+    first_stats: Mapping[str, LayerStats] | None = None,
     progress: bool = True,
 ) -> dict[str, LayerResult]:
     """GPTQ/BGD's sequential mode: each group of layers is calibrated on the model whose earlier layers are quantized.
@@ -199,28 +200,26 @@ def quantize_sequential(
     layer is fitted to the inputs it will really see. (Aiming each layer at the
     original model's output instead, E[x x₀ᵀ] corrections as in GPTAQ, fitted the
     calibration images better but generalised worse on MobileNetV2; not kept.)
+    ``first_stats``, statistics already collected on the original model, spare the first pass.
     """
-    constants = constant_tensors(model.graph)
     todo = [c for c in candidates if c.compressed]
     ordered = _graph_order(model, [c for c in todo if data_aware(c)])
     current = onnx.ModelProto()
     current.CopyFrom(model)
     results: dict[str, LayerResult] = {}
     chunks = [list(part) for part in np.array_split(np.array(ordered, dtype=object), config.sequential) if len(part)]
-    for chunk in tqdm(chunks, desc="sequential", unit="group", disable=not progress, leave=False):
-        stats = collect_stats(current, chunk, calibration)
-        for c in chunk:
-            correct = config.bias_correction and c.name in targets and c.name in stats
-            results[c.name] = quantize_layer(
-                constants[c.name].to_array(), c, config, stats.get(c.name), correct_bias=correct
-            )
+    for index, chunk in enumerate(tqdm(chunks, desc="sequential", unit="group", disable=not progress, leave=False)):
+        # Nothing is quantized before the first group: the statistics of the original model hold for it.
+        stats = first_stats if index == 0 and first_stats is not None else collect_stats(current, chunk, calibration)
+        # A group's own weights are still the original ones in ``current``.
+        done = quantize_weights(current, chunk, config, stats=stats, bias_weights=frozenset(targets), progress=False)
+        results.update(done)
         dense = {
-            c.name: decoded_weight(results[c.name].quantized).astype(helper.tensor_dtype_to_np_dtype(c.dtype))
+            c.name: decoded_weight(done[c.name].quantized).astype(helper.tensor_dtype_to_np_dtype(c.dtype))
             for c in chunk
         }
-        shifts = {c.name: results[c.name].shift for c in chunk if results[c.name].shift is not None}
+        shifts = {name: r.shift for name, r in done.items() if r.shift is not None}
         replace_constants(current.graph, {**dense, **corrected_biases(current, targets, shifts)})
-    for c in todo:
-        if c.name not in results:
-            results[c.name] = quantize_layer(constants[c.name].to_array(), c, config)
+    rest = [c for c in todo if c.name not in results]
+    results.update(quantize_weights(model, rest, config, progress=False))
     return {c.name: results[c.name] for c in todo}

@@ -141,3 +141,20 @@ def test_report_records_the_calibration_data(tmp_path, rng):
     (row,) = [r for r in result.report["layers"] if r["skip_reason"] is None]
     assert row["output_sqnr_db"] > row["sqnr_db"]
     assert any("validated on the calibration samples" in w for w in result.report["warnings"])
+
+
+def test_a_one_shot_calibration_generator_also_serves_validation(tmp_path, rng):
+    """Validation falls back to the calibration samples already read, not to a second read of the source."""
+    model = gemm_model(rng)
+    onnx.save(model, tmp_path / "in.onnx")
+    x = correlated_inputs(rng, 24, 64)
+    feeds = ({"x": x[i : i + 8]} for i in range(0, 24, 8))
+    result = compress(
+        tmp_path / "in.onnx",
+        tmp_path / "out.onnx",
+        CompressConfig(min_elements=1, keep_first=False),
+        calibration=feeds,
+        validation=ValidationSettings(measure=False),
+    )
+    assert result.report["calibration"]["samples"] == 24
+    assert result.report["validation"]["n_samples"] == 24
