@@ -24,8 +24,8 @@ from onnxpq.config import CompressConfig
 from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError
 from onnxpq.quantize import LayerResult, decoded_weight, quantize_layer
-from onnxpq.report import layer_bits
-from onnxpq.selection import FLOAT_TYPES, Candidate, variants
+from onnxpq.report import float_parameters, layer_bits
+from onnxpq.selection import Candidate, variants
 from onnxpq.stats import LayerStats
 
 __all__ = ["Allocation", "Option", "allocate_bits", "budget_bits", "choose", "sensitivities"]
@@ -58,23 +58,16 @@ def budget_bits(
     target_mib: float | None = None,
 ) -> float:
     """Bits left for the compressible layers once every other float parameter is counted at 32 bits."""
-    from onnxpq.graph import constant_tensors
-
-    total = sum(
-        math.prod(t.tensor.dims) for t in constant_tensors(model.graph).values() if t.tensor.data_type in FLOAT_TYPES
-    )
+    total = float_parameters(model)
     budget = target_bpw * total if target_bpw is not None else float(target_mib) * 8 * 2**20
     fixed = 32 * (total - sum(c.size for c in candidates if c.compressed))
     return budget - fixed
 
 
-def _infeasible(
-    model: onnx.ModelProto, candidates: Sequence[Candidate], config: CompressConfig, budget: float, smallest: float
-) -> str:
+def _infeasible(model: onnx.ModelProto, config: CompressConfig, budget: float, smallest: float) -> str:
     """Say how small this model can get, in the unit the user asked in."""
     if config.target_bpw is not None:
-        floor = budget_bits(model, candidates, target_bpw=1.0) - budget_bits(model, candidates, target_bpw=0.0)
-        least = config.target_bpw + (smallest - budget) / floor
+        least = config.target_bpw + (smallest - budget) / float_parameters(model)
         return (
             f"--target-bpw {config.target_bpw} is below the smallest size this model reaches, {least:.3f} bits/weight"
         )
@@ -225,7 +218,7 @@ def allocate_bits(
     budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
     smallest = sum(min(o.bits for o in opts) for opts in options.values())
     if smallest > budget:
-        raise ConfigError(_infeasible(model, candidates, config, budget, smallest))
+        raise ConfigError(_infeasible(model, config, budget, smallest))
     chosen = choose(options, budget)
     final = [chosen[c.name].candidate if c.name in chosen else c for c in candidates]
     return Allocation(final, budget, sens)

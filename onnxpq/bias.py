@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpq.graph import ConstantTensor, constant_tensors, display_name
+from onnxpq.graph import ConstantTensor, constant_tensors, display_name, readers
 from onnxpq.selection import FLOAT_TYPES, Candidate
 
 __all__ = ["BiasTarget", "bias_targets", "corrected_biases"]
@@ -28,19 +28,11 @@ class BiasTarget:
     scale: float
 
 
-def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return readers
-
-
 def _target(
     node: onnx.NodeProto,
     units: int,
     constants: Mapping[str, ConstantTensor],
-    readers: Mapping[str, list[onnx.NodeProto]],
+    by_tensor: Mapping[str, list[onnx.NodeProto]],
 ) -> BiasTarget | None:
     """The bias of a Conv/Gemm node (input 2), or of the Add right after a MatMul."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -51,10 +43,10 @@ def _target(
             beta = float(attrs.get("beta", 1.0))
             scale = float(attrs.get("alpha", 1.0)) / beta if beta else 0.0
     elif node.op_type == "MatMul":
-        after = readers.get(node.output[0], [])
+        after = by_tensor.get(node.output[0], [])
         if len(after) == 1 and after[0].op_type == "Add":
             name = next((i for i in after[0].input if i != node.output[0]), None)
-    if name is None or name not in constants or len(readers.get(name, [])) != 1 or scale == 0.0:
+    if name is None or name not in constants or len(by_tensor.get(name, [])) != 1 or scale == 0.0:
         return None
     tensor = constants[name].tensor
     dims = [int(d) for d in tensor.dims]
@@ -67,7 +59,7 @@ def bias_targets(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dic
     """For each single-use Conv/Gemm/MatMul weight, the bias that can absorb its mean output shift."""
     graph = model.graph
     nodes = {display_name(n, i): n for i, n in enumerate(graph.node)}
-    readers = _readers(graph)
+    by_tensor = readers(graph)
     constants = constant_tensors(graph)
     compressed = {c.name for c in candidates if c.compressed}
     out = {}
@@ -75,7 +67,7 @@ def bias_targets(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dic
         if not c.compressed or len(c.uses) != 1 or c.uses[0].input_index != 1:
             continue
         units = c.shape[-1] if c.strided else c.shape[0]
-        target = _target(nodes[c.uses[0].node], units, constants, readers)
+        target = _target(nodes[c.uses[0].node], units, constants, by_tensor)
         if target is not None and target.tensor not in compressed:
             out[c.name] = target
     return out

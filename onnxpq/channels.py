@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpq.graph import constant_tensors, display_name
+from onnxpq.graph import constant_tensors, display_name, readers
 
 __all__ = ["ChannelGroup", "Member", "Segment", "find_groups"]
 
@@ -429,13 +429,10 @@ def find_groups(model: onnx.ModelProto) -> list[ChannelGroup]:
         w.freeze_tensor(out.name, f"graph output {out.name}")
     for name in _subgraph_reads(graph):
         w.freeze_tensor(name, f"read inside an If/Loop/Scan body: {name}")
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for i in node.input:
-            readers[i] = readers.get(i, 0) + 1
+    by_tensor = readers(graph)
     groups = w.spaces.result()
     for g in groups:
-        shared = sorted({m.tensor for m in g.members if readers.get(m.tensor, 0) > 1})
+        shared = sorted({m.tensor for m in g.members if len(by_tensor.get(m.tensor, [])) > 1})
         if shared and not g.frozen:
             g.frozen = f"constant {shared[0]} is shared with other nodes"
         if not g.frozen and not g.consumers:

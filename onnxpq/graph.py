@@ -31,6 +31,7 @@ __all__ = [
     "display_name",
     "load_model",
     "opset_version",
+    "readers",
     "save_model",
     "subgraph_initializer_count",
 ]
@@ -239,6 +240,15 @@ def _byte_size(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except (ValueError, OverflowError):
         return PROTOBUF_LIMIT
+
+
+def readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """For each tensor name, the nodes of the main graph that read it, in graph order."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
 
 
 def constant_foldable_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

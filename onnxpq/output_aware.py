@@ -89,14 +89,19 @@ def _block_systems(codes: np.ndarray, blocks: np.ndarray, n_units: int, k: int) 
     return (counts @ blocks.reshape(g * p, d * d)).reshape(k, d, d)
 
 
-def _solve(systems: np.ndarray, rhs: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """Batched solve of systems @ c = rhs, keeping ``fallback`` for codewords no subvector uses."""
+def _used_systems(systems: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of codewords some subvector uses, their systems with a 1e-9 relative ridge so each is invertible)."""
     d = systems.shape[-1]
     scale = np.trace(systems, axis1=1, axis2=2) / d
     used = scale > 0
+    return used, systems[used] + 1e-9 * scale[used, None, None] * np.eye(d)
+
+
+def _solve(systems: np.ndarray, rhs: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Batched solve of systems @ c = rhs, keeping ``fallback`` for codewords no subvector uses."""
+    used, regular = _used_systems(systems)
     out = fallback.astype(np.float64).copy()
-    ridge = 1e-9 * scale[used, None, None] * np.eye(d)
-    out[used] = np.linalg.solve(systems[used] + ridge, rhs[used][..., None])[..., 0]
+    out[used] = np.linalg.solve(regular, rhs[used][..., None])[..., 0]
     return out
 
 
@@ -147,10 +152,9 @@ def refit(
 
     blocks = block_diagonal(h, d)
     systems = _block_systems(codes, blocks, n, k)
-    scale = np.trace(systems, axis1=1, axis2=2) / d
+    used, regular = _used_systems(systems)
     inv = np.zeros_like(systems)
-    used = scale > 0
-    inv[used] = np.linalg.inv(systems[used] + 1e-9 * scale[used, None, None] * np.eye(d))
+    inv[used] = np.linalg.inv(regular)
 
     x = centroids.astype(np.float64).copy()
     b = _scatter(_apply_h(w, h).reshape(-1, d), codes, k)

@@ -25,6 +25,7 @@ from onnxpq.selection import FLOAT_TYPES, Candidate
 from onnxpq.version import __version__
 
 __all__ = [
+    "float_parameters",
     "format_table",
     "layer_rows",
     "pqf_sizes",
@@ -64,11 +65,15 @@ def layer_bits(c: Candidate) -> int:
     return c.n_subvectors * _index_bits(c.n_codewords) + c.n_codewords * c.subvector_dim * 16
 
 
+def float_parameters(model: onnx.ModelProto) -> int:
+    """Number of float parameters in the main graph: what bits/weight is counted over."""
+    constants = constant_tensors(model.graph).values()
+    return sum(math.prod(t.tensor.dims) for t in constants if t.tensor.data_type in FLOAT_TYPES)
+
+
 def pqf_sizes(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[str, float]:
     """Sizes as PQF counts them: every float parameter at 32 bits unless compressed."""
-    total = sum(
-        math.prod(t.tensor.dims) for t in constant_tensors(model.graph).values() if t.tensor.data_type in FLOAT_TYPES
-    )
+    total = float_parameters(model)
     done = [c for c in candidates if c.compressed]
     compressed_params = sum(c.size for c in done)
     compressed_bits = sum(layer_bits(c) for c in done)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -41,7 +40,7 @@ from onnx import numpy_helper
 from onnxpq import CompressConfig, compress
 from onnxpq.graph import constant_tensors
 from onnxpq.pipeline import ValidationSettings
-from onnxpq.report import versions
+from onnxpq.report import float_parameters, versions
 from onnxpq.selection import find_candidates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,8 +77,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def parameters(model_path: Path) -> int:
-    model = onnx.load(str(model_path))
-    return sum(math.prod(t.tensor.dims) for t in constant_tensors(model.graph).values() if t.tensor.data_type == 1)
+    return float_parameters(onnx.load(str(model_path)))
 
 
 def rtn_model(src: Path, dst: Path, bits: int) -> float:
