@@ -36,7 +36,7 @@ PASS_THROUGH = {
     "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
     "Softsign", "Clip", "Gelu", "Erf", "Mish", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Floor", "Ceil",
     "Round", "Sign", "Identity", "Dropout", "Cast", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
-    "GlobalMaxPool", "GlobalLpPool", "Resize", "Upsample", "Sin", "Cos", "Pow",
+    "GlobalMaxPool", "GlobalLpPool", "Resize", "Upsample", "Sin", "Cos",
 }  # fmt: skip
 #: Operators that read a tracked tensor without caring about its channel order.
 ORDER_FREE = {"Shape", "Size"}

@@ -168,3 +168,26 @@ def test_bundled_mnist_groups_verify():
     assert sum(not g.frozen for g in groups) == 4
     x = np.load(ROOT / "models/mnist_calib.npz")["input"][:8]
     assert verify_groups(model, groups, Dataset({"input": x}, "mnist"), np.random.default_rng(0)) <= 1e-5
+
+
+def test_a_per_channel_exponent_is_permuted_with_its_channels(rng):
+    """Pow's exponent is an operand like Mul's scale: a per-channel one must follow the permutation."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], "c1"),
+        helper.make_node("Sigmoid", ["a"], ["s"], "sig"),
+        helper.make_node("Pow", ["s", "e"], ["p"], "pow"),
+        helper.make_node("Conv", ["p", "w2"], ["y"], "c2"),
+    ]
+    weights = {
+        "w1": rng.standard_normal((6, 3, 1, 1)).astype(np.float32),
+        "e": rng.uniform(0.5, 3.0, (1, 6, 1, 1)).astype(np.float32),
+        "w2": rng.standard_normal((4, 6, 1, 1)).astype(np.float32),
+    }
+    model = make_model(nodes, [("x", [2, 3, 5, 5])], ["y"], weights)
+    groups = find_groups(model)
+    (free,) = [g for g in groups if not g.frozen]
+    assert "e" in {m.tensor for m in free.members}
+    assert (
+        verify_groups(model, groups, Dataset({"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)}, "t"), rng)
+        <= 1e-5
+    )
