@@ -139,7 +139,7 @@ def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Genera
     sample = x if len(x) <= sample_size else x[np.sort(rng.choice(len(x), sample_size, replace=False))]
     centroids = kmeans_plusplus(sample, n_clusters, rng)
     codes, dist = assign(x, centroids)
-    spread = x.std(axis=0)
+    spread = x.std(axis=0) if anneal else None  # only the annealing noise needs it
     for step in range(n_iter):
         means, counts = _update(x, codes, n_clusters)
         centroids = _reseed_empty(x, means, counts, dist)
