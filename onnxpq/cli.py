@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from onnxpq.calibration import RandomInputs, parse_shapes
-from onnxpq.config import OP_TYPES, CompressConfig
+from onnxpq.config import DEFAULT_FINETUNE_STEPS, LOSSES, OP_TYPES, CompressConfig, FinetuneConfig
 from onnxpq.errors import ConfigError, OnnxpqError, ValidationFailedError
 from onnxpq.version import __version__
 
@@ -110,6 +110,43 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     size = c.add_mutually_exclusive_group()
     size.add_argument("--target-bpw", type=float, default=None, help="choose per-layer settings to meet B bits/weight")
     size.add_argument("--target-size", type=float, default=None, metavar="MIB", help="... or a size in MiB")
+    _add_finetune_options(p)
+
+
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    f = p.add_argument_group("fine-tuning (distillation from the original on the calibration data; needs torch)")
+    f.add_argument(
+        "--finetune",
+        action="store_true",
+        help=f"tune codebooks, biases and norms (default {DEFAULT_FINETUNE_STEPS} steps)",
+    )
+    f.add_argument("--finetune-steps", type=int, default=None, metavar="N", help="optimiser steps (implies --finetune)")
+    f.add_argument(
+        "--finetune-time",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time budget (implies --finetune); the output then depends on the machine's speed",
+    )
+    f.add_argument("--finetune-batch", type=int, default=16, metavar="N", help="samples per step (default 16)")
+    f.add_argument(
+        "--finetune-lr", type=float, default=3e-4, metavar="LR", help="peak Adam learning rate (default 3e-4)"
+    )
+    f.add_argument("--finetune-loss", choices=LOSSES, default="auto", help="distillation loss (default: per output)")
+    f.add_argument(
+        "--finetune-features",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="also match every compressed layer's output to the original's, with weight W (default 0: off)",
+    )
+    f.add_argument(
+        "--calibration-labels",
+        type=Path,
+        default=None,
+        metavar="NPY",
+        help="class labels aligned with --calibration-data: adds cross-entropy to the distillation",
+    )
 
 
 def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str) -> None:
@@ -193,6 +230,19 @@ def _settings(args: argparse.Namespace, enabled: bool = True):
     )
 
 
+def _finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
+    if not (args.finetune or args.finetune_steps or args.finetune_time):
+        return None
+    return FinetuneConfig(
+        steps=args.finetune_steps,
+        time_s=args.finetune_time,
+        batch_size=args.finetune_batch,
+        lr=args.finetune_lr,
+        loss=args.finetune_loss,
+        features=args.finetune_features,
+    )
+
+
 def _compress(args: argparse.Namespace) -> int:
     from onnxpq.pipeline import compress
     from onnxpq.report import format_table
@@ -219,6 +269,7 @@ def _compress(args: argparse.Namespace) -> int:
         sequential=args.sequential,
         target_bpw=args.target_bpw,
         target_mib=args.target_size,
+        finetune=_finetune_config(args),
     )
     calibration = args.calibration_data
     if args.calibration_shapes:
@@ -231,6 +282,7 @@ def _compress(args: argparse.Namespace) -> int:
             args.output,
             config,
             calibration=calibration,
+            calibration_labels=args.calibration_labels,
             validation=_settings(args, not args.no_validate),
             force=args.force,
             report_path=args.report,

@@ -21,12 +21,22 @@ import onnx
 
 from onnxpq.calibration import Dataset
 from onnxpq.channels import ChannelGroup, Member, find_groups
+from onnxpq.config import CompressConfig
 from onnxpq.encode import replace_constants
 from onnxpq.graph import constant_tensors
 from onnxpq.layout import data_aware, input_order, unit_matrix
+from onnxpq.quantize import quantize_layer
 from onnxpq.selection import Candidate
 
-__all__ = ["GroupSearch", "apply_permutations", "permute_model", "permuted_member", "search_group", "verify_groups"]
+__all__ = [
+    "GroupSearch",
+    "apply_permutations",
+    "consumer_distortion",
+    "permute_model",
+    "permuted_member",
+    "search_group",
+    "verify_groups",
+]
 
 
 def permuted_member(array: np.ndarray, member: Member, perm: np.ndarray) -> np.ndarray:
@@ -261,3 +271,30 @@ def permute_model(
             frozen[g.frozen] = frozen.get(g.frozen, 0) + 1
     report = {"groups": len(groups), "free": len(free), "permuted": len(perms), "rows": rows, "frozen": frozen}
     return apply_permutations(model, groups, perms), report
+
+
+def _subvector_set(weight: np.ndarray, c: Candidate) -> np.ndarray:
+    """The weight's subvectors in a canonical (sorted) order: equal when only their order differs."""
+    sub = unit_matrix(weight, c).reshape(-1, c.subvector_dim)
+    return sub[np.lexsort(sub.T[::-1])]
+
+
+def consumer_distortion(
+    original: onnx.ModelProto, permuted: onnx.ModelProto, candidates: Sequence[Candidate], config: CompressConfig
+) -> dict[str, dict[str, float]]:
+    """Data-free k-means SQNR (dB) of each consumer weight, without and with the permutation.
+
+    Consumers are the weights whose subvectors the permutation regroups (the
+    others only have their rows reordered). Same k, d and seed on both sides, so
+    the difference is the permutation's alone; the search's objective is only a
+    proxy for this distortion.
+    """
+    before, after = constant_tensors(original.graph), constant_tensors(permuted.graph)
+    out = {}
+    for c in candidates:
+        old, new = before[c.name].to_array(), after[c.name].to_array()
+        if not c.compressed or np.array_equal(_subvector_set(old, c), _subvector_set(new, c)):
+            continue
+        without, with_ = (quantize_layer(w, c, config).error.sqnr_db for w in (old, new))
+        out[c.name] = {"sqnr_without_db": without, "sqnr_with_db": with_}
+    return out

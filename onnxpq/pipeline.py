@@ -17,8 +17,9 @@ from onnxpq.calibration import Dataset, RandomInputs, load_dataset, random_datas
 from onnxpq.config import CompressConfig
 from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
 from onnxpq.errors import ConfigError, InputModelError, UnsupportedGraphError, ValidationFailedError
+from onnxpq.finetune import finetune
 from onnxpq.graph import check_output_path, load_model, save_model, subgraph_initializer_count
-from onnxpq.permute import permute_model
+from onnxpq.permute import consumer_distortion, permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import layer_rows, pqf_sizes, sha256_file, versions, write_json
 from onnxpq.selection import Candidate, find_candidates
@@ -121,21 +122,49 @@ def validation_dataset(model: onnx.ModelProto, settings: ValidationSettings, see
     return load_dataset(settings.data, model, max_samples=settings.max_samples)
 
 
-def _labels(settings: ValidationSettings, n_samples: int) -> np.ndarray | None:
-    if settings.labels is None:
+def _load_labels(
+    labels: str | os.PathLike[str] | np.ndarray | None,
+    n_samples: int,
+    *,
+    limit: int | None = None,
+    of: str = "calibration",
+) -> np.ndarray | None:
+    """Class labels from an array or ``.npy``, cut to ``limit`` and checked against the sample count."""
+    if labels is None:
         return None
-    labels = settings.labels
     if not isinstance(labels, np.ndarray):
         path = Path(labels)
         if not path.is_file():
             raise ConfigError(f"{path}: labels file not found")
         labels = np.load(path, allow_pickle=False)
     labels = np.asarray(labels)
-    if settings.max_samples:
-        labels = labels[: settings.max_samples]
+    if limit is not None:
+        labels = labels[:limit]
     if len(labels) != n_samples:
-        raise ConfigError(f"{len(labels)} labels for {n_samples} validation samples")
+        raise ConfigError(f"{len(labels)} labels for {n_samples} {of} samples")
     return labels
+
+
+def _finetune(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    calib: Dataset,
+    config: CompressConfig,
+    labels: np.ndarray | None,
+    notes: list[str],
+    progress: bool,
+) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    """Distil, or keep the untuned model with a warning when the torch executor cannot run the graph."""
+    if calib.source == "random":
+        notes.append("fine-tuned on synthetic random inputs: the tuned model may fit noise, not your data")
+    try:
+        result = finetune(
+            original, compressed, calib, config.finetune, seed=config.seed, labels=labels, progress=progress
+        )
+    except UnsupportedGraphError as err:
+        notes.append(f"fine-tuning skipped, the model is saved untuned: {err}")
+        return compressed, None
+    return result.model, result.report
 
 
 def prepare_validation(
@@ -143,7 +172,7 @@ def prepare_validation(
 ) -> tuple[Dataset, np.ndarray | None]:
     """Read and check the validation samples and labels, before any work, so bad data fails fast."""
     dataset = validation_dataset(model, settings, seed)
-    return dataset, _labels(settings, dataset.n_samples)
+    return dataset, _load_labels(settings.labels, dataset.n_samples, limit=settings.max_samples, of="validation")
 
 
 def run_validation(
@@ -225,6 +254,7 @@ def compress(
     config: CompressConfig | None = None,
     *,
     calibration: str | os.PathLike[str] | Any | None = None,
+    calibration_labels: str | os.PathLike[str] | np.ndarray | None = None,
     validation: ValidationSettings | None = None,
     force: bool = False,
     report_path: str | os.PathLike[str] | None = None,
@@ -234,7 +264,9 @@ def compress(
 
     ``calibration`` (a path, reader or iterable of feeds; ``"random"`` for
     synthetic inputs) makes the quantizer minimise each layer's output error on
-    those samples; without it the quantization is data-free. Validation uses
+    those samples; without it the quantization is data-free. With
+    ``config.finetune`` the same samples distil the original into the compressed
+    model (``calibration_labels`` add a cross-entropy term). Validation uses
     ``validation.data``, or the calibration samples when none is given.
 
     The input is never modified. The output (and its ``.report.json``) is
@@ -248,6 +280,12 @@ def compress(
     model = load_model(source)
     _refuse_recompress(model, source)
     calib = calibration_dataset(model, calibration, config)
+    if calib is None and (config.finetune is not None or calibration_labels is not None):
+        raise ConfigError("fine-tuning and calibration labels need calibration samples: pass --calibration-data")
+    # Labels for the whole file are fine: the samples may have been cut to --calibration-samples.
+    tune_labels = (
+        _load_labels(calibration_labels, calib.n_samples, limit=calib.n_samples) if calib is not None else None
+    )
     if validation.data is None and calib is not None and calib.source != "random":
         # The samples already in memory: a reader or generator could not be read a second time anyway.
         validation = replace(validation, data=calib)
@@ -256,15 +294,20 @@ def compress(
     permutation = None
     if config.permute:
         # Same names and shapes afterwards: the candidates stay valid, only the values move.
+        unpermuted = model
         model, permutation = permute_model(
             model, candidates, iters=config.permute_iters, seed=config.seed, progress=progress
         )
+        permutation["consumer_distortion"] = consumer_distortion(unpermuted, model, candidates, config)
     q = _quantize(model, candidates, config, calib, progress)
     candidates = q.candidates
     metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
     quantized = [r.quantized for r in q.results.values()]
     compressed = encode_weights(model, quantized, metadata=metadata, constants=q.biases)
     notes = _fold_warnings(candidates)
+    tuned = None
+    if config.finetune is not None:
+        compressed, tuned = _finetune(model, compressed, calib, config, tune_labels, notes, progress)
     if calib is not None and calib.source == "random":
         notes.append("calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real")
     if validation.enabled and validation.data is not None and validation.data is calib:
@@ -289,6 +332,7 @@ def compress(
         "permutation": permutation,
         "bias_corrected": sorted(q.biases),
         "allocation": q.allocation,
+        "finetune": tuned,
         "layers": layer_rows(candidates, {n: r.error for n, r in q.results.items()}),
         "subgraph_weights_left": left,
         "validation": None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from conftest import make_model, run
 from onnx import helper
 
@@ -68,7 +69,12 @@ def test_correlated_channels_are_brought_together_and_quantize_better(tmp_path, 
         sqnr[permute] = next(r["sqnr_db"] for r in result.report["layers"] if r["weight"] == "w2")
         if permute:
             assert result.report["permutation"]["permuted"] == 1
+            distortion = result.report["permutation"]["consumer_distortion"]
     assert sqnr[True] > sqnr[False] + 3.0
+    # The report's own with/without measurement: only the consumer, whose subvectors changed, is listed.
+    assert list(distortion) == ["w2"]
+    assert distortion["w2"]["sqnr_with_db"] == pytest.approx(sqnr[True])
+    assert distortion["w2"]["sqnr_without_db"] == pytest.approx(sqnr[False])
 
 
 def test_permuted_model_is_equivalent_before_quantization(rng):

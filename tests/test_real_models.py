@@ -87,3 +87,24 @@ def test_minilm_channel_groups_verify(tmp_path):
     rng = np.random.default_rng(0)
     feed = {"input_ids": rng.integers(0, 30000, (2, 12)), "attention_mask": np.ones((2, 12), dtype=np.int64)}
     _verify_channels(onnx.load(src), feed, min_free=6)
+
+
+def test_ppocr_rec_finetune_writes_constant_nodes(tmp_path):
+    """Fine-tuning a model whose weights live in Constant nodes: BatchNorm statistics and tuned values land there."""
+    pytest.importorskip("torch")
+    from ocr_data import calibration_lines
+    from wheels import fetch_wheel
+
+    src = fetch_wheel("rapidocr-onnxruntime") / "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
+    np.savez(tmp_path / "lines.npz", x=calibration_lines(24))
+    report = _compress(
+        src, tmp_path / "rec.onnx", "--calibration-data", str(tmp_path / "lines.npz"), "--finetune-steps", "4",
+        "--finetune-batch", "4", "--no-validate",
+    )  # fmt: skip
+    tuned = report["finetune"]
+    assert tuned["loss_kinds"] == {"softmax_2.tmp_0": "kl-probs"} or set(tuned["loss_kinds"].values()) == {"kl-probs"}
+    assert tuned["batchnorm_recalibrated"] == 6 and tuned["loss_exported"] <= tuned["loss_start"] * 1.01
+    untuned = _compress(
+        src, tmp_path / "plain.onnx", "--calibration-data", str(tmp_path / "lines.npz"), "--no-validate"
+    )
+    assert report["output"]["bytes"] == pytest.approx(untuned["output"]["bytes"], rel=0.01)  # same size

@@ -1,0 +1,445 @@
+"""Fine-tune a compressed model by distillation from the original: PQF's F step, without labels.
+
+With the codes fixed, the codebooks, biases, normalisation parameters and the
+layers left in float are trained so the compressed model reproduces the
+original's outputs on the calibration samples. Each codeword's gradient is the
+sum over the subvectors that use it (``index_select`` in the executor does
+that). The teacher is the original model run by onnxruntime, once, up front.
+
+Rules, in order:
+
+1. A slice of the calibration samples (``holdout``) is never trained on; the
+   step with the lowest held-out loss (step 0, the untuned model, included) is
+   the one exported, so tuning cannot make the held-out loss worse.
+2. Trained values are cast back to their ONNX types (fp16 codebooks rounded),
+   and the held-out loss is measured again after rounding.
+3. Only values change: the exported graph has the same nodes, names and size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpq.calibration import Dataset, input_specs
+from onnxpq.config import FinetuneConfig
+from onnxpq.encode import replace_constants
+from onnxpq.errors import ConfigError, UnsupportedGraphError
+from onnxpq.graph import constant_tensors, readers
+from onnxpq.validate import run_session, session
+
+try:  # The ``finetune`` extra; compression works without it.
+    import torch
+    import torch.nn.functional as F
+
+    from onnxpq.executor import OnnxModule
+except ImportError:  # pragma: no cover - exercised only without torch
+    torch = None
+
+__all__ = ["FinetuneResult", "finetune", "loss_kinds", "trainable_constants"]
+
+#: Inputs of these ops that hold statistics, not parameters: re-estimated, never trained.
+_STATISTICS = {"BatchNormalization": (3, 4)}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+_PROBABILITY_OPS = {"Softmax"}
+#: Share of the budget spent warming the learning rate up from zero (Adam's first steps are its largest).
+_WARMUP = 0.05
+#: Row sums within this of 1 (and no negatives) make an output a probability distribution.
+_SUM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """The tuned model and what the tuning did, for the report."""
+
+    model: onnx.ModelProto
+    report: dict[str, Any]
+
+
+def _require_torch() -> None:
+    if torch is None:
+        raise ConfigError("fine-tuning needs torch: pip install 'onnxpq[finetune]' (CPU: torch==2.13.0)")
+
+
+def trainable_constants(model: onnx.ModelProto) -> list[str]:
+    """Float constants of two or more values that a node reads, except normalisation statistics.
+
+    That covers codebooks, biases, norm scales and shifts, per-channel constants
+    and the weights left in float. Scalars (epsilons, the 6 of a ReLU6) stay fixed.
+    """
+    graph = model.graph
+    consumers = readers(graph)
+    statistics = {
+        node.input[i] for node in graph.node for i in _STATISTICS.get(node.op_type, ()) if i < len(node.input)
+    }
+    return sorted(
+        name
+        for name, const in constant_tensors(graph).items()
+        if const.tensor.data_type in _FLOAT_TYPES
+        and math.prod(const.tensor.dims) >= 2
+        and name in consumers
+        and name not in statistics
+    )
+
+
+def _is_distribution(model: onnx.ModelProto, name: str, teacher: np.ndarray) -> bool:
+    producer = next((n for n in model.graph.node if name in n.output), None)
+    if producer is not None and producer.op_type in _PROBABILITY_OPS:
+        return True
+    sums = teacher.sum(axis=-1)
+    return teacher.ndim >= 2 and bool(teacher.min() >= 0) and bool(np.all(np.abs(sums - 1) < _SUM_TOLERANCE))
+
+
+def _is_unit_norm(teacher: np.ndarray) -> bool:
+    norms = np.linalg.norm(teacher.reshape(-1, teacher.shape[-1]), axis=-1) if teacher.ndim else np.zeros(1)
+    return teacher.ndim >= 2 and teacher.shape[-1] > 1 and bool(np.all(np.abs(norms - 1) < _SUM_TOLERANCE))
+
+
+def loss_kinds(model: onnx.ModelProto, teacher: Sequence[np.ndarray], choice: str = "auto") -> list[str | None]:
+    """Per graph output: ``kl-probs``, ``kl-logits``, ``cosine``, ``mse`` or None (not float: ignored).
+
+    ``auto`` reads the output: a Softmax (or rows of non-negative values summing
+    to 1) is a distribution; unit-norm rows are an embedding; a [samples, classes]
+    float output is logits; anything else (feature maps, boxes) gets the MSE.
+    """
+    kinds: list[str | None] = []
+    for out, values in zip(model.graph.output, teacher, strict=True):
+        if not np.issubdtype(values.dtype, np.floating):
+            kinds.append(None)
+        elif choice == "kl" or (choice == "auto" and _is_distribution(model, out.name, values)):
+            kinds.append("kl-probs" if _is_distribution(model, out.name, values) else "kl-logits")
+        elif choice == "cosine" or (choice == "auto" and _is_unit_norm(values)):
+            kinds.append("cosine")
+        elif choice == "auto" and values.ndim == 2 and values.shape[-1] > 1:
+            kinds.append("kl-logits")
+        else:
+            kinds.append("mse")
+    if not any(kinds):
+        raise UnsupportedGraphError("no floating-point output to distil: fine-tuning has nothing to match")
+    return kinds
+
+
+def _term(kind: str, student: torch.Tensor, teacher: torch.Tensor, scale: float) -> torch.Tensor:
+    """One output's distillation loss, normalised so each output counts about equally."""
+    if kind == "kl-probs":
+        log_s = torch.log(student.clamp_min(1e-12))
+        return (teacher * (torch.log(teacher.clamp_min(1e-12)) - log_s)).sum(-1).mean()
+    if kind == "kl-logits":
+        return (
+            F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
+            .sum(-1)
+            .mean()
+        )
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    return (student - teacher).square().mean() / scale
+
+
+def _label_term(kind: str, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    log_p = torch.log(student.clamp_min(1e-12)) if kind == "kl-probs" else F.log_softmax(student, -1)
+    return F.nll_loss(log_p.reshape(-1, log_p.shape[-1]), labels.reshape(-1))
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """Teacher outputs and labels as tensors, with the loss kind and scale per output."""
+
+    outputs: list[torch.Tensor | None]
+    kinds: list[str | None]
+    scales: list[float]
+    labels: torch.Tensor | None
+
+    def loss(self, student: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(())
+        for s, t, kind, scale in zip(student, self.outputs, self.kinds, self.scales, strict=True):
+            if kind is not None:
+                total = total + _term(kind, s.float(), t[index].to(s.device), scale)
+        if self.labels is not None:
+            first = next(i for i, k in enumerate(self.kinds) if k in ("kl-probs", "kl-logits"))
+            total = total + _label_term(
+                self.kinds[first], student[first].float(), self.labels[index].to(student[0].device)
+            )
+        return total
+
+
+def _targets(
+    model: onnx.ModelProto, teacher: list[np.ndarray], choice: str, labels: np.ndarray | None, train: np.ndarray
+) -> _Targets:
+    kinds = loss_kinds(model, teacher, choice)
+    if labels is not None and not any(k in ("kl-probs", "kl-logits") for k in kinds):
+        raise ConfigError("labels given, but no output looks like class scores (logits or probabilities)")
+    scales = [float(np.var(t[train])) or 1.0 if k == "mse" else 1.0 for t, k in zip(teacher, kinds, strict=True)]
+    outputs = [torch.from_numpy(t).float() if k else None for t, k in zip(teacher, kinds, strict=True)]
+    tensor_labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
+    return _Targets(outputs, kinds, scales, tensor_labels)
+
+
+def _micro_batch(model: onnx.ModelProto, batch_size: int) -> int:
+    """Samples per forward pass: the declared batch when the model fixes it, else the whole step."""
+    fixed = [s.shape[0] for s in input_specs(model) if s.fixed_batch]
+    return min(fixed) if fixed else batch_size
+
+
+class _Runner:
+    """Runs a module over index sets of the dataset in micro-batches."""
+
+    def __init__(self, module: OnnxModule, dataset: Dataset, micro: int, device: torch.device) -> None:
+        self.module, self.micro, self.device = module, micro, device
+        self.inputs = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in dataset.arrays.items()}
+
+    def chunks(self, index: np.ndarray) -> list[torch.Tensor]:
+        return [torch.from_numpy(index[i : i + self.micro]) for i in range(0, len(index), self.micro)]
+
+    def forward(self, index: torch.Tensor, outputs: Sequence[str] | None = None) -> list[torch.Tensor]:
+        feeds = {n: a[index].to(self.device) for n, a in self.inputs.items() if n in self.module.input_names}
+        return self.module(outputs, **feeds)
+
+    def mean_loss(self, targets: _Targets, index: np.ndarray) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for chunk in self.chunks(index):
+                total += float(targets.loss(self.forward(chunk), chunk)) * len(chunk)
+        return total / len(index)
+
+
+@dataclass(frozen=True)
+class _FeatureMatch:
+    """Pull each compressed layer's output towards the original's: relative squared error, averaged."""
+
+    teacher: _Runner
+    names: list[str]
+    weight: float
+
+    def loss(self, student: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            targets = self.teacher.forward(index, self.names)
+        terms = [
+            (s - t).square().sum() / t.square().sum().clamp_min(1e-12) for s, t in zip(student, targets, strict=True)
+        ]
+        return self.weight * torch.stack(terms).mean()
+
+
+def _layer_outputs(model: onnx.ModelProto) -> list[str]:
+    """The outputs of the nodes that read a decoded weight: where quantization error enters."""
+    decoded = {n.removesuffix("_pq_codebook") for n in constant_tensors(model.graph) if n.endswith("_pq_codebook")}
+    return [n.output[0] for n in model.graph.node if any(i in decoded for i in n.input)]
+
+
+def _moments(runner: _Runner, names: list[str], index: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel mean and variance of the named tensors (axis 1) over the samples."""
+    sums = [0.0] * len(names)
+    squares = [0.0] * len(names)
+    count = [0] * len(names)
+    with torch.no_grad():
+        for chunk in runner.chunks(index):
+            for i, x in enumerate(runner.forward(chunk, names)):
+                dims = [d for d in range(x.dim()) if d != 1]
+                x = x.double()
+                sums[i] = sums[i] + x.sum(dims)
+                squares[i] = squares[i] + x.square().sum(dims)
+                count[i] += x.numel() // x.shape[1]
+    out = []
+    for s, q, n in zip(sums, squares, count, strict=True):
+        mean = s / n
+        out.append((mean.cpu().numpy(), (q / n - mean.square()).clamp_min(0).cpu().numpy()))
+    return out
+
+
+def _recalibrated_statistics(
+    student: _Runner, teacher: _Runner, model: onnx.ModelProto, index: np.ndarray
+) -> dict[str, np.ndarray]:
+    """New BatchNorm running statistics under which the compressed model normalises as the original did.
+
+    The same samples go through both models. With the input's statistics m, v
+    (original: m_t, v_t; compressed: m_s, v_s) and r = sqrt(v_s / v_t), choosing
+    sigma' = r * sigma and mu' = m_s - r * (m_t - mu) gives the compressed
+    model's normalised values exactly the per-channel mean and variance the
+    original's have. Only the shift is taken from the calibration data, so the
+    original's training-set statistics survive narrow calibration data.
+    """
+    constants = constant_tensors(model.graph)
+    nodes = [
+        n
+        for n in model.graph.node
+        if n.op_type == "BatchNormalization" and n.input[3] in constants and n.input[4] in constants
+    ]
+    if not nodes:
+        return {}
+    names = [n.input[0] for n in nodes]
+    ours, theirs = _moments(student, names, index), _moments(teacher, names, index)
+    new = {}
+    for node, (m_s, v_s), (m_t, v_t) in zip(nodes, ours, theirs, strict=True):
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        mean, var = constants[node.input[3]].to_array(), constants[node.input[4]].to_array()
+        ratio = np.sqrt(np.where(v_t > 1e-12, v_s / np.maximum(v_t, 1e-12), 1.0))
+        new[node.input[3]] = (m_s - ratio * (m_t - mean)).astype(mean.dtype)
+        new[node.input[4]] = np.maximum(ratio**2 * (var + eps) - eps, 0).astype(var.dtype)
+    return new
+
+
+def _split(n: int, holdout: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(n)
+    n_hold = round(holdout * n) if n >= 2 else 0
+    train, held = order[n_hold:], order[:n_hold]
+    if not len(train):
+        raise ConfigError(f"{n} calibration sample(s) leave none to train on after the held-out slice")
+    return np.sort(train), np.sort(held)
+
+
+def _schedule_fraction(step: int, elapsed: float, config: FinetuneConfig) -> float:
+    """How far through the budget we are: steps or seconds, whichever is further along."""
+    done = [step / config.max_steps] if config.max_steps else []
+    if config.time_s is not None:
+        done.append(elapsed / config.time_s)
+    return max(done)
+
+
+def _learning_rate(fraction: float) -> float:
+    """Multiplier of the base rate: linear warm-up, then cosine decay to zero at the end of the budget."""
+    if fraction < _WARMUP:
+        return fraction / _WARMUP
+    return 0.5 * (1 + math.cos(math.pi * (fraction - _WARMUP) / (1 - _WARMUP)))
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def finetune(
+    original: onnx.ModelProto,
+    compressed: onnx.ModelProto,
+    dataset: Dataset,
+    config: FinetuneConfig,
+    *,
+    seed: int = 0,
+    labels: np.ndarray | None = None,
+    progress: bool = False,
+) -> FinetuneResult:
+    """Tune ``compressed`` so its outputs match ``original``'s on ``dataset``; returns a new model.
+
+    ``labels`` (class indices aligned with the samples) add a cross-entropy term
+    on the first class-score output. Raises ``UnsupportedGraphError`` when the
+    executor cannot run the graph, so callers can keep the untuned model.
+    """
+    _require_torch()
+    if labels is not None and len(labels) != dataset.n_samples:
+        raise ConfigError(f"{len(labels)} labels for {dataset.n_samples} calibration samples")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = _device()
+    names = trainable_constants(compressed)
+    student = OnnxModule(compressed, names).to(device)
+    micro = _micro_batch(compressed, config.batch_size)
+    teacher_out = run_session(session(original.SerializeToString()), dataset, original)
+    train, held = _split(dataset.n_samples, config.holdout, rng)
+    targets = _targets(compressed, teacher_out, config.loss, labels, train)
+    runner = _Runner(student, dataset, micro, device)
+    statistics = {}
+    teacher = _Runner(OnnxModule(original).to(device), dataset, micro, device)
+    features = _FeatureMatch(teacher, _layer_outputs(compressed), config.features) if config.features else None
+    if config.recalibrate_bn:
+        statistics = _recalibrated_statistics(runner, teacher, compressed, train)
+        for name, value in statistics.items():
+            student.set_constant(name, value)
+    history = _train(runner, targets, features, train, held, config, rng, progress)
+    tuned, history["loss_exported"] = _export(runner, history.pop("best_state"), targets, held if len(held) else train)
+    out = onnx.ModelProto()
+    out.CopyFrom(compressed)
+    replace_constants(out.graph, {**tuned, **statistics})
+    report = {
+        "device": str(device),
+        "samples": {"train": len(train), "holdout": len(held)},
+        "loss_kinds": dict(zip([o.name for o in compressed.graph.output], targets.kinds, strict=True)),
+        "trainable": {"tensors": len(names), "values": int(sum(p.numel() for p in student.params))},
+        "batchnorm_recalibrated": len(statistics) // 2,
+        "seconds": time.perf_counter() - started,
+        **history,
+    }
+    return FinetuneResult(out, report)
+
+
+def _export(
+    runner: _Runner, state: list[torch.Tensor], targets: _Targets, index: np.ndarray
+) -> tuple[dict[str, np.ndarray], float]:
+    """The chosen step's constants in their ONNX types, and the loss measured with those rounded values."""
+    module = runner.module
+    with torch.no_grad():
+        for p, value in zip(module.params, state, strict=True):
+            p.copy_(value)
+        tuned = module.constants()
+        for p, name in zip(module.params, module.parameter_names, strict=True):
+            p.copy_(torch.from_numpy(tuned[name].astype(np.float32)))
+    return tuned, runner.mean_loss(targets, index)
+
+
+def _train(
+    runner: _Runner,
+    targets: _Targets,
+    features: _FeatureMatch | None,
+    train: np.ndarray,
+    held: np.ndarray,
+    config: FinetuneConfig,
+    rng: np.random.Generator,
+    progress: bool,
+) -> dict[str, Any]:
+    """Adam with a cosine schedule over the budget; keeps the parameters of the best held-out step."""
+    from tqdm.auto import tqdm
+
+    params = list(runner.module.params)
+    n_outputs = len(runner.module.output_names)
+    names = runner.module.output_names + (features.names if features else [])
+    optimiser = torch.optim.Adam(params, lr=config.lr)
+    evaluate = (lambda: runner.mean_loss(targets, held)) if len(held) else None
+    start_loss = evaluate() if evaluate else None
+    best_loss, best_step = start_loss, 0
+    best_state = [p.detach().clone() for p in params]
+    curve: list[tuple[int, float]] = [(0, start_loss)] if start_loss is not None else []
+    order: list[int] = []
+    step, began, train_loss = 0, time.perf_counter(), float("nan")
+    bar = tqdm(total=config.max_steps, desc="fine-tune", unit="step", disable=not progress)
+    while (fraction := _schedule_fraction(step, time.perf_counter() - began, config)) < 1:
+        for group in optimiser.param_groups:
+            group["lr"] = config.lr * _learning_rate(fraction)
+        if len(order) < config.batch_size:
+            order.extend(rng.permutation(train).tolist())
+        batch, order = np.array(order[: config.batch_size]), order[config.batch_size :]
+        optimiser.zero_grad(set_to_none=True)
+        train_loss = 0.0
+        for chunk in runner.chunks(batch):
+            outputs = runner.forward(chunk, names)
+            loss = targets.loss(outputs[:n_outputs], chunk)
+            if features is not None:
+                loss = loss + features.loss(outputs[n_outputs:], chunk)
+            loss = loss * (len(chunk) / len(batch))
+            loss.backward()
+            train_loss += float(loss.detach())
+        optimiser.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.4g}")
+        ends = _schedule_fraction(step, time.perf_counter() - began, config) >= 1
+        if evaluate and (step % config.eval_every == 0 or ends):
+            held_loss = evaluate()
+            curve.append((step, held_loss))
+            if held_loss < best_loss:
+                best_loss, best_step = held_loss, step
+                best_state = [p.detach().clone() for p in params]
+    bar.close()
+    if not evaluate:  # No held-out samples: the last step is all there is.
+        best_state, best_step = [p.detach().clone() for p in params], step
+    return {
+        "steps": step,
+        "best_step": best_step,
+        "loss_start": start_loss,
+        "loss_best": best_loss,
+        "loss_train_last": train_loss,
+        "holdout_curve": curve,
+        "best_state": best_state,
+    }

@@ -1,0 +1,209 @@
+"""Fine-tuning: what is trained, which loss, never worse on held-out data, same graph, deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT, make_model, rand
+from onnx import helper
+
+torch = pytest.importorskip("torch")
+
+from onnxpq import CompressConfig, compress  # noqa: E402
+from onnxpq.calibration import Dataset  # noqa: E402
+from onnxpq.cli import main  # noqa: E402
+from onnxpq.config import FinetuneConfig  # noqa: E402
+from onnxpq.errors import ConfigError  # noqa: E402
+from onnxpq.executor import OnnxModule  # noqa: E402
+from onnxpq.finetune import finetune, loss_kinds, trainable_constants  # noqa: E402
+from onnxpq.graph import load_model  # noqa: E402
+from onnxpq.pipeline import ValidationSettings  # noqa: E402
+
+OFF = ValidationSettings(enabled=False)
+
+
+def small_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv -> BatchNorm -> Relu -> Conv -> pool -> Gemm: every kind of trainable constant, and BN statistics."""
+    w = {
+        "w1": rand(rng, 32, 8, 3, 3) * 0.3,
+        "b1": rand(rng, 32),
+        "s": 1 + 0.1 * rand(rng, 32),
+        "beta": rand(rng, 32) * 0.1,
+        "mean": rand(rng, 32),
+        "var": np.abs(rand(rng, 32)) * 5 + 1,
+        "w2": rand(rng, 32, 32, 3, 3) * 0.1,
+        "fc": rand(rng, 32, 10),
+        "fcb": rand(rng, 10),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "s", "beta", "mean", "var"], ["bn"], "bn"),
+        helper.make_node("Relu", ["bn"], ["r"], "relu"),
+        helper.make_node("Conv", ["r", "w2"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["g"], "pool"),
+        helper.make_node("Flatten", ["g"], ["f"], "flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], "fc"),
+    ]
+    return make_model(nodes, [("x", ["N", 8, 8, 8])], ["logits"], w)
+
+
+@pytest.fixture
+def case(tmp_path, rng):
+    """(original, compressed with a coarse 8-word codebook, calibration samples)."""
+    src = tmp_path / "net.onnx"
+    onnx.save(small_net(rng), src)
+    config = CompressConfig(min_elements=256, keep_first=False, n_codewords=8)
+    compress(src, tmp_path / "c.onnx", config, validation=OFF)
+    data = Dataset({"x": rand(rng, 48, 8, 8, 8)}, "test")
+    return load_model(src), load_model(tmp_path / "c.onnx"), data
+
+
+def test_trainable_constants_skip_statistics_scalars_and_indices(case):
+    _, compressed, _ = case
+    names = trainable_constants(compressed)
+    assert "w1_pq_codebook" in names and "w2_pq_codebook" in names and "b1" in names and "s" in names
+    assert "mean" not in names and "var" not in names  # re-estimated, never trained
+    assert not any(n.endswith(("_pq_indices", "_pq_shape")) for n in names)
+
+
+def _softmax_model() -> onnx.ModelProto:
+    nodes = [helper.make_node("Softmax", ["x"], ["p"], axis=-1), helper.make_node("Relu", ["x"], ["r"])]
+    return make_model(nodes, [("x", [4, 5])], ["p", "r"], {})
+
+
+def test_loss_kinds_follow_the_output():
+    rng = np.random.default_rng(0)
+    model = _softmax_model()
+    probs = np.exp(rng.standard_normal((4, 5)))
+    probs /= probs.sum(-1, keepdims=True)
+    assert loss_kinds(model, [probs.astype(np.float32), rng.standard_normal((4, 5))]) == ["kl-probs", "kl-logits"]
+    unit = rng.standard_normal((4, 5))
+    unit /= np.linalg.norm(unit, axis=-1, keepdims=True)
+    assert loss_kinds(model, [probs, unit])[1] == "cosine"
+    assert loss_kinds(model, [probs, rng.standard_normal((4, 5, 6))])[1] == "mse"  # a feature map
+    assert loss_kinds(model, [probs, np.zeros((4, 5), np.int64)])[1] is None
+    assert loss_kinds(model, [probs, rng.standard_normal((4, 5))], "mse") == ["mse", "mse"]
+
+
+def test_never_worse_on_holdout_and_same_graph(case):
+    original, compressed, data = case
+    result = finetune(original, compressed, data, FinetuneConfig(steps=40, lr=1e-3, eval_every=10, batch_size=8))
+    report = result.report
+    assert report["loss_kinds"] == {"logits": "kl-logits"}
+    assert report["samples"] == {"train": 43, "holdout": 5}
+    assert report["loss_best"] <= report["loss_start"]
+    assert report["loss_best"] < report["loss_start"] * 0.9  # a coarse codebook leaves room to gain
+    assert report["loss_exported"] == pytest.approx(report["loss_best"], rel=0.05)  # fp16 rounding costs little
+    tuned = result.model
+    assert [(n.op_type, list(n.input), list(n.output)) for n in tuned.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in compressed.graph.node
+    ]
+    before = {t.name: t for t in compressed.graph.initializer}
+    for t in tuned.graph.initializer:
+        assert (t.data_type, list(t.dims)) == (before[t.name].data_type, list(before[t.name].dims))
+        if t.name.endswith("_pq_indices"):
+            assert t.raw_data == before[t.name].raw_data  # codes are fixed
+    assert any(t.raw_data != before[t.name].raw_data for t in tuned.graph.initializer if "codebook" in t.name)
+
+
+def test_feature_matching_trains_too(case):
+    original, compressed, data = case
+    config = FinetuneConfig(steps=30, lr=1e-3, eval_every=10, batch_size=8, features=1.0)
+    report = finetune(original, compressed, data, config).report
+    assert report["loss_best"] < report["loss_start"] * 0.9
+
+
+def test_same_seed_same_bytes(case):
+    original, compressed, data = case
+    config = FinetuneConfig(steps=8, eval_every=4, batch_size=8)
+    first = finetune(original, compressed, data, config, seed=3).model.SerializeToString()
+    assert finetune(original, compressed, data, config, seed=3).model.SerializeToString() == first
+
+
+def _bn_output_moments(model: onnx.ModelProto, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    module = OnnxModule(model)
+    with torch.no_grad():
+        out = module(["bn"], **module.feeds({"x": x}))[0].double()
+    return out.mean((0, 2, 3)).numpy(), out.var((0, 2, 3), unbiased=False).numpy()
+
+
+def test_batchnorm_statistics_restore_the_original_normalisation(case):
+    """After re-estimation, each channel leaves BatchNorm with the original's mean and variance."""
+    original, compressed, data = case
+    config = FinetuneConfig(steps=1, lr=1e-12, holdout=0.0)
+    tuned = finetune(original, compressed, data, config).model
+    x = data.arrays["x"]
+    want_mean, want_var = _bn_output_moments(original, x)
+    got_mean, got_var = _bn_output_moments(tuned, x)
+    before_mean, _ = _bn_output_moments(compressed, x)
+    assert np.abs(before_mean - want_mean).max() > 1e-2  # quantization did move them
+    np.testing.assert_allclose(got_mean, want_mean, atol=2e-3)
+    np.testing.assert_allclose(got_var, want_var, rtol=2e-3)
+
+
+def test_labels_must_match_the_samples(case):
+    original, compressed, data = case
+    with pytest.raises(ConfigError, match="3 labels for 48"):
+        finetune(original, compressed, data, FinetuneConfig(steps=1), labels=np.zeros(3, np.int64))
+
+
+def test_labels_add_cross_entropy(case):
+    original, compressed, data = case
+    labels = np.random.default_rng(0).integers(0, 10, 48)
+    plain = finetune(original, compressed, data, FinetuneConfig(steps=1, holdout=0.0)).report
+    with_labels = finetune(original, compressed, data, FinetuneConfig(steps=1, holdout=0.0), labels=labels).report
+    assert with_labels["loss_exported"] > plain["loss_exported"] + 1  # random labels: cross-entropy ≈ log(10)
+
+
+def test_compress_with_finetune_mnist(tmp_path):
+    """Through the pipeline: report section, validation on the tuned file, accuracy not lost."""
+    config = CompressConfig(block_size="large", n_codewords=64, finetune=FinetuneConfig(steps=20, eval_every=10))
+    result = compress(
+        ROOT / "models/mnist_cnn.onnx",
+        tmp_path / "m.onnx",
+        config,
+        calibration=ROOT / "models/mnist_calib.npz",
+        validation=ValidationSettings(data=ROOT / "models/mnist_test.npz", max_samples=1000, measure=False),
+    )
+    tuned = result.report["finetune"]
+    assert tuned["steps"] == 20 and tuned["loss_best"] <= tuned["loss_start"]
+    assert result.report["validation"]["outputs"][0]["top1_agreement"] > 0.95
+
+
+def test_unsupported_graph_keeps_untuned_model(tmp_path, rng):
+    w = {"w": rand(rng, 32, 16, 3, 3)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], "conv", pads=[1, 1, 1, 1]),
+        helper.make_node("LRN", ["c"], ["y"], "lrn", size=3),
+    ]
+    src = tmp_path / "lrn.onnx"
+    onnx.save(make_model(nodes, [("x", [2, 16, 6, 6])], ["y"], w), src)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rand(rng, 8, 16, 6, 6))
+    config = CompressConfig(min_elements=64, keep_first=False, finetune=FinetuneConfig(steps=2))
+    with pytest.warns(UserWarning, match="fine-tuning skipped.*LRN"):
+        result = compress(src, tmp_path / "out.onnx", config, calibration=calib, validation=OFF)
+    assert result.report["finetune"] is None and (tmp_path / "out.onnx").exists()
+
+
+def test_cli_finetune_needs_calibration(tmp_path, capsys):
+    code = main(["compress", str(ROOT / "models/mnist_cnn.onnx"), str(tmp_path / "o.onnx"), "--finetune-steps", "5"])
+    assert code == 2
+    assert "--calibration-data" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"time_s": -1.0}, "time"),
+        ({"holdout": 1.0}, "holdout"),
+        ({"loss": "l1"}, "loss"),
+        ({"features": -1.0}, "features"),
+    ],
+)
+def test_bad_finetune_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        FinetuneConfig(**kwargs)
