@@ -10,11 +10,13 @@ model's outputs unchanged, at no runtime cost.
 
 The analysis walks the graph once, tracking for every activation which space
 (or which blocks of spaces, after a Concat or a Flatten) lies along its channel
-axis, and merges spaces with a union-find. A space touched by anything the
-rules do not understand (a graph output, a Reshape that mixes channels, an
-unknown operator, a Split of the channel axis, ...) is frozen, with the reason
-recorded. The operator rules are data (``PASS_THROUGH``, ``PER_CHANNEL_PARAMS``
-...) so support for a new operator is one table entry.
+axis, and merges spaces with a union-find. Concat and Split on the channel
+axis move whole spaces to new offsets; Pad passes channels through when it pads
+other axes. A space touched by anything the rules do not understand (a graph
+output, a Reshape that mixes channels, an unknown operator, a Split that cuts a
+space in two, a grouped Conv, ...) is frozen, with the reason recorded. The
+operator rules are data (``PASS_THROUGH``, ``PER_CHANNEL_PARAMS`` ...) so
+support for a new operator is one table entry.
 """
 
 from __future__ import annotations
@@ -358,6 +360,71 @@ def _flatten(w: _Walker, node: onnx.NodeProto, name: str) -> None:
     w.layout[node.output[0]] = (1, segs)
 
 
+def _split_sizes(w: _Walker, node: onnx.NodeProto, total: int) -> list[int] | None:
+    if len(node.input) > 1 and node.input[1]:
+        sizes = w.constants.get(node.input[1])
+        return None if sizes is None else [int(v) for v in np.asarray(sizes).ravel()]
+    if "split" in _attrs(node):
+        return [int(v) for v in _attrs(node)["split"]]
+    n = len(node.output)
+    chunk = -(-total // n)
+    return [min(chunk, total - i * chunk) for i in range(n)]
+
+
+def _split(w: _Walker, node: onnx.NodeProto, name: str) -> None:
+    """Split hands each output the segments inside its range, re-based; one that cuts a group freezes it."""
+    x = node.input[0]
+    rank = _rank(w.shapes, x)
+    tracked, segs = w.layout[x]
+    axis = int(_attrs(node).get("axis", 0))
+    if rank is None:
+        w.freeze_tensor(x, f"{name}: Split of a tensor of unknown rank")
+        return
+    if tracked % rank != axis % rank:  # another axis: every output keeps all channels
+        for out in node.output:
+            w.layout[out] = w.layout[x]
+        return
+    sizes = _split_sizes(w, node, w.channels(x) or 0)
+    if sizes is None:
+        w.freeze_tensor(x, f"{name}: Split with sizes that are not constant")
+        return
+    start = 0
+    for out, size in zip(node.output, sizes, strict=False):
+        inside = []
+        for seg in segs:
+            lo, hi = seg.offset, seg.offset + seg.length * seg.block
+            if hi <= start or lo >= start + size:
+                continue
+            if lo < start or hi > start + size:
+                w.freeze_tensor(x, f"{name}: Split cuts a channel group in two")
+                return
+            inside.append(Segment(seg.space, lo - start, seg.length, seg.block))
+        w.layout[out] = (tracked, inside)
+        start += size
+
+
+def _pad(w: _Walker, node: onnx.NodeProto, name: str) -> None:
+    """Pad that pads no channel keeps the channel order (every mode fills each channel from itself)."""
+    x = node.input[0]
+    rank = _rank(w.shapes, x)
+    if len(node.input) > 1:  # opset >= 11: pads (and optionally axes) are inputs
+        pads = w.constants.get(node.input[1])
+        axes_name = node.input[3] if len(node.input) > 3 else ""
+        axes = w.constants.get(axes_name) if axes_name else np.arange(rank or 0)
+    else:
+        pads, axes = _attrs(node).get("pads"), np.arange(rank or 0)
+    if pads is None or axes is None or rank is None:
+        w.freeze_tensor(x, f"{name}: Pad with pads that are not constant")
+        return
+    pads, axes = np.asarray(pads).ravel(), np.asarray(axes).ravel() % rank
+    channel = w.layout[x][0] % rank
+    n = len(axes)
+    if any(a == channel and (pads[i] or pads[n + i]) for i, a in enumerate(axes)):
+        w.freeze_tensor(x, f"{name}: Pad pads the channel axis")
+        return
+    w.layout[node.output[0]] = w.layout[x]
+
+
 def _squeeze_spatial(w: _Walker, node: onnx.NodeProto, name: str) -> None:
     """Squeeze/Reshape that only drops 1-sized spatial axes after global pooling keeps channels on axis 1."""
     x = node.input[0]
@@ -401,6 +468,10 @@ def _walk_node(w: _Walker, node: onnx.NodeProto, name: str) -> None:
         _concat(w, node, name)
     elif op == "Flatten":
         _flatten(w, node, name)
+    elif op == "Pad" and node.input[0] in w.layout:
+        _pad(w, node, name)
+    elif op == "Split" and node.input[0] in w.layout:
+        _split(w, node, name)
     elif op in ("Squeeze", "Reshape"):
         _squeeze_spatial(w, node, name)
     else:

@@ -659,8 +659,9 @@ class OnnxModule(torch.nn.Module):
                 result = node.op(node.attrs, *(env[i] for i in node.inputs))
             except UnsupportedGraphError:
                 raise
-            except Exception as err:
-                raise RuntimeError(f"torch executor failed at node {node.name or node.outputs[0]!r}: {err}") from err
+            except Exception as err:  # An operator case the table gets wrong: say where, let callers skip.
+                where = node.name or node.outputs[0]
+                raise UnsupportedGraphError(f"torch executor failed at node {where!r}: {err}") from err
             results = result if isinstance(result, tuple) else (result,)
             env.update(zip(node.outputs, results, strict=False))
         return [env[name] for name in (outputs or self.output_names)]

@@ -48,6 +48,8 @@ __all__ = ["FinetuneResult", "finetune", "loss_kinds", "trainable_constants"]
 _STATISTICS = {"BatchNormalization": (3, 4)}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _PROBABILITY_OPS = {"Softmax"}
+#: Largest relative difference between the torch executor and onnxruntime accepted before training.
+_EXECUTOR_TOLERANCE = 1e-3
 #: Share of the budget spent warming the learning rate up from zero (Adam's first steps are its largest).
 _WARMUP = 0.05
 #: Row sums within this of 1 (and no negatives) make an output a probability distribution.
@@ -231,6 +233,25 @@ def _layer_outputs(model: onnx.ModelProto) -> list[str]:
     return [n.output[0] for n in model.graph.node if any(i in decoded for i in n.input)]
 
 
+def _check_executor(runner: _Runner, model: onnx.ModelProto, dataset: Dataset) -> None:
+    """Refuse to train a graph the executor computes differently from onnxruntime (first micro-batch)."""
+    first = np.arange(min(runner.micro, dataset.n_samples))
+    expected = run_session(
+        session(model.SerializeToString()), Dataset({k: v[first] for k, v in dataset.arrays.items()}, "check"), model
+    )
+    with torch.no_grad():
+        got = runner.forward(torch.from_numpy(first))
+    for name, want, have in zip(runner.module.output_names, expected, got, strict=True):
+        if not np.issubdtype(want.dtype, np.floating):
+            continue
+        error = float(np.abs(have.float().cpu().numpy() - want).max() / max(float(np.abs(want).max()), 1e-12))
+        if error > _EXECUTOR_TOLERANCE:
+            raise UnsupportedGraphError(
+                f"the torch executor's output {name!r} differs from onnxruntime's by {error:.1e} (relative); "
+                "please report the model"
+            )
+
+
 def _moments(runner: _Runner, names: list[str], index: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-channel mean and variance of the named tensors (axis 1) over the samples."""
     sums = [0.0] * len(names)
@@ -341,6 +362,7 @@ def finetune(
     train, held = _split(dataset.n_samples, config.holdout, rng)
     targets = _targets(compressed, teacher_out, config.loss, labels, train)
     runner = _Runner(student, dataset, micro, device)
+    _check_executor(runner, compressed, dataset)
     statistics = {}
     teacher = _Runner(OnnxModule(original).to(device), dataset, micro, device)
     features = _FeatureMatch(teacher, _layer_outputs(compressed), config.features) if config.features else None

@@ -191,3 +191,53 @@ def test_a_per_channel_exponent_is_permuted_with_its_channels(rng):
         verify_groups(model, groups, Dataset({"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)}, "t"), rng)
         <= 1e-5
     )
+
+
+@pytest.mark.parametrize(("pads", "free"), [([0, 0, 1, 2, 0, 0, 2, 1], True), ([0, 1, 0, 0, 0, 0, 0, 0], False)])
+def test_pad_passes_channels_through_unless_it_pads_them(rng, pads, free):
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], "c1"),
+        helper.make_node("Pad", ["a", "pads"], ["p"], "pad", mode="reflect"),
+        helper.make_node("Conv", ["p", "w2"], ["y"], "c2"),
+    ]
+    weights = {
+        "w1": rng.standard_normal((6, 3, 1, 1)).astype(np.float32),
+        "pads": np.array(pads, dtype=np.int64),
+        "w2": rng.standard_normal((4, 6 + pads[1] + pads[5], 3, 3)).astype(np.float32),
+    }
+    model = make_model(nodes, [("x", [2, 3, 5, 5])], ["y"], weights)
+    groups = find_groups(model)
+    channel_group = next(g for g in groups if any(m.tensor == "w1" and m.axis == 0 for m in g.members))
+    assert (not channel_group.frozen) == free
+    if not free:
+        assert "Pad pads the channel axis" in channel_group.frozen
+    x = Dataset({"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)}, "t")
+    assert verify_groups(model, groups, x, rng) <= 1e-5
+
+
+@pytest.mark.parametrize(("sizes", "free"), [([5, 6], 2), ([4, 7], 0)])
+def test_split_hands_each_output_its_groups_or_freezes_the_one_it_cuts(rng, sizes, free):
+    """Concat of two convs, Split back: free when the cut falls between them, frozen when it cuts one."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], "ca"),
+        helper.make_node("Conv", ["x", "wb"], ["b"], "cb"),
+        helper.make_node("Concat", ["a", "b"], ["c"], "cat", axis=1),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("Split", ["r", "sizes"], ["s0", "s1"], "split", axis=1),
+        helper.make_node("Conv", ["s0", "w0"], ["y0"], "c0"),
+        helper.make_node("Conv", ["s1", "w1"], ["y1"], "c1"),
+    ]
+    weights = {
+        "wa": rng.standard_normal((5, 3, 1, 1)).astype(np.float32),
+        "wb": rng.standard_normal((6, 3, 1, 1)).astype(np.float32),
+        "sizes": np.array(sizes, dtype=np.int64),
+        "w0": rng.standard_normal((2, sizes[0], 3, 3)).astype(np.float32),
+        "w1": rng.standard_normal((2, sizes[1], 3, 3)).astype(np.float32),
+    }
+    model = make_model(nodes, [("x", [2, 3, 5, 5])], ["y0", "y1"], weights, opset=13)
+    groups = find_groups(model)
+    assert sum(not g.frozen for g in groups) == free
+    if not free:
+        assert any("Split cuts a channel group" in (g.frozen or "") for g in groups)
+    x = Dataset({"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)}, "t")
+    assert verify_groups(model, groups, x, rng) <= 1e-5

@@ -207,3 +207,14 @@ def test_cli_finetune_needs_calibration(tmp_path, capsys):
 def test_bad_finetune_settings(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         FinetuneConfig(**kwargs)
+
+
+def test_executor_disagreeing_with_onnxruntime_is_refused(case, monkeypatch):
+    """A wrong operator in the table must not train the model towards a wrong function."""
+    from onnxpq import executor
+    from onnxpq.errors import UnsupportedGraphError
+
+    monkeypatch.setitem(executor.TORCH_OPS, "Relu", lambda attrs, x: x)
+    original, compressed, data = case
+    with pytest.raises(UnsupportedGraphError, match="differs from onnxruntime"):
+        finetune(original, compressed, data, FinetuneConfig(steps=1))

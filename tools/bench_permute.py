@@ -73,10 +73,16 @@ def layer_table(model_path: Path) -> dict:
     return summary | {"verify_max_rel_diff": error, "search_seconds": seconds, "layers": rows}
 
 
-def total_sqnr(layers: list[dict], key: str) -> float:
-    """SQNR of all compressed weights together: total signal energy over total quantization noise."""
-    noise = sum(x["energy"] / 10 ** (x[key] / 10) for x in layers)
-    return 10 * np.log10(sum(x["energy"] for x in layers) / noise)
+def total_sqnr(layers: list[dict]) -> str:
+    """SQNR of all compressed weights together (total signal energy over total noise), without and with."""
+    if not all("energy" in x for x in layers):
+        return ""  # measured before the benchmark recorded weight energies
+    signal = sum(x["energy"] for x in layers)
+    db = [
+        10 * np.log10(signal / sum(x["energy"] / 10 ** (x[k] / 10) for x in layers))
+        for k in ("sqnr_before", "sqnr_after")
+    ]
+    return f"Total weight SQNR over all compressed layers: {db[0]:.2f} dB without, {db[1]:.2f} dB with."
 
 
 def markdown(results: dict) -> str:
@@ -108,8 +114,7 @@ def markdown(results: dict) -> str:
             f"Consumer layers whose k-means distortion falls: {up} of {len(changed)}. "
             f"Mean SQNR change on consumers: "
             f"{np.mean([x['sqnr_after'] - x['sqnr_before'] for x in changed]) if changed else 0:+.3f} dB. "
-            f"Total weight SQNR over all compressed layers: {total_sqnr(t, 'sqnr_before'):.2f} dB without, "
-            f"{total_sqnr(t, 'sqnr_after'):.2f} dB with.",
+            + total_sqnr(t),
             "",
             "| method | bits/weight | metric | without --permute | with --permute |",
             "| --- | --- | --- | --- | --- |",
