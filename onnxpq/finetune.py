@@ -99,8 +99,10 @@ def _is_distribution(model: onnx.ModelProto, name: str, teacher: np.ndarray) -> 
 
 
 def _is_unit_norm(teacher: np.ndarray) -> bool:
-    norms = np.linalg.norm(teacher.reshape(-1, teacher.shape[-1]), axis=-1) if teacher.ndim else np.zeros(1)
-    return teacher.ndim >= 2 and teacher.shape[-1] > 1 and bool(np.all(np.abs(norms - 1) < _SUM_TOLERANCE))
+    if teacher.ndim < 2 or teacher.shape[-1] < 2:
+        return False
+    norms = np.linalg.norm(teacher.reshape(-1, teacher.shape[-1]), axis=-1)
+    return bool(np.all(np.abs(norms - 1) < _SUM_TOLERANCE))
 
 
 def loss_kinds(model: onnx.ModelProto, teacher: Sequence[np.ndarray], choice: str = "auto") -> list[str | None]:
@@ -112,10 +114,12 @@ def loss_kinds(model: onnx.ModelProto, teacher: Sequence[np.ndarray], choice: st
     """
     kinds: list[str | None] = []
     for out, values in zip(model.graph.output, teacher, strict=True):
-        if not np.issubdtype(values.dtype, np.floating):
+        floating = np.issubdtype(values.dtype, np.floating)
+        distribution = floating and _is_distribution(model, out.name, values)
+        if not floating:
             kinds.append(None)
-        elif choice == "kl" or (choice == "auto" and _is_distribution(model, out.name, values)):
-            kinds.append("kl-probs" if _is_distribution(model, out.name, values) else "kl-logits")
+        elif choice == "kl" or (choice == "auto" and distribution):
+            kinds.append("kl-probs" if distribution else "kl-logits")
         elif choice == "cosine" or (choice == "auto" and _is_unit_norm(values)):
             kinds.append("cosine")
         elif choice == "auto" and values.ndim == 2 and values.shape[-1] > 1:
@@ -272,6 +276,16 @@ def _moments(runner: _Runner, names: list[str], index: np.ndarray) -> list[tuple
     return out
 
 
+def _batchnorms(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """BatchNormalization nodes whose running statistics are constants (so they can be re-estimated)."""
+    constants = constant_tensors(model.graph)
+    return [
+        n
+        for n in model.graph.node
+        if n.op_type == "BatchNormalization" and n.input[3] in constants and n.input[4] in constants
+    ]
+
+
 def _recalibrated_statistics(
     student: _Runner, teacher: _Runner, model: onnx.ModelProto, index: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -285,13 +299,7 @@ def _recalibrated_statistics(
     original's training-set statistics survive narrow calibration data.
     """
     constants = constant_tensors(model.graph)
-    nodes = [
-        n
-        for n in model.graph.node
-        if n.op_type == "BatchNormalization" and n.input[3] in constants and n.input[4] in constants
-    ]
-    if not nodes:
-        return {}
+    nodes = _batchnorms(model)
     names = [n.input[0] for n in nodes]
     ours, theirs = _moments(student, names, index), _moments(teacher, names, index)
     new = {}
@@ -364,9 +372,13 @@ def finetune(
     runner = _Runner(student, dataset, micro, device)
     _check_executor(runner, compressed, dataset)
     statistics = {}
-    teacher = _Runner(OnnxModule(original).to(device), dataset, micro, device)
+    recalibrate = config.recalibrate_bn and bool(_batchnorms(compressed))
+    # The original as a torch module costs a second copy of the weights: only when something reads it.
+    teacher = (
+        _Runner(OnnxModule(original).to(device), dataset, micro, device) if recalibrate or config.features else None
+    )
     features = _FeatureMatch(teacher, _layer_outputs(compressed), config.features) if config.features else None
-    if config.recalibrate_bn:
+    if recalibrate:
         statistics = _recalibrated_statistics(runner, teacher, compressed, train)
         for name, value in statistics.items():
             student.set_constant(name, value)

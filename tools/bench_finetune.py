@@ -22,20 +22,17 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from bench_quantize import Mnist, MobileNet, PpOcrRec, Task, int8_model, rtn_model
+from bench_quantize import Mnist, MobileNet, PpOcrRec, Task, _onnxpq_row, anchor_rows
 
-from onnxpq import CompressConfig, compress
+from onnxpq import CompressConfig
 from onnxpq.config import FinetuneConfig
-from onnxpq.pipeline import ValidationSettings
 from onnxpq.report import versions
 
 ROOT = Path(__file__).resolve().parent.parent
-NO_VALIDATION = ValidationSettings(enabled=False)
 
 
 @dataclass(frozen=True)
@@ -96,52 +93,17 @@ def _ppocr(work: Path) -> Task:
 TASKS = {"mnist": _mnist, "mobilenetv2": _mobilenet, "ppocr": _ppocr}
 
 
-def _row(label: str, bpw: float, path: Path, seconds: float, metrics: dict[str, float], **extra) -> dict:
-    return {
-        "method": label,
-        "bpw_all": bpw,
-        "file_mib": path.stat().st_size / 2**20,
-        "seconds": seconds,
-        **metrics,
-        **extra,
-    }
-
-
-def _onnxpq(task: Task, work: Path, label: str, config: CompressConfig) -> dict:
-    out = work / "out.onnx"
-    start = time.perf_counter()
-    report = compress(task.source, out, config, calibration=task.calibration, validation=NO_VALIDATION, force=True)
-    seconds = time.perf_counter() - start
-    tuned = report.report["finetune"]
-    extra = {}
-    if tuned:
-        extra = {
-            "finetune_seconds": tuned["seconds"],
-            "finetune_steps": tuned["steps"],
-            "holdout_loss": [tuned["loss_start"], tuned["loss_exported"]],
-        }
-    bpw = report.report["pqf"]["bits_per_weight_all_parameters"]
-    return _row(label, bpw, out, seconds, task.metrics(out), **extra)
-
-
 def run_task(key: str, work: Path) -> list[dict]:
     task = TASKS[key](work)
-    rows = [_row("fp32", 32.0, task.source, 0.0, task.metrics(task.source))]
-    int8 = work / "int8.onnx"
-    bpw = int8_model(task.source, int8)
-    rows.append(_row("onnxruntime quantize_dynamic int8 per-channel", bpw, int8, 0.0, task.metrics(int8)))
-    rtn = work / "rtn8.onnx"
-    bpw = rtn_model(task.source, rtn, 8)
-    rows.append(_row("round-to-nearest 8-bit per channel (dense)", bpw, rtn, 0.0, task.metrics(rtn)))
-    for row in rows:
-        print(json.dumps(row), flush=True)
+    log = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
+    rows = anchor_rows(task, work, (8,), log)
     for setting in SETTINGS[key]:
-        rows.append(_onnxpq(task, work, f"onnxpq {setting.label}, no fine-tuning", setting.config))
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(_onnxpq_row(task, work, f"onnxpq {setting.label}, no fine-tuning", setting.config, True))
+        log(rows[-1])
         tuned = replace(setting.config, finetune=setting.finetune)
         budget = f"{setting.finetune.time_s:.0f} s" if setting.finetune.time_s else f"{setting.finetune.steps} steps"
-        rows.append(_onnxpq(task, work, f"onnxpq {setting.label} + fine-tuning ({budget})", tuned))
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(_onnxpq_row(task, work, f"onnxpq {setting.label} + fine-tuning ({budget})", tuned, True))
+        log(rows[-1])
     return rows
 
 

@@ -277,6 +277,7 @@ def _row(label: str, bpw: float, size: int, seconds: float, metrics: dict[str, f
 
 
 def _onnxpq_row(task: Task, work: Path, label: str, config: CompressConfig, data: bool) -> dict:
+    """One ``compress()`` call as a user runs it, with its fine-tuning summary when it fine-tuned."""
     out = work / "out.onnx"
     start = time.perf_counter()
     result = compress(
@@ -289,10 +290,16 @@ def _onnxpq_row(task: Task, work: Path, label: str, config: CompressConfig, data
     )
     seconds = time.perf_counter() - start
     bpw = result.report["pqf"]["bits_per_weight_all_parameters"]
-    return _row(label, bpw, out.stat().st_size, seconds, task.metrics(out))
+    row = _row(label, bpw, out.stat().st_size, seconds, task.metrics(out))
+    tuned = result.report["finetune"]
+    if tuned:
+        row["finetune_seconds"], row["finetune_steps"] = tuned["seconds"], tuned["steps"]
+        row["holdout_loss"] = [tuned["loss_start"], tuned["loss_exported"]]
+    return row
 
 
-def run_task(task: Task, work: Path, quick: bool, log: Callable[[dict], None]) -> list[dict]:
+def anchor_rows(task: Task, work: Path, rtn_bits: tuple[int, ...], log: Callable[[dict], None]) -> list[dict]:
+    """fp32, onnxruntime's dynamic int8 and per-channel round-to-nearest at each of ``rtn_bits``."""
     rows = [_row("fp32", 32.0, task.source.stat().st_size, 0.0, task.metrics(task.source))]
     log(rows[-1])
     int8 = work / "int8.onnx"
@@ -308,13 +315,18 @@ def run_task(task: Task, work: Path, quick: bool, log: Callable[[dict], None]) -
         )
     )
     log(rows[-1])
-    for bits in (8, 4) if quick else (8, 4, 3):
+    for bits in rtn_bits:
         rtn = work / f"rtn{bits}.onnx"
         bpw = rtn_model(task.source, rtn, bits)
         rows.append(
             _row(f"round-to-nearest {bits}-bit per channel (dense)", bpw, rtn.stat().st_size, 0.0, task.metrics(rtn))
         )
         log(rows[-1])
+    return rows
+
+
+def run_task(task: Task, work: Path, quick: bool, log: Callable[[dict], None]) -> list[dict]:
+    rows = anchor_rows(task, work, (8, 4) if quick else (8, 4, 3), log)
     steps = STEPS[:1] + STEPS[4:6] if quick else STEPS
     for label, config, data in steps:
         rows.append(_onnxpq_row(task, work, label, config, data))
