@@ -23,6 +23,7 @@ from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
 from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError
+from onnxpq.graph import serialized
 from onnxpq.quantize import LayerResult, decoded_weight, quantize_layer
 from onnxpq.report import float_parameters, layer_bits
 from onnxpq.selection import Candidate, variants
@@ -149,14 +150,14 @@ def sensitivities(
     from onnxpq.validate import run_session, session
 
     sample = dataset.head(SENSITIVITY_SAMPLES)
-    reference = run_session(session(model.SerializeToString()), sample, model)
+    reference = run_session(session(serialized(model)), sample, model)
     out = {}
     for name, result in tqdm(results.items(), desc="sensitivity", unit="layer", disable=not progress, leave=False):
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(result.quantized.candidate.dtype)
         replace_constants(probe.graph, {name: decoded_weight(result.quantized).astype(dtype), **biases.get(name, {})})
-        mse = _relative_mse(reference, run_session(session(probe.SerializeToString()), sample, model))
+        mse = _relative_mse(reference, run_session(session(serialized(probe)), sample, model))
         error = layer_error(result)
         out[name] = mse / error if error > 0 else 0.0
     return out

@@ -16,6 +16,7 @@ from pathlib import Path
 from onnxpq.calibration import RandomInputs, parse_shapes
 from onnxpq.config import DEFAULT_FINETUNE_STEPS, LOSSES, OP_TYPES, CompressConfig, FinetuneConfig
 from onnxpq.errors import ConfigError, OnnxpqError, ValidationFailedError
+from onnxpq.parallel import Workers
 from onnxpq.version import __version__
 
 __all__ = ["main"]
@@ -72,6 +73,14 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0)
     _add_calibration_options(p)
     _add_validation_options(p, data_flag="--validation-data")
+    run = p.add_argument_group("where the per-layer work runs (same output bytes either way)")
+    run.add_argument("--jobs", type=int, default=1, metavar="N", help="local worker processes (default 1)")
+    run.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="run on a Ray cluster: 'auto', 'ray://host:10001', or 'local' (needs the distributed extra)",
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime validation")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--report", type=Path, default=None, help="JSON report path (default: OUT.report.json)")
@@ -287,6 +296,7 @@ def _compress(args: argparse.Namespace) -> int:
             force=args.force,
             report_path=args.report,
             progress=sys.stderr.isatty(),
+            workers=Workers(jobs=args.jobs, ray_address=args.ray_address),
         )
     except ValidationFailedError:
         report_path = args.report or args.output.with_name(args.output.name + ".report.json")

@@ -31,7 +31,7 @@ from onnxpq.calibration import Dataset, input_specs
 from onnxpq.config import FinetuneConfig
 from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError, UnsupportedGraphError
-from onnxpq.graph import constant_tensors, readers
+from onnxpq.graph import constant_tensors, readers, serialized
 from onnxpq.validate import run_session, session
 
 try:  # The ``finetune`` extra; compression works without it.
@@ -241,7 +241,7 @@ def _check_executor(runner: _Runner, model: onnx.ModelProto, dataset: Dataset) -
     """Refuse to train a graph the executor computes differently from onnxruntime (first micro-batch)."""
     first = np.arange(min(runner.micro, dataset.n_samples))
     expected = run_session(
-        session(model.SerializeToString()), Dataset({k: v[first] for k, v in dataset.arrays.items()}, "check"), model
+        session(serialized(model)), Dataset({k: v[first] for k, v in dataset.arrays.items()}, "check"), model
     )
     with torch.no_grad():
         got = runner.forward(torch.from_numpy(first))
@@ -366,7 +366,7 @@ def finetune(
     names = trainable_constants(compressed)
     student = OnnxModule(compressed, names).to(device)
     micro = _micro_batch(compressed, config.batch_size)
-    teacher_out = run_session(session(original.SerializeToString()), dataset, original)
+    teacher_out = run_session(session(serialized(original)), dataset, original)
     train, held = _split(dataset.n_samples, config.holdout, rng)
     targets = _targets(compressed, teacher_out, config.loss, labels, train)
     runner = _Runner(student, dataset, micro, device)

@@ -4,16 +4,25 @@ Loading turns every way a file can be wrong into one ``InputModelError`` that
 names the problem; saving is atomic so a failed or interrupted run never
 leaves a partial model behind, and switches to external data past protobuf's
 2 GB limit.
+
+External data is never loaded with the graph: each tensor keeps its reference
+(with the location made absolute), ``tensor_array`` reads one tensor when a
+pass needs it, and ``save_model`` streams the untouched ones from the input's
+data file to the output's. So a model far larger than memory is processed one
+layer at a time. ``read()`` is used, not ``mmap``: mapped pages that were read
+stay in the process's resident set, read buffers are freed with the array.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -30,15 +39,23 @@ __all__ = [
     "constant_tensors",
     "display_name",
     "load_model",
+    "materialized",
     "opset_version",
     "readers",
     "save_model",
+    "serialized",
     "subgraph_initializer_count",
+    "tensor_array",
 ]
 
 MIN_OPSET = 11
 #: Protobuf refuses to serialise messages of 2 GiB or more; keep a margin for the graph itself.
 PROTOBUF_LIMIT = 2**31 - 2**26
+#: Tensors of at least this many bytes go to the data file when a model is saved with external data.
+EXTERNAL_MIN_BYTES = 1024
+#: Offsets in the data file are aligned so onnxruntime can map each tensor directly.
+EXTERNAL_ALIGN = 4096
+COPY_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -58,7 +75,76 @@ class ConstantTensor:
     constant_node: int | None
 
     def to_array(self) -> np.ndarray:
-        return numpy_helper.to_array(self.tensor)
+        return tensor_array(self.tensor)
+
+
+@dataclass(frozen=True)
+class _External:
+    """Where one tensor's bytes are: an absolute file path, offset and length."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+def _external(tensor: onnx.TensorProto) -> _External | None:
+    if not onnx.external_data_helper.uses_external_data(tensor):
+        return None
+    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    path = Path(info.location)
+    length = info.length if info.length is not None else path.stat().st_size - (info.offset or 0)
+    return _External(path, info.offset or 0, length)
+
+
+def _read(where: _External) -> bytes:
+    with where.path.open("rb") as f:
+        f.seek(where.offset)
+        return f.read(where.length)
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The values of a tensor, read from its data file when it has external data (one tensor in memory)."""
+    where = _external(tensor)
+    if where is None:
+        return numpy_helper.to_array(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(tensor.dims)
+    if dtype.kind in "fiubc":
+        # Plain numeric storage: read straight into the array, without an intermediate bytes object.
+        count = int(np.prod(shape))
+        return np.fromfile(where.path, dtype=dtype.newbyteorder("<"), count=count, offset=where.offset).reshape(shape)
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    _inline(inline, where)
+    return numpy_helper.to_array(inline)
+
+
+def _inline(tensor: onnx.TensorProto, where: _External) -> None:
+    tensor.raw_data = _read(where)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` itself when all its data is inline, else a copy with the external data read in.
+
+    For what needs the whole model in memory anyway: an onnxruntime session built
+    from bytes, or the torch executor.
+    """
+    if not any(_external(t) for t in _all_tensors(model.graph)):
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for tensor in _all_tensors(out.graph):
+        where = _external(tensor)
+        if where is not None:
+            _inline(tensor, where)
+    return out
+
+
+def serialized(model: onnx.ModelProto) -> bytes:
+    """The model as bytes for an onnxruntime session, external data included."""
+    return materialized(model).SerializeToString()
 
 
 def _sniff(path: Path, head: bytes) -> None:
@@ -92,32 +178,53 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputModelError(f"{path}: not a valid ONNX model (protobuf parse failed: {err})") from None
     if not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise InputModelError(f"{path}: parsed, but holds no graph: not an ONNX model or truncated")
-    _load_external(model, path.parent)
+    _resolve_external(model, path.parent)
     _check_opset(model, path)
     return model
 
 
-def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Load external tensor data, naming the missing or short data file."""
+def _set_location(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _resolve_external(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Check every external tensor's data file and make its location absolute; read no data.
+
+    A location must stay inside the model's folder, as onnxruntime requires.
+    """
+    root = base_dir.resolve()
     for tensor in _all_tensors(model.graph):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
         info = onnx.external_data_helper.ExternalDataInfo(tensor)
-        data_path = base_dir / info.location
+        data_path = (base_dir / info.location).resolve()
+        if root not in data_path.parents:
+            raise InputModelError(
+                f"external data location {info.location!r} of tensor {tensor.name!r} is outside the model's folder"
+            )
         if not data_path.is_file():
             raise InputModelError(
                 f"external data file {info.location!r} of tensor {tensor.name!r} not found next to the model"
             )
-        need = (info.offset or 0) + (info.length or 0)
-        if info.length and data_path.stat().st_size < need:
+        size = data_path.stat().st_size
+        offset = info.offset or 0
+        length = info.length if info.length is not None else size - offset
+        if size < offset + length:
             raise InputModelError(
                 f"external data file {info.location!r} is truncated: tensor {tensor.name!r} needs "
-                f"bytes up to {need}, the file has {data_path.stat().st_size}"
+                f"bytes up to {offset + length}, the file has {size}"
             )
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
-    except (OSError, ValueError) as err:
-        raise InputModelError(f"cannot load external data: {err}") from None
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        expected = dtype.itemsize * math.prod(tensor.dims)
+        if dtype.kind in "fiubc" and length != expected:
+            raise InputModelError(
+                f"external data of tensor {tensor.name!r} is {length} bytes, but its shape "
+                f"{list(tensor.dims)} and type {onnx.TensorProto.DataType.Name(tensor.data_type)} need {expected}"
+            )
+        _set_location(tensor, str(data_path), offset, length)
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -215,14 +322,15 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: b
     renamed into place, so readers never see a half-written file.
     """
     path = Path(path)
-    large = _byte_size(model) >= PROTOBUF_LIMIT
+    external = sum(w.length for w in map(_external, _all_tensors(model.graph)) if w is not None)
+    large = external + _byte_size(model) >= PROTOBUF_LIMIT
     data_name = path.name + ".data"
     with _staging_dir(path.parent) as stage:
         staged = stage / path.name
         if large:
-            onnx.save_model(model, str(staged), save_as_external_data=True, location=data_name)
+            onnx.save_model(_with_data_file(model, stage / data_name), str(staged))
         else:
-            onnx.save_model(model, str(staged))
+            onnx.save_model(materialized(model), str(staged))
         if check:
             onnx.checker.check_model(str(staged), full_check=True)
         written = []
@@ -232,6 +340,46 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: b
         os.replace(staged, path)
         written.insert(0, path)
     return written
+
+
+def _with_data_file(model: onnx.ModelProto, data_path: Path) -> onnx.ModelProto:
+    """A copy of ``model`` whose large tensors all live in ``data_path``, written now.
+
+    Tensors already external are copied from their file in chunks, so memory holds
+    at most one chunk of them; inline tensors are moved out as they are.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    with data_path.open("wb") as f:
+        for tensor in _all_tensors(out.graph):
+            where = _external(tensor)
+            if where is None and tensor.data_type == onnx.TensorProto.STRING:
+                continue  # strings have no raw form; they stay in the graph
+            if where is None and len(tensor.raw_data) < EXTERNAL_MIN_BYTES:
+                if tensor.raw_data or tensor.ByteSize() < EXTERNAL_MIN_BYTES:
+                    continue
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+            f.write(b"\0" * (-f.tell() % EXTERNAL_ALIGN))
+            offset = f.tell()
+            if where is None:
+                f.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                _copy_bytes(where, f)
+            _set_location(tensor, data_path.name, offset, f.tell() - offset)
+    return out
+
+
+def _copy_bytes(where: _External, out: BinaryIO) -> None:
+    with where.path.open("rb") as src:
+        src.seek(where.offset)
+        left = where.length
+        while left:
+            block = src.read(min(COPY_CHUNK, left))
+            if not block:
+                raise InputModelError(f"external data file {where.path} ended early")
+            out.write(block)
+            left -= len(block)
 
 
 def _byte_size(model: onnx.ModelProto) -> int:

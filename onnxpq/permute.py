@@ -23,8 +23,9 @@ from onnxpq.calibration import Dataset
 from onnxpq.channels import ChannelGroup, Member, find_groups
 from onnxpq.config import CompressConfig
 from onnxpq.encode import replace_constants
-from onnxpq.graph import constant_tensors
+from onnxpq.graph import constant_tensors, serialized
 from onnxpq.layout import data_aware, input_order, unit_matrix
+from onnxpq.parallel import Workers, map_tasks
 from onnxpq.quantize import quantize_layer
 from onnxpq.selection import Candidate
 
@@ -78,8 +79,8 @@ def verify_groups(
 
     perms = {i: rng.permutation(g.size) for i, g in enumerate(groups) if not g.frozen}
     permuted = apply_permutations(model, groups, perms)
-    ref = run_session(session(model.SerializeToString()), dataset, model)
-    got = run_session(session(permuted.SerializeToString()), dataset, model)
+    ref = run_session(session(serialized(model)), dataset, model)
+    got = run_session(session(serialized(permuted)), dataset, model)
     worst = 0.0
     for r, g in zip(ref, got, strict=True):
         scale = max(float(np.max(np.abs(r))), 1e-12)
@@ -237,34 +238,48 @@ def search_group(consumers: Sequence[_Consumer], size: int, iters: int, rng: np.
 
 
 def permute_model(
-    model: onnx.ModelProto, candidates: Sequence[Candidate], *, iters: int, seed: int, progress: bool = False
+    model: onnx.ModelProto,
+    candidates: Sequence[Candidate],
+    *,
+    iters: int,
+    seed: int,
+    progress: bool = False,
+    workers: Workers | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, object]]:
-    """Find the channel groups, search each one's permutation, apply them; return the model and a report."""
-    from tqdm.auto import tqdm
+    """Find the channel groups, search each one's permutation, apply them; return the model and a report.
 
+    Groups are searched independently (each with its own seed), so ``workers`` may run them anywhere.
+    """
     groups = find_groups(model)
     by_name = {c.name: c for c in candidates if c.compressed}
     values = {name: c.to_array() for name, c in constant_tensors(model.graph).items()}
-    perms, rows = {}, []
-    free = [(i, g) for i, g in enumerate(groups) if not g.frozen]
-    for i, g in tqdm(free, desc="permute", unit="group", disable=not progress, leave=False):
+    perms, rows, searches = {}, [], []
+    for i, g in enumerate(groups):
+        if g.frozen:
+            continue
         searched = [
             (m.tensor, c)
             for m in g.consumers
             if m.tensor in by_name and (c := _consumer(m, g, by_name[m.tensor], values[m.tensor])) is not None
         ]
-        consumers = [c for _, c in searched]
         row = {"group": i, "origin": g.origin, "channels": g.size, "members": sorted({m.tensor for m in g.members})}
-        if consumers:
-            found = search_group(consumers, g.size, iters, np.random.default_rng([seed, i]))
-            row |= {
-                "consumers": sorted({name for name, _ in searched}),
-                "objective_before": found.before,
-                "objective_after": found.after,
-            }
-            if found.after < found.before:
-                perms[i] = found.perm
+        if searched:
+            row["consumers"] = sorted({name for name, _ in searched})
+            searches.append((i, row, ([c for _, c in searched], g.size, iters, np.random.default_rng([seed, i]))))
         rows.append(row)
+    found = map_tasks(
+        search_group,
+        (task for _, _, task in searches),
+        workers or Workers(),
+        total=len(searches),
+        desc="permute",
+        progress=progress,
+    )
+    for (i, row, _), result in zip(searches, found, strict=True):
+        row |= {"objective_before": result.before, "objective_after": result.after}
+        if result.after < result.before:
+            perms[i] = result.perm
+    free = [g for g in groups if not g.frozen]
     frozen: dict[str, int] = {}
     for g in groups:
         if g.frozen:

@@ -18,7 +18,8 @@ from onnxpq.config import CompressConfig
 from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
 from onnxpq.errors import ConfigError, InputModelError, UnsupportedGraphError, ValidationFailedError
 from onnxpq.finetune import finetune
-from onnxpq.graph import check_output_path, load_model, save_model, subgraph_initializer_count
+from onnxpq.graph import check_output_path, load_model, materialized, save_model, subgraph_initializer_count
+from onnxpq.parallel import Workers
 from onnxpq.permute import consumer_distortion, permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import layer_rows, pqf_sizes, sha256_file, versions, write_json
@@ -77,6 +78,39 @@ def _refuse_recompress(model: onnx.ModelProto, path: Path) -> None:
         raise InputModelError(f"{path}: already compressed by onnxpq; compress the original model instead")
 
 
+#: Operators of models that are already quantized: their integer weights are left exactly as they are.
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulNBits",
+        "MatMulIntegerToFloat",
+        "GatherBlockQuantized",
+    }
+)
+
+
+def _selection_notes(model: onnx.ModelProto, candidates: list[Candidate]) -> list[str]:
+    """Say when the input is already quantized, and when nothing at all will be compressed."""
+    notes = []
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+    if found:
+        notes.append(
+            f"the model is already quantized ({', '.join(found)}): its integer weights are left as they are; "
+            "compress the float model instead for the full gain"
+        )
+    if not any(c.compressed for c in candidates):
+        notes.append("no weight was compressed: every candidate was skipped (see skip_reason in the layer table)")
+    return notes
+
+
 def _fold_warnings(candidates: list[Candidate]) -> list[str]:
     out = []
     for c in candidates:
@@ -96,7 +130,8 @@ def _save_checked(compressed: onnx.ModelProto, original: onnx.ModelProto, target
         return save_model(compressed, target, check=True)
     except onnx.checker.ValidationError as err:
         try:
-            onnx.checker.check_model(original, full_check=True)
+            # In memory with its data: the checker rejects the absolute data locations load_model sets.
+            onnx.checker.check_model(materialized(original), full_check=True)
         except onnx.checker.ValidationError as input_err:
             notes.append(f"the input model does not pass onnx.checker either, so neither does the output: {input_err}")
             return save_model(compressed, target, check=False)
@@ -187,6 +222,17 @@ def run_validation(
             "real samples; the numbers say little about accuracy"
         )
     section = validate_compressed(original, compressed, dataset, labels=labels, measure=settings.measure)
+    for out in section["outputs"]:
+        if out["nonfinite_original"]:
+            notes.append(
+                f"the original model outputs NaN or Inf in {out['nonfinite_original']} value(s) of {out['name']!r} "
+                "on these samples; the metrics compare the finite values"
+            )
+        if out["nonfinite_mismatch"]:
+            notes.append(
+                f"output {out['name']!r}: {out['nonfinite_mismatch']} value(s) are NaN/Inf in one model and "
+                "finite in the other"
+            )
     if not section["decode_folded"]:
         notes.append(
             f"onnxruntime did not fold {len(section['unfolded_nodes'])} decode node(s): they will run "
@@ -225,7 +271,12 @@ class _Quantized:
 
 
 def _quantize(
-    model: onnx.ModelProto, candidates: list[Candidate], config: CompressConfig, calib: Dataset | None, progress: bool
+    model: onnx.ModelProto,
+    candidates: list[Candidate],
+    config: CompressConfig,
+    calib: Dataset | None,
+    progress: bool,
+    workers: Workers,
 ) -> _Quantized:
     """Statistics -> per-layer quantization (or bit allocation) -> bias correction."""
     stats = collect_stats(model, candidates, calib, progress=progress) if calib is not None else {}
@@ -242,7 +293,13 @@ def _quantize(
         results = quantize_sequential(model, candidates, config, calib, targets, first_stats=stats, progress=progress)
     else:
         results = quantize_weights(
-            model, candidates, config, stats=stats, bias_weights=frozenset(targets), progress=progress
+            model,
+            candidates,
+            config,
+            stats=stats,
+            bias_weights=frozenset(targets),
+            progress=progress,
+            workers=workers,
         )
     shifts = {n: r.shift for n, r in results.items() if r.shift is not None}
     return _Quantized(candidates, results, corrected_biases(model, targets, shifts), stats, allocation)
@@ -259,6 +316,7 @@ def compress(
     force: bool = False,
     report_path: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    workers: Workers | None = None,
 ) -> CompressResult:
     """Compress the ONNX model at ``input_path`` into ``output_path`` and report on it.
 
@@ -272,9 +330,13 @@ def compress(
     The input is never modified. The output (and its ``.report.json``) is
     written atomically. Raises ``ValidationFailedError`` after writing both when
     the accuracy gate fails, so the user can inspect what failed.
+
+    ``workers`` runs the per-layer quantization and permutation search in local
+    processes or on a Ray cluster; the output bytes are the same as a serial run's.
     """
     config = config or CompressConfig()
     validation = validation or ValidationSettings()
+    workers = workers or Workers()
     source, target = Path(input_path), Path(output_path)
     check_output_path(source, target, force=force)
     model = load_model(source)
@@ -296,15 +358,15 @@ def compress(
         # Same names and shapes afterwards: the candidates stay valid, only the values move.
         unpermuted = model
         model, permutation = permute_model(
-            model, candidates, iters=config.permute_iters, seed=config.seed, progress=progress
+            model, candidates, iters=config.permute_iters, seed=config.seed, progress=progress, workers=workers
         )
         permutation["consumer_distortion"] = consumer_distortion(unpermuted, model, candidates, config)
-    q = _quantize(model, candidates, config, calib, progress)
+    q = _quantize(model, candidates, config, calib, progress, workers)
     candidates = q.candidates
     metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
     quantized = [r.quantized for r in q.results.values()]
     compressed = encode_weights(model, quantized, metadata=metadata, constants=q.biases)
-    notes = _fold_warnings(candidates)
+    notes = _selection_notes(model, candidates) + _fold_warnings(candidates)
     tuned = None
     if config.finetune is not None:
         compressed, tuned = _finetune(model, compressed, calib, config, tune_labels, notes, progress)

@@ -10,8 +10,8 @@ caller can fold it into the bias.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -26,6 +26,7 @@ from onnxpq.encode import QuantizedWeight, replace_constants
 from onnxpq.graph import constant_tensors, display_name
 from onnxpq.kmeans import CONVERGED, Codebook, kmeans
 from onnxpq.layout import data_aware, unit_matrix, weight_from_units
+from onnxpq.parallel import Workers, map_tasks
 from onnxpq.selection import Candidate
 from onnxpq.stats import LayerStats, collect_stats
 
@@ -138,7 +139,8 @@ def quantize_layer(
     book = kmeans(units.reshape(-1, d), k, n_iter=iters, rng=rng, anneal=config.anneal)
     if metric is not None:
         book = _refine(units, book, metric, config)
-    q = QuantizedWeight(candidate, book)
+    # Kept until encoding: int64 codes of every layer would hold 8 bytes per subvector for the whole run.
+    q = QuantizedWeight(candidate, replace(book, codes=book.codes.astype(np.min_scalar_type(k - 1))))
     decoded = _decoded_units(book).reshape(units.shape)
     output_rel = shift = None
     if metric is not None:
@@ -163,17 +165,31 @@ def quantize_weights(
     stats: Mapping[str, LayerStats] | None = None,
     bias_weights: frozenset[str] = frozenset(),
     progress: bool = True,
+    workers: Workers | None = None,
 ) -> dict[str, LayerResult]:
-    """Quantize every compressible candidate, with its statistics when there are some."""
+    """Quantize every compressible candidate, with its statistics when there are some.
+
+    Layers are independent (each has its own seed), so ``workers`` may run them anywhere in any order.
+    """
     constants = constant_tensors(model.graph)
     stats = stats or {}
     todo = [c for c in candidates if c.compressed]
-    results = {}
-    for cand in tqdm(todo, desc="quantize", unit="layer", disable=not progress, leave=False):
-        correct = config.bias_correction and cand.name in bias_weights and cand.name in stats
-        array = constants[cand.name].to_array()
-        results[cand.name] = quantize_layer(array, cand, config, stats.get(cand.name), correct_bias=correct)
-    return results
+
+    def tasks() -> Iterator[tuple]:
+        for cand in todo:  # read lazily: one weight per task in flight, not the whole model
+            correct = config.bias_correction and cand.name in bias_weights and cand.name in stats
+            yield constants[cand.name].to_array(), cand, config, stats.get(cand.name), correct
+
+    results = map_tasks(
+        _quantize_task, tasks(), workers or Workers(), total=len(todo), desc="quantize", progress=progress
+    )
+    return dict(zip((c.name for c in todo), results, strict=True))
+
+
+def _quantize_task(
+    array: np.ndarray, candidate: Candidate, config: CompressConfig, stats: LayerStats | None, correct: bool
+) -> LayerResult:
+    return quantize_layer(array, candidate, config, stats, correct_bias=correct)
 
 
 def _graph_order(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> list[Candidate]:

@@ -167,6 +167,10 @@ def _first_conv(graph: onnx.GraphProto) -> str | None:
 def _check_patterns(patterns: Sequence[str], names: Sequence[str], option: str) -> None:
     """A pattern matching no node is almost always a typo: fail and show the closest names."""
     for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"{option} pattern {pattern!r} is not a valid regular expression: {err}") from None
         if not any(re.search(pattern, n) for n in names):
             close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3)
             hint = f"; close names: {', '.join(close)}" if close else ""

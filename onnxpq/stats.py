@@ -24,7 +24,7 @@ from onnx import helper
 from tqdm.auto import tqdm
 
 from onnxpq.calibration import Dataset, batches
-from onnxpq.graph import display_name
+from onnxpq.graph import display_name, serialized
 from onnxpq.layout import data_aware, input_order
 from onnxpq.selection import Candidate
 
@@ -170,7 +170,7 @@ def _probe_model(model: onnx.ModelProto, activations: Sequence[str]) -> bytes:
     for name in activations:
         if name not in outputs and name not in inputs:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    return probe.SerializeToString()
+    return serialized(probe)
 
 
 class _Probe:

@@ -61,6 +61,8 @@ class OutputMetrics:
     top1_agreement: float | None
     accuracy_original: float | None = None
     accuracy_compressed: float | None = None
+    nonfinite_original: int = 0
+    nonfinite_mismatch: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,14 @@ def _looks_like_logits(out: np.ndarray) -> bool:
 
 
 def output_metrics(name: str, ref: np.ndarray, test: np.ndarray, labels: np.ndarray | None) -> OutputMetrics:
+    """Errors over the values both models give finitely; a model that already outputs NaN or Inf would
+    otherwise turn every metric into NaN. Values finite in one model and not the other are counted."""
     ref64, test64 = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
+    finite_ref, finite_test = np.isfinite(ref64), np.isfinite(test64)
+    same_nonfinite = ~finite_ref & ~finite_test & ((ref64 == test64) | (np.isnan(ref64) & np.isnan(test64)))
+    mismatch = int(np.sum(~(finite_ref & finite_test) & ~same_nonfinite))
+    both = finite_ref & finite_test
+    ref64, test64 = ref64[both], test64[both]
     diff = ref64 - test64
     ref_norm = float(np.linalg.norm(ref64))
     denom = ref_norm * float(np.linalg.norm(test64))
@@ -132,6 +141,8 @@ def output_metrics(name: str, ref: np.ndarray, test: np.ndarray, labels: np.ndar
         top1_agreement=top1,
         accuracy_original=acc_ref,
         accuracy_compressed=acc_test,
+        nonfinite_original=int(np.sum(~finite_ref)),
+        nonfinite_mismatch=mismatch,
     )
 
 
@@ -181,6 +192,12 @@ def check_gate(outputs: Sequence[Mapping[str, Any]], metric: str, max_degradatio
             f"metric {metric!r} applies to no output of this model (top1 and accuracy need logits, "
             "accuracy also --labels)"
         )
+    for output in outputs:
+        if output.get("nonfinite_mismatch"):
+            return (
+                f"accuracy gate failed: output {output['name']!r} has {output['nonfinite_mismatch']} NaN/Inf "
+                "value(s) where the original's are finite (or the reverse)"
+            )
     for output, value in applicable:
         if value > max_degradation:
             return (
@@ -317,7 +334,7 @@ def validate_compressed(
             "compressed": to_json(comp),
             "rss_ratio": comp.peak_rss_mib / base.peak_rss_mib,
         }
-        feed = next(batches(dataset.head(1), reference))
+        feed = next(batches(dataset, reference, batch_size=1))
         lat_o, lat_c = measure_latency_ms([original, compressed], feed)
         section["latency_ms"] = {"original": lat_o, "compressed": lat_c, "ratio": lat_c / lat_o}
     return section

@@ -147,3 +147,54 @@ def calibration_lines(n: int = 256, seed: int = 0) -> np.ndarray:
         font, size = CALIB_FONTS[i % len(CALIB_FONTS)]
         images.append(render(" ".join(words), font, size))
     return preprocess(images)
+
+
+def _page(texts: list[str], fonts: list[tuple[str, int]], shape: tuple[int, int], rng: np.random.Generator):
+    """A white page with one line per text at random left offsets, and each line's ink box (x0, y0, x1, y1)."""
+    page = np.full((*shape, 3), 255, dtype=np.uint8)
+    boxes = []
+    top = int(rng.integers(10, 30))
+    for i, text in enumerate(texts):
+        font, size = fonts[i % len(fonts)]
+        line = render(text, font, size)[:, : shape[1] - 20]
+        h, w = line.shape[:2]
+        if top + h > shape[0]:
+            break
+        left = int(rng.integers(0, max(1, shape[1] - w)))
+        page[top : top + h, left : left + w] = line
+        ink = np.argwhere(line.min(axis=2) < 128)
+        (y0, x0), (y1, x1) = ink.min(axis=0), ink.max(axis=0)
+        boxes.append((left + x0, top + y0, left + x1 + 1, top + y1 + 1))
+        top += h + int(rng.integers(5, 40))
+    return page, boxes
+
+
+def eval_pages(n: int = 6, seed: int = 1) -> list[tuple[np.ndarray, list[tuple[int, int, int, int]]]]:
+    """Pages of evaluation lines (600x800, every evaluation font) with their ground-truth line boxes."""
+    rng = np.random.default_rng(seed)
+    pages = []
+    for i in range(n):
+        texts = [EVAL_LINES[(i * 5 + j) % len(EVAL_LINES)] for j in range(10)]
+        fonts = EVAL_FONTS[i % len(EVAL_FONTS) :] + EVAL_FONTS[: i % len(EVAL_FONTS)]
+        pages.append(_page(texts, fonts, (600, 800), rng))
+    return pages
+
+
+def calibration_pages(n: int = 64, seed: int = 0) -> np.ndarray:
+    """``n`` 320x480 pages of calibration words, normalised as RapidOCR feeds its detector ((x - 0.5) / 0.5)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        texts = [" ".join(rng.choice(CALIB_WORDS, size=rng.integers(1, 5))) for _ in range(6)]
+        page, _ = _page(texts, CALIB_FONTS, (320, 480), rng)
+        out.append(((page.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two axis-aligned boxes (x0, y0, x1, y1)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -1,0 +1,165 @@
+"""Run independent per-layer tasks serially, in local processes, or on a Ray cluster.
+
+Quantizing one weight and searching one channel group's permutation each depend
+only on that layer's arrays, a seed derived from its name, and the config: they
+are embarrassingly parallel, and any schedule gives the same bytes as the serial
+run. Each task ships its own arrays (a layer's weight and statistics), never the
+model, and at most a few tasks are in flight at once, so memory stays at a few
+layers however large the model is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+from onnxpq.errors import ConfigError
+
+__all__ = ["Workers", "map_tasks"]
+
+T = TypeVar("T")
+
+#: Tasks in flight per worker: enough to keep workers busy, few enough to bound the arrays in transit.
+IN_FLIGHT_PER_WORKER = 2
+#: Environment variables that size the BLAS/OpenMP pools of worker processes.
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Workers:
+    """Where per-layer tasks run; never changes the output bytes, so it is not part of ``CompressConfig``.
+
+    Parameters
+    ----------
+    jobs : local worker processes; 1 runs every task in this process.
+    ray_address : a Ray cluster to run the tasks on ("auto", "ray://host:10001", or "local" to
+        start a single-machine cluster here); needs the ``distributed`` extra. Overrides ``jobs``.
+    """
+
+    jobs: int = 1
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs {self.jobs} must be >= 1")
+
+
+def map_tasks(
+    fn: Callable[..., T],
+    tasks: Iterable[tuple[Any, ...]],
+    workers: Workers,
+    *,
+    total: int,
+    desc: str,
+    progress: bool = False,
+) -> list[T]:
+    """``[fn(*args) for args in tasks]``, in order, run where ``workers`` says.
+
+    ``tasks`` may be a generator: each task's arrays are read only when it is submitted.
+    """
+    bar = tqdm(total=total, desc=desc, unit="layer", disable=not progress, leave=False)
+    with bar:
+        if workers.ray_address is not None:
+            return _on_ray(fn, tasks, workers.ray_address, bar)
+        if workers.jobs > 1 and total > 1:
+            return _in_processes(fn, tasks, min(workers.jobs, total), bar)
+        results = []
+        for args in tasks:
+            results.append(fn(*args))
+            bar.update()
+        return results
+
+
+@contextlib.contextmanager
+def _thread_limit(threads: int) -> Iterator[None]:
+    """Workers inherit the environment when they start: give each its share of the cores, not all of them."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update(dict.fromkeys(THREAD_VARS, str(threads)))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _in_processes(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], jobs: int, bar: tqdm) -> list[T]:
+    # spawn, not fork: the parent may hold onnxruntime or torch thread pools that fork would copy half-alive.
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    results: dict[int, T] = {}
+    with _thread_limit(threads), ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        pending: dict[Future, int] = {}
+        for index, args in enumerate(tasks):
+            if len(pending) >= jobs * IN_FLIGHT_PER_WORKER:
+                _collect(pending, results, bar)
+            pending[pool.submit(fn, *args)] = index
+        while pending:
+            _collect(pending, results, bar)
+    return [results[i] for i in range(len(results))]
+
+
+def _collect(pending: dict[Future, int], results: dict[int, Any], bar: tqdm) -> None:
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    for future in done:
+        results[pending.pop(future)] = future.result()
+        bar.update()
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray-address needs Ray: pip install 'onnxpq[distributed]'") from None
+    return ray
+
+
+@contextlib.contextmanager
+def _ray_session(address: str) -> Iterator[Any]:
+    """Connect to (or start, for "local") a Ray cluster; disconnect afterwards only if we connected."""
+    ray = _ray()
+    owned = not ray.is_initialized()
+    if owned:
+        try:
+            ray.init(
+                address=None if address == "local" else address,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ConfigError(f"cannot connect to the Ray cluster at {address!r}: {err}") from None
+    try:
+        yield ray
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _on_ray(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], address: str, bar: tqdm) -> list[T]:
+    with _ray_session(address) as ray:
+        remote = ray.remote(num_cpus=1)(fn)
+        limit = max(1, int(ray.cluster_resources().get("CPU", 1))) * IN_FLIGHT_PER_WORKER
+        results: dict[int, T] = {}
+        pending: dict[Any, int] = {}
+        for index, args in enumerate(tasks):
+            if len(pending) >= limit:
+                _collect_ray(ray, pending, results, bar)
+            pending[remote.remote(*args)] = index
+        while pending:
+            _collect_ray(ray, pending, results, bar)
+    return [results[i] for i in range(len(results))]
+
+
+def _collect_ray(ray: Any, pending: dict[Any, int], results: dict[int, Any], bar: tqdm) -> None:
+    (ref,), _ = ray.wait(list(pending), num_returns=1)
+    results[pending.pop(ref)] = ray.get(ref)
+    bar.update()
