@@ -154,6 +154,14 @@ def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Genera
         means, counts = _update(x, codes, n_clusters)
         centroids = _reseed_empty(x, means, counts, dist)
         codes, dist = assign(x, centroids)
-    # Exact residuals: the expanded distance above loses precision to cancellation.
-    inertia = float(np.sum((x - centroids[codes]).astype(np.float64) ** 2))
-    return Codebook(centroids=centroids, codes=codes, inertia=inertia)
+    return Codebook(centroids=centroids, codes=codes, inertia=residual_energy(x, centroids, codes))
+
+
+def residual_energy(x: np.ndarray, centroids: np.ndarray, codes: np.ndarray) -> float:
+    """Σ ‖x_i - c_{codes_i}‖², exact (the expanded distance of ``assign`` loses precision to cancellation),
+    in float64 a chunk of rows at a time so a large layer needs no float64 copy of itself."""
+    total = 0.0
+    for start in range(0, len(x), CHUNK * 64):
+        diff = (x[start : start + CHUNK * 64] - centroids[codes[start : start + CHUNK * 64]]).astype(np.float64)
+        total += float(np.einsum("ij,ij->", diff, diff))
+    return total

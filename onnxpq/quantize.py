@@ -24,7 +24,7 @@ from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
 from onnxpq.encode import QuantizedWeight, replace_constants
 from onnxpq.graph import constant_tensors, display_name
-from onnxpq.kmeans import CONVERGED, Codebook, kmeans
+from onnxpq.kmeans import CONVERGED, Codebook, kmeans, residual_energy
 from onnxpq.layout import data_aware, unit_matrix, weight_from_units
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.selection import Candidate
@@ -71,10 +71,24 @@ def layer_rng(seed: int, weight: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(weight.encode())])
 
 
+def _sum_squares(a: np.ndarray, b: np.ndarray | None = None, chunk: int = 1 << 22) -> float:
+    """Σ (a - b)², accumulated in float64 a chunk at a time: a whole-layer float64 copy of a
+    256 MiB weight would cost 1.5 GB of the layer's working set."""
+    flat_a = a.reshape(-1)
+    flat_b = None if b is None else b.reshape(-1)
+    total = 0.0
+    for start in range(0, flat_a.size, chunk):
+        x = flat_a[start : start + chunk].astype(np.float64)
+        if flat_b is not None:
+            x -= flat_b[start : start + chunk]
+        total += float(np.dot(x, x))
+    return total
+
+
 def weight_error(original: np.ndarray, decoded: np.ndarray, output_rel: float | None = None) -> LayerError:
     """Signal-to-quantization-noise ratio of a weight, in dB, and its relative L2 error."""
-    signal = float(np.sum(original.astype(np.float64) ** 2))
-    noise = float(np.sum((original.astype(np.float64) - decoded) ** 2))
+    signal = _sum_squares(original)
+    noise = _sum_squares(original, decoded)
     if noise == 0.0:
         return LayerError(float("inf"), 0.0, output_rel)
     if signal == 0.0:
@@ -118,7 +132,7 @@ def _refine(units: np.ndarray, book: Codebook, h: np.ndarray, config: CompressCo
     if config.refit:
         centroids = output_aware.refit(units, codes, centroids, h)
     centroids = centroids.astype(np.float32)
-    inertia = float(np.sum((units.reshape(-1, d) - centroids[codes]).astype(np.float64) ** 2))
+    inertia = residual_energy(units.reshape(-1, d), centroids, codes)
     return Codebook(centroids=centroids, codes=codes, inertia=inertia)
 
 

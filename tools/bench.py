@@ -56,6 +56,7 @@ from bench_quantize import (
     constants_to_initializers,
     int8_model,
     parameters,
+    rapidocr_model,
     rtn_model,
 )
 
@@ -77,17 +78,10 @@ class PpOcrRecLines(PpOcrRec):
     40x faster than the full pipeline of bench_quantize.py, and it measures the recognizer only.
     """
 
-    def metrics(self, path: Path) -> dict[str, float]:
-        from ocr_data import edit_distance
-        from rapidocr_onnxruntime import RapidOCR
-
-        engine = RapidOCR(rec_model_path=str(path))
-        errors = total = 0
-        for text, rgb in self.lines:
-            result, _ = engine(np.ascontiguousarray(rgb[:, :, ::-1]), use_det=False, use_cls=False, use_rec=True)
-            errors += edit_distance(text, result[0][0].strip() if result else "")
-            total += len(text)
-        return {"char_accuracy": 1.0 - errors / total}
+    @staticmethod
+    def read(engine, bgr: np.ndarray) -> str:
+        result, _ = engine(bgr, use_det=False, use_cls=False, use_rec=True)
+        return result[0][0].strip() if result else ""
 
 
 class PpOcrDet(Task):
@@ -97,9 +91,8 @@ class PpOcrDet(Task):
 
     def __init__(self, work: Path) -> None:
         from ocr_data import calibration_pages, eval_pages
-        from wheels import fetch_wheel
 
-        self.source = fetch_wheel("rapidocr-onnxruntime") / "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+        self.source = rapidocr_model("det")
         self.calibration = work / "pages_calib.npz"
         np.savez(self.calibration, x=calibration_pages())
         self.pages = eval_pages()

@@ -198,14 +198,20 @@ class MobileNet(Task):
         }
 
 
+def rapidocr_model(role: str) -> Path:
+    """PP-OCRv4's ``rec`` or ``det`` model from the pinned rapidocr-onnxruntime wheel."""
+    from wheels import fetch_wheel
+
+    return fetch_wheel("rapidocr-onnxruntime") / f"rapidocr_onnxruntime/models/ch_PP-OCRv4_{role}_infer.onnx"
+
+
 class PpOcrRec(Task):
     name = "PP-OCRv4 rec"
 
     def __init__(self, work: Path) -> None:
         from ocr_data import calibration_lines, eval_lines
-        from wheels import fetch_wheel
 
-        self.source = fetch_wheel("rapidocr-onnxruntime") / "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
+        self.source = rapidocr_model("rec")
         self.calibration = work / "lines_calib.npz"
         np.savez(self.calibration, x=calibration_lines())
         self.lines = eval_lines()
@@ -218,11 +224,15 @@ class PpOcrRec(Task):
         engine = RapidOCR(rec_model_path=str(path))
         errors = total = 0
         for text, rgb in self.lines:
-            result, _ = engine(np.ascontiguousarray(rgb[:, :, ::-1]))
-            got = " ".join(r[1] for r in result or [])
-            errors += edit_distance(text, got)
+            errors += edit_distance(text, self.read(engine, np.ascontiguousarray(rgb[:, :, ::-1])))
             total += len(text)
         return {"char_accuracy": 1.0 - errors / total}
+
+    @staticmethod
+    def read(engine, bgr: np.ndarray) -> str:
+        """The text RapidOCR's full pipeline (detection, then recognition) finds in one line image."""
+        result, _ = engine(bgr)
+        return " ".join(r[1] for r in result or [])
 
 
 class MiniLM(Task):
