@@ -55,6 +55,7 @@ PROTOBUF_LIMIT = 2**31 - 2**26
 EXTERNAL_MIN_BYTES = 1024
 #: Offsets in the data file are aligned so onnxruntime can map each tensor directly.
 EXTERNAL_ALIGN = 4096
+#: Bytes copied at a time when external data is streamed from the input to the output.
 COPY_CHUNK = 64 << 20
 
 

@@ -274,8 +274,9 @@ def _table(rows: list[dict]) -> list[str]:
         if r.get("infeasible"):
             lines.append(f"| {r['method']} | {target} | infeasible: {r['infeasible']} |" + " |" * (len(head) - 3))
             continue
+        method = r["method"] + (f" ({r['finetune_steps']} steps)" if "finetune_steps" in r else "")
         cells = [
-            r["method"],
+            method,
             target,
             f"{r['bpw_all']:.3f}",
             f"{r['file_mib']:.3f}",
@@ -302,8 +303,10 @@ def markdown(results: dict[str, list[dict]], commands: dict[str, str], suffix: s
         "  rows are dense fake-quant: their bits/weight is what a packed format would need, their file is fp32.",
         "- **ratio** is the fp32 file over this file. **load** and **peak RSS** are onnxruntime session creation",
         "  in a fresh process (median of 5, 3 with `--quick`), **latency** one warm `run` of one sample, each",
-        "  divided by fp32's in the same run. Sub-millisecond latencies and 1-repeat loads are noisy.",
-        "- **compress s** is the wall time of one compression (fine-tune rows: quantization plus distillation).",
+        "  divided by fp32's in the same run. Ratios of loads of a few milliseconds (MNIST, PP-OCR) and of",
+        "  sub-millisecond latencies are mostly noise.",
+        "- **compress s** is the wall time of one compression (fine-tune rows: quantization plus distillation,",
+        "  with the steps that fitted the budget in brackets; the exported step is the best on held-out samples).",
     ]
     for model, rows in results.items():
         lines += ["", f"## {model}", "", f"`{commands.get(model, '')}`", "", *_table(rows)]
@@ -317,8 +320,12 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 4), squeeze=False)
-    for ax, (model, rows) in zip(axes[0], results.items(), strict=True):
+    cols = min(3, len(results))
+    grid = -(-len(results) // cols)
+    fig, axes = plt.subplots(grid, cols, figsize=(5.5 * cols, 4.5 * grid), squeeze=False)
+    for ax in axes.ravel()[len(results) :]:
+        ax.set_visible(False)
+    for ax, (model, rows) in zip(axes.ravel(), results.items(), strict=False):
         metric = _metric_keys(rows)[0]
         done = [r for r in rows if not r.get("infeasible") and r["method"] != "fp32"]
         for method in dict.fromkeys(r["method"] for r in done if r.get("target_bpw")):
@@ -354,17 +361,25 @@ def main(argv: list[str] | None = None) -> None:
     saved = json.loads(saved_file.read_text()) if saved_file.exists() else {}
     results: dict[str, list[dict]] = saved.get("results", {})
     commands: dict[str, str] = saved.get("commands", {})
+
+    def write(row: dict | None = None) -> None:
+        """Written after every row, so a long run that stops early still leaves its numbers, marked so."""
+        if row is not None:
+            print(json.dumps(row), flush=True)
+        saved_file.write_text(json.dumps({"commands": commands, "results": results}, indent=2) + "\n")
+        (args.out / f"BENCHMARKS{suffix.upper()}.md").write_text(markdown(results, commands, suffix))
+
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
             work = Path(tmp) / key
             work.mkdir()
-            bench = Bench(TASKS[key](work), work, args.quick, lambda r: print(json.dumps(r), flush=True))
-            results[bench.task.name] = run(bench, args.targets, args.finetune_time, samples)
+            bench = Bench(TASKS[key](work), work, args.quick, write)
+            results[bench.task.name] = bench.rows
+            commands[bench.task.name] = f"{command}  # incomplete: the run stopped before this model finished"
+            run(bench, args.targets, args.finetune_time, samples)
             commands[bench.task.name] = command
-            # Written after every model, so a long run that stops early still leaves its numbers.
-            saved_file.write_text(json.dumps({"commands": commands, "results": results}, indent=2) + "\n")
-            (args.out / f"BENCHMARKS{suffix.upper()}.md").write_text(markdown(results, commands, suffix))
+            write()
     plot(results, args.out / f"bench_rate{suffix}.png")
     print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
