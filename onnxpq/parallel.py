@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
@@ -95,23 +96,42 @@ def _thread_limit(threads: int) -> Iterator[None]:
 def _in_processes(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], jobs: int, bar: tqdm) -> list[T]:
     # spawn, not fork: the parent may hold onnxruntime or torch thread pools that fork would copy half-alive.
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    results: dict[int, T] = {}
     with _thread_limit(threads), ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        pending: dict[Future, int] = {}
-        for index, args in enumerate(tasks):
-            if len(pending) >= jobs * IN_FLIGHT_PER_WORKER:
-                _collect(pending, results, bar)
-            pending[pool.submit(fn, *args)] = index
-        while pending:
-            _collect(pending, results, bar)
+
+        def first_done(pending: Iterable[Future]) -> list[tuple[Future, Any]]:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            return [(future, future.result()) for future in done]
+
+        return _bounded(partial(pool.submit, fn), first_done, tasks, jobs * IN_FLIGHT_PER_WORKER, bar)
+
+
+def _bounded(
+    submit: Callable[..., Any],
+    first_done: Callable[[Iterable[Any]], list[tuple[Any, Any]]],
+    tasks: Iterable[tuple[Any, ...]],
+    limit: int,
+    bar: tqdm,
+) -> list[Any]:
+    """Submit tasks with at most ``limit`` in flight and return their results in task order.
+
+    ``submit(*args)`` starts one task and returns a handle; ``first_done(handles)`` blocks until some finish and
+    returns (handle, result) pairs: the one loop both the process pool and Ray run.
+    """
+    results: dict[int, Any] = {}
+    pending: dict[Any, int] = {}
+
+    def collect() -> None:
+        for handle, value in first_done(list(pending)):
+            results[pending.pop(handle)] = value
+            bar.update()
+
+    for index, args in enumerate(tasks):
+        if len(pending) >= limit:
+            collect()
+        pending[submit(*args)] = index
+    while pending:
+        collect()
     return [results[i] for i in range(len(results))]
-
-
-def _collect(pending: dict[Future, int], results: dict[int, Any], bar: tqdm) -> None:
-    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-    for future in done:
-        results[pending.pop(future)] = future.result()
-        bar.update()
 
 
 def _ray() -> Any:
@@ -148,18 +168,9 @@ def _on_ray(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], address: str
     with _ray_session(address) as ray:
         remote = ray.remote(num_cpus=1)(fn)
         limit = max(1, int(ray.cluster_resources().get("CPU", 1))) * IN_FLIGHT_PER_WORKER
-        results: dict[int, T] = {}
-        pending: dict[Any, int] = {}
-        for index, args in enumerate(tasks):
-            if len(pending) >= limit:
-                _collect_ray(ray, pending, results, bar)
-            pending[remote.remote(*args)] = index
-        while pending:
-            _collect_ray(ray, pending, results, bar)
-    return [results[i] for i in range(len(results))]
 
+        def first_done(pending: Iterable[Any]) -> list[tuple[Any, Any]]:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            return [(ref, ray.get(ref))]
 
-def _collect_ray(ray: Any, pending: dict[Any, int], results: dict[int, Any], bar: tqdm) -> None:
-    (ref,), _ = ray.wait(list(pending), num_returns=1)
-    results[pending.pop(ref)] = ray.get(ref)
-    bar.update()
+        return _bounded(remote.remote, first_done, tasks, limit, bar)

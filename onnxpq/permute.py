@@ -279,12 +279,17 @@ def permute_model(
         row |= {"objective_before": result.before, "objective_after": result.after}
         if result.after < result.before:
             perms[i] = result.perm
-    free = [g for g in groups if not g.frozen]
     frozen: dict[str, int] = {}
     for g in groups:
         if g.frozen:
             frozen[g.frozen] = frozen.get(g.frozen, 0) + 1
-    report = {"groups": len(groups), "free": len(free), "permuted": len(perms), "rows": rows, "frozen": frozen}
+    report = {
+        "groups": len(groups),
+        "free": sum(not g.frozen for g in groups),
+        "permuted": len(perms),
+        "rows": rows,
+        "frozen": frozen,
+    }
     return apply_permutations(model, groups, perms), report
 
 

@@ -70,6 +70,21 @@ def make_model(path: Path, layers: int, width: int, expand: int, seed: int = 0) 
     return size
 
 
+def compress_command(source: Path, target: Path, *extra: str) -> list[str]:
+    """``onnxpq compress SOURCE TARGET --no-validate --force EXTRA...`` as a child-process command."""
+    return [
+        sys.executable,
+        "-m",
+        "onnxpq.cli",
+        "compress",
+        str(source),
+        str(target),
+        "--no-validate",
+        "--force",
+        *extra,
+    ]
+
+
 def run_measured(command: list[str]) -> tuple[int, float, float]:
     """Exit code, wall seconds and peak RSS (MiB) of a child process."""
     start = time.perf_counter()
@@ -88,8 +103,7 @@ SCENARIOS = {
 
 def compress_measured(source: Path, target: Path, extra: list[str], iters: int, jobs: int) -> dict:
     """One ``onnxpq compress`` child process: its peak RSS, time and output."""
-    command = [sys.executable, "-m", "onnxpq.cli", "compress", str(source), str(target), "--no-validate", "--force"]
-    command += ["--kmeans-iters", str(iters), "--jobs", str(jobs), *extra]
+    command = compress_command(source, target, "--kmeans-iters", str(iters), "--jobs", str(jobs), *extra)
     code, seconds, peak = run_measured(command)
     if code != 0:
         raise SystemExit(f"onnxpq exited with {code}")

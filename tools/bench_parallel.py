@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_large import make_model
+from bench_large import compress_command, make_model
 
 from onnxpq.report import versions
 
@@ -34,8 +34,7 @@ RUNS = {"serial": [], "--jobs 2": ["--jobs", "2"], "Ray, local cluster": ["--ray
 
 def timed(source: Path, target: Path, extra: list[str]) -> tuple[float, str]:
     start = time.perf_counter()
-    command = [sys.executable, "-m", "onnxpq.cli", "compress", str(source), str(target), "--no-validate", "--force"]
-    subprocess.run([*command, *extra], check=True, capture_output=True)
+    subprocess.run(compress_command(source, target, *extra), check=True, capture_output=True)
     return time.perf_counter() - start, hashlib.sha256(target.read_bytes()).hexdigest()
 
 
