@@ -139,7 +139,7 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
     )
     f.add_argument("--finetune-batch", type=int, default=16, metavar="N", help="samples per step (default 16)")
     f.add_argument(
-        "--finetune-lr", type=float, default=3e-4, metavar="LR", help="peak Adam learning rate (default 3e-4)"
+        "--finetune-lr", type=float, default=1e-4, metavar="LR", help="peak Adam learning rate (default 1e-4)"
     )
     f.add_argument("--finetune-loss", choices=LOSSES, default="auto", help="distillation loss (default: per output)")
     f.add_argument(
@@ -148,6 +148,11 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="W",
         help="also match every compressed layer's output to the original's, with weight W (default 0: off)",
+    )
+    f.add_argument(
+        "--finetune-no-mixup",
+        action="store_true",
+        help="train on the calibration samples as they are, not on blends of two (blending needs float inputs)",
     )
     f.add_argument(
         "--calibration-labels",
@@ -249,6 +254,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
         lr=args.finetune_lr,
         loss=args.finetune_loss,
         features=args.finetune_features,
+        mixup=not args.finetune_no_mixup,
     )
 
 

@@ -46,17 +46,21 @@ class FinetuneConfig:
     features : weight of intermediate-feature matching: the output of every layer with a
         codebook is pulled towards the original's (relative squared error); 0 turns it off.
         Selection of the best step still uses the model outputs only.
+    mixup : train on blends of two calibration samples (a random weight per pair), with the
+        original run on each blend, instead of on the samples with their outputs cached; only
+        when every model input is floating point (token ids cannot blend).
     """
 
     steps: int | None = None
     time_s: float | None = None
     batch_size: int = 16
-    lr: float = 3e-4
+    lr: float = 1e-4
     holdout: float = 0.1
     eval_every: int = 25
     loss: str = "auto"
     recalibrate_bn: bool = True
     features: float = 0.0
+    mixup: bool = True
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:

@@ -117,13 +117,14 @@ def _unary(fn: Callable[[Tensor], Tensor]) -> Op:
 
 
 def _clip(attrs: dict, x: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
+    """One ``clamp`` with Python bounds: maximum/minimum against tensors split the gradient at ties,
+    and their backward (where, eq, div) cost MobileNetV2's ReLU6s as much as its convolutions."""
     lo = lo if lo is not None else attrs.get("min")
     hi = hi if hi is not None else attrs.get("max")
-    if lo is not None:
-        x = torch.maximum(x, torch.as_tensor(lo, dtype=x.dtype))
-    if hi is not None:
-        x = torch.minimum(x, torch.as_tensor(hi, dtype=x.dtype))
-    return x
+    bounds = [b.item() if isinstance(b, Tensor) and b.numel() == 1 else b for b in (lo, hi)]
+    if any(isinstance(b, Tensor) for b in bounds):
+        return torch.clamp(x, *[torch.as_tensor(b, dtype=x.dtype) if b is not None else None for b in bounds])
+    return torch.clamp(x, *bounds) if any(b is not None for b in bounds) else x
 
 
 def _hard_sigmoid(attrs: dict, x: Tensor) -> Tensor:
@@ -231,6 +232,8 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 def _conv(attrs: dict, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     n = w.dim() - 2
+    if n == 2:  # oneDNN's 2-D convolutions (backward most of all) are faster on channels-last activations.
+        x = x.contiguous(memory_format=torch.channels_last)
     x, padding = _pad_input(x, _spatial_pads(attrs, x, w.shape[2:]))
     return _CONV[n](
         x,

@@ -4,7 +4,8 @@ With the codes fixed, the codebooks, biases, normalisation parameters and the
 layers left in float are trained so the compressed model reproduces the
 original's outputs on the calibration samples. Each codeword's gradient is the
 sum over the subvectors that use it (``index_select`` in the executor does
-that). The teacher is the original model run by onnxruntime, once, up front.
+that). The teacher is the original model run by onnxruntime: on every training
+batch when the inputs can be blended (``_Mixup``), else once, up front.
 
 Rules, in order:
 
@@ -148,29 +149,50 @@ def _term(kind: str, student: torch.Tensor, teacher: torch.Tensor, scale: float)
 
 
 def _label_term(kind: str, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative log-likelihood of the labels (shape of ``labels``)."""
     log_p = torch.log(student.clamp_min(1e-12)) if kind == "kl-probs" else F.log_softmax(student, -1)
-    return F.nll_loss(log_p.reshape(-1, log_p.shape[-1]), labels.reshape(-1))
+    nll = F.nll_loss(log_p.reshape(-1, log_p.shape[-1]), labels.reshape(-1), reduction="none")
+    return nll.reshape(labels.shape)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What one forward pass trains on: the inputs, the teacher's outputs for them, and labels.
+
+    ``labels`` pairs class indices with their per-sample weights: one pair for
+    plain samples, two (weights lambda and 1 - lambda) for a mixup blend.
+    """
+
+    feeds: dict[str, torch.Tensor]
+    teacher: list[torch.Tensor | None]
+    labels: list[tuple[torch.Tensor, torch.Tensor]] | None
 
 
 @dataclass(frozen=True)
 class _Targets:
-    """Teacher outputs and labels as tensors, with the loss kind and scale per output."""
+    """Teacher outputs (cached, one per calibration sample) and labels, with the loss kind and scale per output."""
 
     outputs: list[torch.Tensor | None]
     kinds: list[str | None]
     scales: list[float]
     labels: torch.Tensor | None
 
-    def loss(self, student: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(())
-        for s, t, kind, scale in zip(student, self.outputs, self.kinds, self.scales, strict=True):
+    def teacher_at(self, index: torch.Tensor) -> list[torch.Tensor | None]:
+        return [t[index] if t is not None else None for t in self.outputs]
+
+    def labels_at(self, index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        return None if self.labels is None else [(self.labels[index], torch.ones(len(index)))]
+
+    def loss(self, student: Sequence[torch.Tensor], batch: _Batch) -> torch.Tensor:
+        total = torch.zeros((), device=student[0].device)
+        for s, t, kind, scale in zip(student, batch.teacher, self.kinds, self.scales, strict=True):
             if kind is not None:
-                total = total + _term(kind, s.float(), t[index].to(s.device), scale)
-        if self.labels is not None:
+                total = total + _term(kind, s.float(), t.to(s.device), scale)
+        if batch.labels is not None:
             first = next(i for i, k in enumerate(self.kinds) if k in ("kl-probs", "kl-logits"))
-            total = total + _label_term(
-                self.kinds[first], student[first].float(), self.labels[index].to(student[0].device)
-            )
+            for labels, weight in batch.labels:
+                nll = _label_term(self.kinds[first], student[first].float(), labels.to(student[0].device))
+                total = total + (nll * weight.to(nll.device).reshape(-1, *[1] * (nll.dim() - 1))).mean()
         return total
 
 
@@ -202,16 +224,60 @@ class _Runner:
     def chunks(self, index: np.ndarray) -> list[torch.Tensor]:
         return [torch.from_numpy(index[i : i + self.micro]) for i in range(0, len(index), self.micro)]
 
-    def forward(self, index: torch.Tensor, outputs: Sequence[str] | None = None) -> list[torch.Tensor]:
-        feeds = {n: a[index].to(self.device) for n, a in self.inputs.items() if n in self.module.input_names}
-        return self.module(outputs, **feeds)
+    def feeds(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: a[index] for n, a in self.inputs.items()}
+
+    def forward(self, feeds: dict[str, torch.Tensor], outputs: Sequence[str] | None = None) -> list[torch.Tensor]:
+        used = {n: a.to(self.device) for n, a in feeds.items() if n in self.module.input_names}
+        return self.module(outputs, **used)
+
+    def cached(self, targets: _Targets, index: torch.Tensor) -> _Batch:
+        """The calibration samples themselves, with the teacher outputs computed up front."""
+        return _Batch(self.feeds(index), targets.teacher_at(index), targets.labels_at(index))
 
     def mean_loss(self, targets: _Targets, index: np.ndarray) -> float:
         total = 0.0
         with torch.no_grad():
             for chunk in self.chunks(index):
-                total += float(targets.loss(self.forward(chunk), chunk)) * len(chunk)
+                batch = self.cached(targets, chunk)
+                total += float(targets.loss(self.forward(batch.feeds), batch)) * len(chunk)
         return total / len(index)
+
+
+@dataclass(frozen=True)
+class _Mixup:
+    """Fresh inputs every step: two calibration samples blended, the teacher run on the blend.
+
+    A few hundred samples with their outputs cached are soon memorised; the
+    compressed model then matches the original there and drifts elsewhere.
+    Blends x = lam * a + (1 - lam) * b with lam ~ U(0, 1) keep the inputs on
+    the segments between real samples and give the teacher's answer on each
+    (function matching, Beyer et al. 2022), so every step brings new targets.
+    Only for models whose inputs are all floating point: token ids cannot blend.
+    """
+
+    teacher: Any  # onnxruntime.InferenceSession of the original model
+    rng: np.random.Generator
+
+    def batch(self, runner: _Runner, targets: _Targets, index: torch.Tensor, partner: torch.Tensor) -> _Batch:
+        lam = torch.from_numpy(self.rng.uniform(size=len(index)).astype(np.float32))
+        feeds = {}
+        for name, a in runner.inputs.items():
+            weight = lam.reshape(-1, *[1] * (a.dim() - 1)).to(a.dtype)
+            feeds[name] = weight * a[index] + (1 - weight) * a[partner]
+        names = [o.name for o in self.teacher.get_outputs()]
+        outputs = self.teacher.run(names, {n: v.numpy() for n, v in feeds.items()})
+        teacher = [
+            torch.from_numpy(np.asarray(o)).float() if k else None for o, k in zip(outputs, targets.kinds, strict=True)
+        ]
+        labels = None
+        if targets.labels is not None:
+            labels = [(targets.labels[index], lam), (targets.labels[partner], 1 - lam)]
+        return _Batch(feeds, teacher, labels)
+
+
+def _can_mix(dataset: Dataset) -> bool:
+    return all(np.issubdtype(a.dtype, np.floating) for a in dataset.arrays.values())
 
 
 @dataclass(frozen=True)
@@ -222,9 +288,9 @@ class _FeatureMatch:
     names: list[str]
     weight: float
 
-    def loss(self, student: Sequence[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    def loss(self, student: Sequence[torch.Tensor], feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
-            targets = self.teacher.forward(index, self.names)
+            targets = self.teacher.forward(feeds, self.names)
         terms = [
             (s - t).square().sum() / t.square().sum().clamp_min(1e-12) for s, t in zip(student, targets, strict=True)
         ]
@@ -244,7 +310,7 @@ def _check_executor(runner: _Runner, model: onnx.ModelProto, dataset: Dataset) -
         session(serialized(model)), Dataset({k: v[first] for k, v in dataset.arrays.items()}, "check"), model
     )
     with torch.no_grad():
-        got = runner.forward(torch.from_numpy(first))
+        got = runner.forward(runner.feeds(torch.from_numpy(first)))
     for name, want, have in zip(runner.module.output_names, expected, got, strict=True):
         if not np.issubdtype(want.dtype, np.floating):
             continue
@@ -263,7 +329,7 @@ def _moments(runner: _Runner, names: list[str], index: np.ndarray) -> list[tuple
     count = [0] * len(names)
     with torch.no_grad():
         for chunk in runner.chunks(index):
-            for i, x in enumerate(runner.forward(chunk, names)):
+            for i, x in enumerate(runner.forward(runner.feeds(chunk), names)):
                 dims = [d for d in range(x.dim()) if d != 1]
                 x = x.double()
                 sums[i] = sums[i] + x.sum(dims)
@@ -366,7 +432,8 @@ def finetune(
     names = trainable_constants(compressed)
     student = OnnxModule(compressed, names).to(device)
     micro = _micro_batch(compressed, config.batch_size)
-    teacher_out = run_session(session(serialized(original)), dataset, original)
+    teacher_session = session(serialized(original))
+    teacher_out = run_session(teacher_session, dataset, original)
     train, held = _split(dataset.n_samples, config.holdout, rng)
     targets = _targets(compressed, teacher_out, config.loss, labels, train)
     runner = _Runner(student, dataset, micro, device)
@@ -382,7 +449,8 @@ def finetune(
         statistics = _recalibrated_statistics(runner, teacher, compressed, train)
         for name, value in statistics.items():
             student.set_constant(name, value)
-    history = _train(runner, targets, features, train, held, config, rng, progress)
+    mixup = _Mixup(teacher_session, rng) if config.mixup and _can_mix(dataset) else None
+    history = _train(runner, targets, features, mixup, train, held, config, rng, progress)
     tuned, history["loss_exported"] = _export(runner, history.pop("best_state"), targets, held if len(held) else train)
     out = onnx.ModelProto()
     out.CopyFrom(compressed)
@@ -393,6 +461,7 @@ def finetune(
         "loss_kinds": dict(zip([o.name for o in compressed.graph.output], targets.kinds, strict=True)),
         "trainable": {"tensors": len(names), "values": int(sum(p.numel() for p in student.params))},
         "batchnorm_recalibrated": len(statistics) // 2,
+        "mixup": mixup is not None,
         "seconds": time.perf_counter() - started,
         **history,
     }
@@ -417,6 +486,7 @@ def _train(
     runner: _Runner,
     targets: _Targets,
     features: _FeatureMatch | None,
+    mixup: _Mixup | None,
     train: np.ndarray,
     held: np.ndarray,
     config: FinetuneConfig,
@@ -447,10 +517,14 @@ def _train(
         optimiser.zero_grad(set_to_none=True)
         train_loss = 0.0
         for chunk in runner.chunks(batch):
-            outputs = runner.forward(chunk, names)
-            loss = targets.loss(outputs[:n_outputs], chunk)
+            if mixup is not None:
+                sample = mixup.batch(runner, targets, chunk, torch.from_numpy(rng.choice(train, len(chunk))))
+            else:
+                sample = runner.cached(targets, chunk)
+            outputs = runner.forward(sample.feeds, names)
+            loss = targets.loss(outputs[:n_outputs], sample)
             if features is not None:
-                loss = loss + features.loss(outputs[n_outputs:], chunk)
+                loss = loss + features.loss(outputs[n_outputs:], sample.feeds)
             loss = loss * (len(chunk) / len(batch))
             loss.backward()
             train_loss += float(loss.detach())

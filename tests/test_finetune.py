@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -16,9 +18,10 @@ from onnxpq.cli import main  # noqa: E402
 from onnxpq.config import FinetuneConfig  # noqa: E402
 from onnxpq.errors import ConfigError  # noqa: E402
 from onnxpq.executor import OnnxModule  # noqa: E402
-from onnxpq.finetune import finetune, loss_kinds, trainable_constants  # noqa: E402
+from onnxpq.finetune import _Mixup, _Runner, _targets, finetune, loss_kinds, trainable_constants  # noqa: E402
 from onnxpq.graph import load_model  # noqa: E402
 from onnxpq.pipeline import ValidationSettings  # noqa: E402
+from onnxpq.validate import run_session, session  # noqa: E402
 
 OFF = ValidationSettings(enabled=False)
 
@@ -91,6 +94,7 @@ def test_never_worse_on_holdout_and_same_graph(case):
     result = finetune(original, compressed, data, FinetuneConfig(steps=40, lr=1e-3, eval_every=10, batch_size=8))
     report = result.report
     assert report["loss_kinds"] == {"logits": "kl-logits"}
+    assert report["mixup"] is True  # float inputs blend by default
     assert report["samples"] == {"train": 43, "holdout": 5}
     assert report["loss_best"] <= report["loss_start"]
     assert report["loss_best"] < report["loss_start"] * 0.9  # a coarse codebook leaves room to gain
@@ -119,6 +123,54 @@ def test_same_seed_same_bytes(case):
     config = FinetuneConfig(steps=8, eval_every=4, batch_size=8)
     first = finetune(original, compressed, data, config, seed=3).model.SerializeToString()
     assert finetune(original, compressed, data, config, seed=3).model.SerializeToString() == first
+
+
+def test_mixup_blends_two_samples_and_asks_the_teacher_about_the_blend(case):
+    original, compressed, data = case
+    teacher = session(original.SerializeToString())
+    labels = np.arange(48) % 10
+    targets = _targets(compressed, run_session(teacher, data, original), "auto", labels, np.arange(48))
+    runner = _Runner(OnnxModule(compressed), data, 16, torch.device("cpu"))
+    a, b = torch.arange(8), torch.arange(8, 16)
+    batch = _Mixup(teacher, np.random.default_rng(0)).batch(runner, targets, a, b)
+    x, blend = data.arrays["x"], batch.feeds["x"].numpy()
+    (first, lam), (second, rest) = batch.labels
+    lam = lam.numpy()
+    assert lam.min() >= 0 and lam.max() <= 1 and np.ptp(lam) > 0.1  # a weight per pair
+    want = lam[:, None, None, None] * x[:8] + (1 - lam[:, None, None, None]) * x[8:16]
+    np.testing.assert_allclose(blend, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(batch.teacher[0].numpy(), teacher.run(None, {"x": blend})[0], rtol=1e-6)
+    np.testing.assert_array_equal(first.numpy(), labels[:8])
+    np.testing.assert_array_equal(second.numpy(), labels[8:16])
+    np.testing.assert_allclose(rest.numpy(), 1 - lam)
+
+
+def _token_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Embedding lookup of int64 token ids, averaged, then a classifier: inputs that cannot blend."""
+    weights = {"emb": rand(rng, 64, 64), "fc": rand(rng, 64, 10) * 0.2}
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["emb", "ids"], ["e"], "embed"),
+            helper.make_node("ReduceMean", ["e"], ["m"], "mean", axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["m", "fc"], ["logits"], "fc"),
+        ],
+        "tokens",
+        [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 6])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])],
+        initializer=[onnx.numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_token_ids_train_without_mixup(tmp_path, rng):
+    src = tmp_path / "tokens.onnx"
+    onnx.save(_token_model(rng), src)
+    compress(src, tmp_path / "c.onnx", CompressConfig(min_elements=256, n_codewords=8), validation=OFF)
+    data = Dataset({"ids": rng.integers(0, 64, (32, 6))}, "test")
+    config = FinetuneConfig(steps=20, lr=1e-3, eval_every=10, batch_size=8)
+    report = finetune(load_model(src), load_model(tmp_path / "c.onnx"), data, config).report
+    assert report["mixup"] is False
+    assert report["loss_best"] < report["loss_start"]
 
 
 def _bn_output_moments(model: onnx.ModelProto, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -218,3 +270,12 @@ def test_executor_disagreeing_with_onnxruntime_is_refused(case, monkeypatch):
     original, compressed, data = case
     with pytest.raises(UnsupportedGraphError, match="differs from onnxruntime"):
         finetune(original, compressed, data, FinetuneConfig(steps=1))
+
+
+def test_cli_finetune_without_mixup(tmp_path):
+    out = tmp_path / "o.onnx"
+    args = ["compress", str(ROOT / "models/mnist_cnn.onnx"), str(out), "--no-validate", "--block-size", "large"]
+    args += ["--calibration-data", str(ROOT / "models/mnist_calib.npz"), "--finetune-steps", "3", "--finetune-no-mixup"]
+    assert main(args) == 0
+    tuned = json.loads(out.with_name(out.name + ".report.json").read_text())["finetune"]
+    assert tuned["mixup"] is False and tuned["steps"] == 3

@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Setting:
-    """One model's compression settings and fine-tuning budget."""
+    """One model's compression settings and the fine-tuning runs compared against it (label, config)."""
 
     label: str
     config: CompressConfig
-    finetune: FinetuneConfig
+    tunings: tuple[tuple[str, FinetuneConfig], ...] = ()
 
 
 #: Per model, the settings compared before and after fine-tuning (default learning rate everywhere).
@@ -50,18 +50,21 @@ SETTINGS = {
         Setting(
             "large blocks, --target-bpw 1.3",
             CompressConfig(block_size="large", target_bpw=1.3, calibration_samples=1024),
-            FinetuneConfig(time_s=120),
+            (
+                ("120 s", FinetuneConfig(time_s=120)),
+                ("120 s, --finetune-no-mixup", FinetuneConfig(time_s=120, mixup=False)),
+            ),
         )
     ],
     "mobilenetv2": [
-        Setting("default small blocks", CompressConfig(calibration_samples=1024), FinetuneConfig(time_s=660)),
+        Setting("default small blocks", CompressConfig(calibration_samples=1024)),
         Setting(
             "small blocks, --target-bpw 2.64 (same size)",
             CompressConfig(target_bpw=2.64, calibration_samples=1024),
-            FinetuneConfig(time_s=660),
+            (("900 s", FinetuneConfig(time_s=900)),),
         ),
     ],
-    "ppocr": [Setting("defaults", CompressConfig(calibration_samples=1024), FinetuneConfig(time_s=420))],
+    "ppocr": [Setting("defaults", CompressConfig(calibration_samples=1024), (("420 s", FinetuneConfig(time_s=420)),))],
 }
 
 
@@ -90,7 +93,7 @@ def _ppocr(work: Path) -> Task:
     return task
 
 
-TASKS = {"mnist": _mnist, "mobilenetv2": _mobilenet, "ppocr": _ppocr}
+TASKS = {"mobilenetv2": _mobilenet, "mnist": _mnist, "ppocr": _ppocr}
 
 
 def run_task(key: str, work: Path) -> list[dict]:
@@ -100,10 +103,10 @@ def run_task(key: str, work: Path) -> list[dict]:
     for setting in SETTINGS[key]:
         rows.append(_onnxpq_row(task, work, f"onnxpq {setting.label}, no fine-tuning", setting.config, True))
         log(rows[-1])
-        tuned = replace(setting.config, finetune=setting.finetune)
-        budget = f"{setting.finetune.time_s:.0f} s" if setting.finetune.time_s else f"{setting.finetune.steps} steps"
-        rows.append(_onnxpq_row(task, work, f"onnxpq {setting.label} + fine-tuning ({budget})", tuned, True))
-        log(rows[-1])
+        for budget, tuning in setting.tunings:
+            tuned = replace(setting.config, finetune=tuning)
+            rows.append(_onnxpq_row(task, work, f"onnxpq {setting.label} + fine-tuning ({budget})", tuned, True))
+            log(rows[-1])
     return rows
 
 
