@@ -119,12 +119,9 @@ def _unary(fn: Callable[[Tensor], Tensor]) -> Op:
 def _clip(attrs: dict, x: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
     """One ``clamp`` with Python bounds: maximum/minimum against tensors split the gradient at ties,
     and their backward (where, eq, div) cost MobileNetV2's ReLU6s as much as its convolutions."""
-    lo = lo if lo is not None else attrs.get("min")
-    hi = hi if hi is not None else attrs.get("max")
-    bounds = [b.item() if isinstance(b, Tensor) and b.numel() == 1 else b for b in (lo, hi)]
-    if any(isinstance(b, Tensor) for b in bounds):
-        return torch.clamp(x, *[torch.as_tensor(b, dtype=x.dtype) if b is not None else None for b in bounds])
-    return torch.clamp(x, *bounds) if any(b is not None for b in bounds) else x
+    lo = lo.item() if lo is not None else attrs.get("min")  # ONNX: min and max are scalars
+    hi = hi.item() if hi is not None else attrs.get("max")
+    return x if lo is None and hi is None else torch.clamp(x, lo, hi)
 
 
 def _hard_sigmoid(attrs: dict, x: Tensor) -> Tensor:

@@ -148,6 +148,11 @@ def _term(kind: str, student: torch.Tensor, teacher: torch.Tensor, scale: float)
     return (student - teacher).square().mean() / scale
 
 
+def _per_sample(weight: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``weight`` (one value per sample) shaped to broadcast over ``like``'s trailing axes."""
+    return weight.reshape(-1, *[1] * (like.dim() - 1)).to(like.device, like.dtype)
+
+
 def _label_term(kind: str, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-sample negative log-likelihood of the labels (shape of ``labels``)."""
     log_p = torch.log(student.clamp_min(1e-12)) if kind == "kl-probs" else F.log_softmax(student, -1)
@@ -192,7 +197,7 @@ class _Targets:
             first = next(i for i, k in enumerate(self.kinds) if k in ("kl-probs", "kl-logits"))
             for labels, weight in batch.labels:
                 nll = _label_term(self.kinds[first], student[first].float(), labels.to(student[0].device))
-                total = total + (nll * weight.to(nll.device).reshape(-1, *[1] * (nll.dim() - 1))).mean()
+                total = total + (nll * _per_sample(weight, nll)).mean()
         return total
 
 
@@ -263,10 +268,9 @@ class _Mixup:
         lam = torch.from_numpy(self.rng.uniform(size=len(index)).astype(np.float32))
         feeds = {}
         for name, a in runner.inputs.items():
-            weight = lam.reshape(-1, *[1] * (a.dim() - 1)).to(a.dtype)
+            weight = _per_sample(lam, a)
             feeds[name] = weight * a[index] + (1 - weight) * a[partner]
-        names = [o.name for o in self.teacher.get_outputs()]
-        outputs = self.teacher.run(names, {n: v.numpy() for n, v in feeds.items()})
+        outputs = self.teacher.run(None, {n: v.numpy() for n, v in feeds.items()})
         teacher = [
             torch.from_numpy(np.asarray(o)).float() if k else None for o, k in zip(outputs, targets.kinds, strict=True)
         ]

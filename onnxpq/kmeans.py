@@ -160,8 +160,8 @@ def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Genera
 def residual_energy(x: np.ndarray, centroids: np.ndarray, codes: np.ndarray) -> float:
     """Σ ‖x_i - c_{codes_i}‖², exact (the expanded distance of ``assign`` loses precision to cancellation),
     in float64 a chunk of rows at a time so a large layer needs no float64 copy of itself."""
-    total = 0.0
-    for start in range(0, len(x), CHUNK * 64):
-        diff = (x[start : start + CHUNK * 64] - centroids[codes[start : start + CHUNK * 64]]).astype(np.float64)
+    total, rows = 0.0, CHUNK * 64
+    for start in range(0, len(x), rows):
+        diff = (x[start : start + rows] - centroids[codes[start : start + rows]]).astype(np.float64)
         total += float(np.einsum("ij,ij->", diff, diff))
     return total

@@ -37,11 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Setting:
-    """One model's compression settings and the fine-tuning runs compared against it (label, config)."""
+    """One model's compression settings and the fine-tuning runs compared against it."""
 
     label: str
     config: CompressConfig
-    tunings: tuple[tuple[str, FinetuneConfig], ...] = ()
+    tunings: tuple[FinetuneConfig, ...] = ()
 
 
 #: Per model, the settings compared before and after fine-tuning (default learning rate everywhere).
@@ -50,10 +50,7 @@ SETTINGS = {
         Setting(
             "large blocks, --target-bpw 1.3",
             CompressConfig(block_size="large", target_bpw=1.3, calibration_samples=1024),
-            (
-                ("120 s", FinetuneConfig(time_s=120)),
-                ("120 s, --finetune-no-mixup", FinetuneConfig(time_s=120, mixup=False)),
-            ),
+            (FinetuneConfig(time_s=120), FinetuneConfig(time_s=120, mixup=False)),
         )
     ],
     "mobilenetv2": [
@@ -61,10 +58,10 @@ SETTINGS = {
         Setting(
             "small blocks, --target-bpw 2.64 (same size)",
             CompressConfig(target_bpw=2.64, calibration_samples=1024),
-            (("900 s", FinetuneConfig(time_s=900)),),
+            (FinetuneConfig(time_s=900),),
         ),
     ],
-    "ppocr": [Setting("defaults", CompressConfig(calibration_samples=1024), (("420 s", FinetuneConfig(time_s=420)),))],
+    "ppocr": [Setting("defaults", CompressConfig(calibration_samples=1024), (FinetuneConfig(time_s=420),))],
 }
 
 
@@ -96,6 +93,12 @@ def _ppocr(work: Path) -> Task:
 TASKS = {"mobilenetv2": _mobilenet, "mnist": _mnist, "ppocr": _ppocr}
 
 
+def _budget(tuning: FinetuneConfig) -> str:
+    """How a fine-tuning row is labelled: its budget, and the flag when mixup is off."""
+    budget = f"{tuning.time_s:.0f} s" if tuning.time_s else f"{tuning.steps} steps"
+    return budget if tuning.mixup else f"{budget}, --finetune-no-mixup"
+
+
 def run_task(key: str, work: Path) -> list[dict]:
     task = TASKS[key](work)
     log = lambda row: print(json.dumps(row), flush=True)  # noqa: E731
@@ -103,9 +106,10 @@ def run_task(key: str, work: Path) -> list[dict]:
     for setting in SETTINGS[key]:
         rows.append(_onnxpq_row(task, work, f"onnxpq {setting.label}, no fine-tuning", setting.config, True))
         log(rows[-1])
-        for budget, tuning in setting.tunings:
+        for tuning in setting.tunings:
             tuned = replace(setting.config, finetune=tuning)
-            rows.append(_onnxpq_row(task, work, f"onnxpq {setting.label} + fine-tuning ({budget})", tuned, True))
+            label = f"onnxpq {setting.label} + fine-tuning ({_budget(tuning)})"
+            rows.append(_onnxpq_row(task, work, label, tuned, True))
             log(rows[-1])
     return rows
 
