@@ -1,38 +1,36 @@
 """Bit allocation: give each layer the (d, k) or float setting that meets a size budget at the least error.
 
-The model's output error is estimated as additive over layers,
-``Σ_l s_l · e_l(setting)``, where ``e_l`` is layer l's relative output error
-‖X(W - Ŵ)‖²/‖XW‖² at that setting (measured on the calibration statistics, or
-the weight error without data) and ``s_l`` is how much of it reaches the model
-outputs: the relative output MSE onnxruntime measures with only layer l
-quantized, divided by ``e_l`` at the default setting. A Lagrangian sweep picks
-the settings, then a greedy pass spends what is left of the budget.
+The model's output error is estimated as additive over layers, ``Σ_l E_l(setting)``,
+where ``E_l`` is the relative output MSE onnxruntime measures on a few calibration
+samples with only layer l quantized at that setting (without data: the layer's
+relative weight error). Additivity held on MobileNetV2: the summed estimate of a
+whole allocation was within 20% of its measured output error. A Lagrangian sweep
+picks the settings, then a greedy pass spends what is left of the budget.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 
 from onnxpq.bias import BiasTarget, corrected_biases
-from onnxpq.calibration import Dataset
+from onnxpq.calibration import Dataset, batches
 from onnxpq.config import CompressConfig
-from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError
-from onnxpq.graph import serialized
+from onnxpq.graph import constant_tensors, constants_as_inputs, serialized
 from onnxpq.quantize import LayerResult, decoded_weight, quantize_layer
 from onnxpq.report import float_parameters, layer_bits
 from onnxpq.selection import Candidate, variants
 from onnxpq.stats import LayerStats
 
-__all__ = ["Allocation", "Option", "allocate_bits", "budget_bits", "choose", "sensitivities"]
+__all__ = ["Allocation", "Option", "allocate_bits", "budget_bits", "choose", "output_errors"]
 
-#: Samples used to measure each layer's sensitivity: enough for a stable mean, cheap per layer.
-SENSITIVITY_SAMPLES = 32
+#: Samples on which each setting's output error is measured: enough for a stable mean, cheap per setting.
+PROBE_SAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -128,39 +126,101 @@ def _relative_mse(ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> floa
 
 
 def layer_error(result: LayerResult) -> float:
-    """The error the allocator trades: relative output error with data, relative weight error without."""
+    """A layer's own relative error: on its outputs with data, on its weights without."""
     e = result.error
     return e.output_rel if e.output_rel is not None else e.rel_l2**2
 
 
-def sensitivities(
+class _Probe:
+    """The model with the compressible weights and their biases as inputs, run on a few calibration samples.
+
+    One session serves every setting of every layer: only the fed values change,
+    so measuring a setting costs one forward pass, not a session build.
+    """
+
+    def __init__(self, model: onnx.ModelProto, names: Collection[str], dataset: Dataset) -> None:
+        from onnxpq.validate import session
+
+        constants = constant_tensors(model.graph)
+        self.values = {n: constants[n].to_array() for n in names}
+        self.session = session(serialized(constants_as_inputs(model, names)))
+        self.feeds = list(batches(dataset.head(PROBE_SAMPLES), model))
+        self.reference = self.outputs({})
+
+    def outputs(self, changed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        values = {**self.values, **changed}
+        runs = [self.session.run(None, {**feed, **values}) for feed in self.feeds]
+        return [np.concatenate([np.ravel(r[i]) for r in runs]) for i in range(len(runs[0]))]
+
+    def error(self, changed: Mapping[str, np.ndarray]) -> float:
+        """Relative output MSE of the model with ``changed`` in place of the original values."""
+        return _relative_mse(self.reference, self.outputs(changed))
+
+
+def output_errors(
     model: onnx.ModelProto,
-    results: Mapping[str, LayerResult],
+    tried: Mapping[str, Sequence[LayerResult]],
     dataset: Dataset,
-    biases: Mapping[str, Mapping[str, np.ndarray]],
+    targets: Mapping[str, BiasTarget],
     *,
     progress: bool = False,
-) -> dict[str, float]:
-    """Per layer: the model's relative output MSE with only that layer quantized, over its own output error.
+) -> dict[str, list[float]]:
+    """Per layer and setting: the model's relative output MSE with only that layer quantized at that setting.
 
-    ``biases`` holds the corrected bias values that go with each layer's result.
+    Measured rather than scaled from one setting: on MobileNetV2 the error
+    reaching the outputs grows faster than the layer's own error once the
+    subvectors get long (up to 2.8x more than a linear scaling predicted), which
+    made the allocator starve its two largest layers. Only ``MEASURED_SETTINGS``
+    settings per layer are run; the others are read off the curve through them
+    (see ``_through``).
     """
     from tqdm.auto import tqdm
 
-    from onnxpq.validate import run_session, session
-
-    sample = dataset.head(SENSITIVITY_SAMPLES)
-    reference = run_session(session(serialized(model)), sample, model)
+    biases = {targets[n].tensor for n in tried if n in targets}
+    probe = _Probe(model, set(tried) | biases, dataset)
     out = {}
-    for name, result in tqdm(results.items(), desc="sensitivity", unit="layer", disable=not progress, leave=False):
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(result.quantized.candidate.dtype)
-        replace_constants(probe.graph, {name: decoded_weight(result.quantized).astype(dtype), **biases.get(name, {})})
-        mse = _relative_mse(reference, run_session(session(serialized(probe)), sample, model))
-        error = layer_error(result)
-        out[name] = mse / error if error > 0 else 0.0
+    for name, results in tqdm(tried.items(), desc="measure settings", unit="layer", disable=not progress, leave=False):
+        own = np.array([layer_error(r) for r in results])
+        anchors = _anchors(own)
+        measured = [probe.error(_decoded_values(model, name, results[i], targets)) for i in anchors]
+        out[name] = _through(own[anchors], np.array(measured), own).tolist()
     return out
+
+
+#: Settings per layer whose output error is measured. On MobileNetV2 at 2.64 bits/weight, reading the
+#: rest off the curve through 2-5 measured settings chose allocations as good as measuring all 20.
+MEASURED_SETTINGS = 3
+#: Floor for errors on a log scale: an exact setting has zero error.
+_TINY = 1e-12
+
+
+def _anchors(own: np.ndarray) -> np.ndarray:
+    """The settings to measure: the least and largest own error and evenly spaced ranks between."""
+    order = np.argsort(own, kind="stable")
+    ranks = np.round(np.linspace(0, len(own) - 1, min(MEASURED_SETTINGS, len(own)))).astype(int)
+    return np.unique(order[ranks])
+
+
+def _through(own_at: np.ndarray, measured: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Output error at every setting, piecewise linear in log-log through the measured points.
+
+    A layer's output error rises monotonically with its own error; between
+    measured points the log-log curve is close to straight.
+    """
+    x, order = np.unique(np.log(np.maximum(own_at, _TINY)), return_index=True)
+    y = np.log(np.maximum(measured[order], _TINY))
+    return np.exp(np.interp(np.log(np.maximum(own, _TINY)), x, y))
+
+
+def _decoded_values(
+    model: onnx.ModelProto, name: str, result: LayerResult, targets: Mapping[str, BiasTarget]
+) -> dict[str, np.ndarray]:
+    """The decoded weight in its graph dtype, with the corrected bias that goes with it."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(result.quantized.candidate.dtype)
+    values = {name: decoded_weight(result.quantized).astype(dtype)}
+    if result.shift is not None and name in targets:
+        values.update(corrected_biases(model, targets, {name: result.shift}))
+    return values
 
 
 #: Lloyd and output-aware iterations when quantizing a setting only to estimate its error.
@@ -169,11 +229,12 @@ ESTIMATE_ITERS = 8
 
 @dataclass(frozen=True)
 class Allocation:
-    """What the allocator chose: the candidates with their final layouts, the budget and the sensitivities."""
+    """What the allocator chose: the candidates with their final layouts, the budget, and per compressed layer
+    the error its chosen setting alone puts on the model outputs (relative MSE; weight error without data)."""
 
     candidates: list[Candidate]
     budget_bits: float
-    sensitivity: dict[str, float]
+    output_error: dict[str, float]
 
 
 def allocate_bits(
@@ -186,14 +247,12 @@ def allocate_bits(
     targets: Mapping[str, BiasTarget],
     progress: bool = False,
 ) -> Allocation:
-    """Quantize every layer at each of its ``variants``, measure sensitivities, choose settings to fit the budget.
+    """Quantize every layer at each of its ``variants``, measure each setting's output error, fit the budget.
 
     The settings are only estimated here, with a cheaper quantizer (no error
     feedback, fewer iterations); the caller quantizes the chosen ones for real.
     """
     from tqdm.auto import tqdm
-
-    from onnxpq.graph import constant_tensors
 
     constants = constant_tensors(model.graph)
     quick = replace(config, error_feedback=False, kmeans_iters=min(config.kmeans_iters, ESTIMATE_ITERS))
@@ -205,14 +264,13 @@ def allocate_bits(
         tried[c.name] = [
             (v, quantize_layer(array, v, quick, stats.get(c.name), correct_bias=correct)) for v in variants(c)
         ]
-    default = {c.name: next(r for v, r in tried[c.name] if v == c) for c in todo}
+    results = {n: [r for _, r in t] for n, t in tried.items()}
     if calibration is not None:
-        biases = {n: corrected_biases(model, targets, {n: r.shift}) for n, r in default.items() if r.shift is not None}
-        sens = sensitivities(model, default, calibration, biases, progress=progress)
+        costs = output_errors(model, results, calibration, targets, progress=progress)
     else:
-        sens = {n: 1.0 for n in default}
+        costs = {n: [layer_error(r) for r in rs] for n, rs in results.items()}
     options = {
-        c.name: [Option(v, layer_bits(v), sens[c.name] * layer_error(r), r) for v, r in tried[c.name]]
+        c.name: [Option(v, layer_bits(v), cost, r) for (v, r), cost in zip(tried[c.name], costs[c.name], strict=True)]
         + [float_option(c)]
         for c in todo
     }
@@ -222,4 +280,4 @@ def allocate_bits(
         raise ConfigError(_infeasible(model, config, budget, smallest))
     chosen = choose(options, budget)
     final = [chosen[c.name].candidate if c.name in chosen else c for c in candidates]
-    return Allocation(final, budget, sens)
+    return Allocation(final, budget, {n: o.cost for n, o in chosen.items()})

@@ -19,7 +19,7 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +37,7 @@ __all__ = [
     "check_output_path",
     "constant_foldable_nodes",
     "constant_tensors",
+    "constants_as_inputs",
     "display_name",
     "load_model",
     "materialized",
@@ -269,6 +270,34 @@ def constant_tensors(graph: onnx.GraphProto) -> dict[str, ConstantTensor]:
             if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                 found[node.output[0]] = ConstantTensor(node.output[0], attr.t, index)
     return found
+
+
+def constants_as_inputs(model: onnx.ModelProto, names: Collection[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose named constants are graph inputs of the same dtype and shape.
+
+    One onnxruntime session of it can then be run with many candidate values
+    for those tensors, instead of building a session per candidate.
+    """
+    wanted = set(names)
+    found = constant_tensors(model.graph)
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise KeyError(f"not constants of the main graph: {missing}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    kept_nodes = [n for i, n in enumerate(graph.node) if not (n.op_type == "Constant" and n.output[0] in wanted)]
+    kept_inits = [t for t in graph.initializer if t.name not in wanted]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(kept_nodes)
+    graph.initializer.extend(kept_inits)
+    # Models older than IR 4 also list their initializers as inputs; those entries already declare the tensor.
+    declared = {i.name for i in graph.input}
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(n, found[n].tensor.data_type, list(found[n].tensor.dims))
+        for n in sorted(wanted - declared)
+    )
+    return out
 
 
 def subgraph_initializer_count(graph: onnx.GraphProto) -> int:

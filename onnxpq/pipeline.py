@@ -287,7 +287,7 @@ def _quantize(
             model, candidates, config, stats=stats, calibration=calib, targets=targets, progress=progress
         )
         candidates = found.candidates
-        allocation = {"budget_bits": found.budget_bits, "sensitivity": found.sensitivity}
+        allocation = {"budget_bits": found.budget_bits, "output_error": found.output_error}
         targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
     if config.sequential and calib is not None:
         results = quantize_sequential(model, candidates, config, calib, targets, first_stats=stats, progress=progress)

@@ -5,14 +5,29 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import pytest
-from conftest import make_model, rand
-from onnx import helper
+from conftest import make_model, rand, run
+from onnx import helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
-from onnxpq.allocate import Option, budget_bits, choose
+from onnxpq.allocate import (
+    MEASURED_SETTINGS,
+    PROBE_SAMPLES,
+    Option,
+    _anchors,
+    _through,
+    budget_bits,
+    choose,
+    layer_error,
+    output_errors,
+)
+from onnxpq.calibration import Dataset
+from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError
+from onnxpq.graph import constant_tensors, constants_as_inputs
 from onnxpq.pipeline import ValidationSettings
+from onnxpq.quantize import decoded_weight, quantize_layer
 from onnxpq.selection import Candidate, find_candidates, variants
 
 
@@ -80,8 +95,6 @@ def _mlp(rng):
 
 
 def _compress_mlp(tmp_path, rng, **config):
-    import onnx
-
     model = _mlp(rng)
     onnx.save(model, tmp_path / "in.onnx")
     np.savez(tmp_path / "calib.npz", x=rand(rng, 64, 64))
@@ -119,3 +132,65 @@ def test_budget_counts_float_parameters_at_32_bits(rng):
     cands = find_candidates(model, CompressConfig(min_elements=1024, keep_first=False))
     total = LAYERS * 64 * 64 + 64
     assert budget_bits(model, cands, target_bpw=4.0) == pytest.approx(4.0 * total - 32 * 64)
+
+
+def _conv_then_gemm(rng):
+    """A Conv whose weight is an initializer, then a Gemm whose weight comes from a Constant node."""
+    gemm_w = helper.make_node("Constant", [], ["g"], value=numpy_helper.from_array(rand(rng, 10, 8 * 36), "g"))
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        gemm_w,
+        helper.make_node("Gemm", ["f", "g"], ["y"], transB=1),
+    ]
+    return make_model(nodes, [("x", ["n", 4, 6, 6])], ["y"], {"w": rand(rng, 8, 4, 3, 3), "b": rand(rng, 8)})
+
+
+def test_constants_as_inputs_reproduce_the_model_when_fed_their_values(rng):
+    model = _conv_then_gemm(rng)
+    probe = constants_as_inputs(model, ["w", "g"])
+    assert {t.name for t in probe.graph.initializer} == {"b"}
+    assert not [n for n in probe.graph.node if n.op_type == "Constant"]
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in probe.graph.input}
+    assert declared["w"] == [8, 4, 3, 3] and declared["g"] == [10, 8 * 36]
+    values = {n: c.to_array() for n, c in constant_tensors(model.graph).items() if n in ("w", "g")}
+    x = rand(rng, 5, 4, 6, 6)
+    # Not bit-exact: onnxruntime pre-packs constant weights and runs other kernels for fed ones.
+    np.testing.assert_allclose(run(probe, {"x": x, **values})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-4)
+    with pytest.raises(KeyError, match="nope"):
+        constants_as_inputs(model, ["nope"])
+
+
+def test_output_errors_are_measured_at_anchor_settings_and_interpolated_between(rng):
+    """The anchor settings' errors equal a fresh session's on a model with only that weight decoded;
+    the other settings lie on the log-log line between the anchors around them."""
+    model = _conv_then_gemm(rng)
+    config = CompressConfig(keep_first=False, min_elements=64)
+    cands = {c.name: c for c in find_candidates(model, config) if c.compressed}
+    assert set(cands) == {"w", "g"}
+    constants = constant_tensors(model.graph)
+    tried = {n: [quantize_layer(constants[n].to_array(), v, config) for v in variants(c)] for n, c in cands.items()}
+    data = Dataset({"x": rand(rng, 40, 4, 6, 6)}, "test")
+    errors = output_errors(model, tried, data, {})
+    sample = data.arrays["x"][:PROBE_SAMPLES]
+    (ref,) = run(model, {"x": sample})
+    for name, results in tried.items():
+        own = np.array([layer_error(r) for r in results])
+        assert len(results) > MEASURED_SETTINGS
+        anchors = _anchors(own)
+        assert len(anchors) == MEASURED_SETTINGS and own[anchors].min() == own.min() and own[anchors].max() == own.max()
+        for i in anchors:
+            changed = onnx.ModelProto()
+            changed.CopyFrom(model)
+            replace_constants(changed.graph, {name: decoded_weight(tried[name][i].quantized)})
+            (out,) = run(changed, {"x": sample})
+            expected = np.sum((ref.astype(np.float64) - out) ** 2) / np.sum(ref.astype(np.float64) ** 2)
+            assert errors[name][i] == pytest.approx(expected, rel=1e-4)
+        low, high = np.min(np.array(errors[name])[anchors]), np.max(np.array(errors[name])[anchors])
+        assert all(low * (1 - 1e-9) <= e <= high * (1 + 1e-9) for e in errors[name])
+
+
+def test_interpolation_is_exact_at_the_anchors_and_a_power_law_between():
+    own_at, measured = np.array([1e-4, 1e-2]), np.array([1e-3, 1e-1])
+    np.testing.assert_allclose(_through(own_at, measured, np.array([1e-4, 1e-3, 1e-2, 0.0])), [1e-3, 1e-2, 1e-1, 1e-3])
