@@ -194,3 +194,14 @@ def test_output_errors_are_measured_at_anchor_settings_and_interpolated_between(
 def test_interpolation_is_exact_at_the_anchors_and_a_power_law_between():
     own_at, measured = np.array([1e-4, 1e-2]), np.array([1e-3, 1e-1])
     np.testing.assert_allclose(_through(own_at, measured, np.array([1e-4, 1e-3, 1e-2, 0.0])), [1e-3, 1e-2, 1e-1, 1e-3])
+
+
+def test_report_lists_each_chosen_settings_output_error(tmp_path, rng):
+    result = _compress_mlp(tmp_path, rng, target_bpw=4.0)
+    errors = result.report["allocation"]["output_error"]
+    compressed = {row["weight"] for row in result.report["layers"] if row["skip_reason"] is None}
+    assert compressed and compressed <= set(errors)
+    assert all(np.isfinite(e) and e >= 0 for e in errors.values())
+    rows = result.report["layers"]
+    kept = {row["weight"] for row in rows if row["skip_reason"] == "kept in float by the bit allocation"}
+    assert all(errors[name] == 0 for name in kept)
