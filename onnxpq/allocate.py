@@ -213,9 +213,8 @@ def _through(own_at: np.ndarray, measured: np.ndarray, own: np.ndarray) -> np.nd
 def _decoded_values(
     model: onnx.ModelProto, name: str, result: LayerResult, targets: Mapping[str, BiasTarget]
 ) -> dict[str, np.ndarray]:
-    """The decoded weight in its graph dtype, with the corrected bias that goes with it."""
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(result.quantized.candidate.dtype)
-    values = {name: decoded_weight(result.quantized).astype(dtype)}
+    """The decoded weight with the corrected bias that goes with it."""
+    values = {name: decoded_weight(result.quantized)}
     if result.shift is not None and name in targets:
         values.update(corrected_biases(model, targets, {name: result.shift}))
     return values

@@ -201,6 +201,11 @@ class _Targets:
         return total
 
 
+def _teacher_tensors(outputs: Sequence[np.ndarray], kinds: Sequence[str | None]) -> list[torch.Tensor | None]:
+    """The teacher's outputs as float32 tensors; None for the outputs the loss ignores."""
+    return [torch.from_numpy(np.asarray(o)).float() if k else None for o, k in zip(outputs, kinds, strict=True)]
+
+
 def _targets(
     model: onnx.ModelProto, teacher: list[np.ndarray], choice: str, labels: np.ndarray | None, train: np.ndarray
 ) -> _Targets:
@@ -208,7 +213,7 @@ def _targets(
     if labels is not None and not any(k in ("kl-probs", "kl-logits") for k in kinds):
         raise ConfigError("labels given, but no output looks like class scores (logits or probabilities)")
     scales = [float(np.var(t[train])) or 1.0 if k == "mse" else 1.0 for t, k in zip(teacher, kinds, strict=True)]
-    outputs = [torch.from_numpy(t).float() if k else None for t, k in zip(teacher, kinds, strict=True)]
+    outputs = _teacher_tensors(teacher, kinds)
     tensor_labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
     return _Targets(outputs, kinds, scales, tensor_labels)
 
@@ -271,9 +276,7 @@ class _Mixup:
             weight = _per_sample(lam, a)
             feeds[name] = weight * a[index] + (1 - weight) * a[partner]
         outputs = self.teacher.run(None, {n: v.numpy() for n, v in feeds.items()})
-        teacher = [
-            torch.from_numpy(np.asarray(o)).float() if k else None for o, k in zip(outputs, targets.kinds, strict=True)
-        ]
+        teacher = _teacher_tensors(outputs, targets.kinds)
         labels = None
         if targets.labels is not None:
             labels = [(targets.labels[index], lam), (targets.labels[partner], 1 - lam)]

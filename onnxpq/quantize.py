@@ -97,8 +97,9 @@ def weight_error(original: np.ndarray, decoded: np.ndarray, output_rel: float | 
 
 
 def decoded_weight(q: QuantizedWeight) -> np.ndarray:
-    """The weight onnxruntime will see: fp16 codewords gathered by the codes, in the weight's shape."""
-    return weight_from_units(_decoded_units(q.codebook), q.candidate)
+    """The weight onnxruntime will see: fp16 codewords gathered by the codes, in the weight's shape and dtype."""
+    dtype = helper.tensor_dtype_to_np_dtype(q.candidate.dtype)
+    return weight_from_units(_decoded_units(q.codebook), q.candidate).astype(dtype, copy=False)
 
 
 def _decoded_units(book: Codebook) -> np.ndarray:
@@ -244,10 +245,7 @@ def quantize_sequential(
         # A group's own weights are still the original ones in ``current``.
         done = quantize_weights(current, chunk, config, stats=stats, bias_weights=frozenset(targets), progress=False)
         results.update(done)
-        dense = {
-            c.name: decoded_weight(done[c.name].quantized).astype(helper.tensor_dtype_to_np_dtype(c.dtype))
-            for c in chunk
-        }
+        dense = {c.name: decoded_weight(done[c.name].quantized) for c in chunk}
         shifts = {name: r.shift for name, r in done.items() if r.shift is not None}
         replace_constants(current.graph, {**dense, **corrected_biases(current, targets, shifts)})
     rest = [c for c in todo if c.name not in results]
