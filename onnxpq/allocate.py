@@ -36,6 +36,9 @@ PROBE_SAMPLES = 32
 MEASURED_SETTINGS = 3
 #: Floor for errors on a log scale: an exact setting has zero error.
 _TINY = 1e-12
+#: Output error of a setting that makes the outputs overflow or NaN: never worth its bits, yet finite
+#: so the log-log interpolation and the allocator's comparisons still order it.
+_NON_FINITE = 1e30
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,13 @@ class _Probe:
         self.session = session(serialized(constants_as_inputs(model, names)))
         self.feeds = list(batches(dataset.head(PROBE_SAMPLES), model))
         self.reference = self.outputs({})
+        broken = [o.name for o, r in zip(model.graph.output, self.reference, strict=True) if not np.isfinite(r).all()]
+        if broken:
+            raise ConfigError(
+                f"the model's output {broken[0]!r} is not finite (inf or NaN) on the first {PROBE_SAMPLES} "
+                "calibration samples, so the bit allocation has nothing to measure errors against; "
+                "check the calibration data"
+            )
 
     def outputs(self, changed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         values = {**self.values, **changed}
@@ -159,7 +169,8 @@ class _Probe:
 
     def error(self, changed: Mapping[str, np.ndarray]) -> float:
         """Relative output MSE of the model with ``changed`` in place of the original values."""
-        return _relative_mse(self.reference, self.outputs(changed))
+        error = _relative_mse(self.reference, self.outputs(changed))
+        return error if math.isfinite(error) else _NON_FINITE
 
 
 def output_errors(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from onnxpq.calibration import RandomInputs, parse_shapes
-from onnxpq.config import DEFAULT_FINETUNE_STEPS, LOSSES, OP_TYPES, CompressConfig, FinetuneConfig
+from onnxpq.config import DEFAULT_EMA, DEFAULT_FINETUNE_STEPS, LOSSES, OP_TYPES, CompressConfig, FinetuneConfig
 from onnxpq.errors import ConfigError, OnnxpqError, ValidationFailedError
 from onnxpq.parallel import Workers
 from onnxpq.version import __version__
@@ -150,6 +150,13 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
         help="also match every compressed layer's output to the original's, with weight W (default 0: off)",
     )
     f.add_argument(
+        "--finetune-ema",
+        type=float,
+        default=DEFAULT_EMA,
+        metavar="DECAY",
+        help=f"export the moving average of the tuned values with this decay (default {DEFAULT_EMA}; 0: last step)",
+    )
+    f.add_argument(
         "--finetune-no-mixup",
         action="store_true",
         help="train on the calibration samples as they are, not on blends of two (blending needs float inputs)",
@@ -255,6 +262,7 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
         loss=args.finetune_loss,
         features=args.finetune_features,
         mixup=not args.finetune_no_mixup,
+        ema=args.finetune_ema,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from onnxpq.errors import ConfigError
 
-__all__ = ["DEFAULT_FINETUNE_STEPS", "LOSSES", "OP_TYPES", "CompressConfig", "FinetuneConfig"]
+__all__ = ["DEFAULT_EMA", "DEFAULT_FINETUNE_STEPS", "LOSSES", "OP_TYPES", "CompressConfig", "FinetuneConfig"]
 
 #: Operator types whose weight input onnxpq knows how to compress.
 OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
@@ -18,6 +18,10 @@ BlockSize = Literal["small", "large"]
 LOSSES = ("auto", "kl", "mse", "cosine")
 #: Steps when fine-tuning is asked for without a budget.
 DEFAULT_FINETUNE_STEPS = 300
+#: Fine-tuning exports the moving average of the trained values over about 1 / (1 - decay) steps.
+#: On MobileNetV2 the last step's eval KL swung by ±0.03 between checks 25 steps apart, and its
+#: confident-view agreement between 0.79 and 1.0; the average held both steady.
+DEFAULT_EMA = 0.99
 #: Default smallest weight to compress; under a size budget smaller ones are offered to the allocator,
 #: which may keep them in float: on MobileNetV2 at 3 bits/weight that moved KL from 0.58 to 0.34.
 MIN_ELEMENTS = 4096
@@ -46,6 +50,8 @@ class FinetuneConfig:
     features : weight of intermediate-feature matching: the output of every layer with a
         codebook is pulled towards the original's (relative squared error); 0 turns it off.
         Selection of the best step still uses the model outputs only.
+    ema : decay of the exponential moving average of the trained values: the average, not the
+        last step, is evaluated and exported; 0 turns it off (see ``DEFAULT_EMA``).
     mixup : train on blends of two calibration samples (a random weight per pair), with the
         original run on each blend, instead of on the samples with their outputs cached; only
         when every model input is floating point (token ids cannot blend).
@@ -61,6 +67,7 @@ class FinetuneConfig:
     recalibrate_bn: bool = True
     features: float = 0.0
     mixup: bool = True
+    ema: float = DEFAULT_EMA
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -77,6 +84,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune eval_every={self.eval_every} must be >= 1")
         if self.features < 0:
             raise ConfigError(f"finetune features={self.features} must be >= 0")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"finetune ema={self.ema} must be in [0, 1)")
         if self.loss not in LOSSES:
             raise ConfigError(f"finetune loss={self.loss!r}; choose from {', '.join(LOSSES)}")
 

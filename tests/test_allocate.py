@@ -12,10 +12,12 @@ from onnx import helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
 from onnxpq.allocate import (
+    _NON_FINITE,
     MEASURED_SETTINGS,
     PROBE_SAMPLES,
     Option,
     _anchors,
+    _Probe,
     _through,
     budget_bits,
     choose,
@@ -189,6 +191,18 @@ def test_output_errors_are_measured_at_anchor_settings_and_interpolated_between(
             assert errors[name][i] == pytest.approx(expected, rel=1e-4)
         low, high = np.min(np.array(errors[name])[anchors]), np.max(np.array(errors[name])[anchors])
         assert all(low * (1 - 1e-9) <= e <= high * (1 + 1e-9) for e in errors[name])
+
+
+def test_non_finite_outputs_are_refused_as_reference_and_never_worth_bits_as_a_setting(rng):
+    model = _conv_then_gemm(rng)
+    x = rand(rng, 8, 4, 6, 6)
+    w = constant_tensors(model.graph)["w"].to_array()
+    probe = _Probe(model, ["w"], Dataset({"x": x}, "test"))
+    assert probe.error({"w": np.full_like(w, np.inf)}) == _NON_FINITE
+    assert 0 < probe.error({"w": w * 1.01}) < 1
+    x[3, 0, 2, 2] = np.nan
+    with pytest.raises(ConfigError, match=r"not finite .* calibration"):
+        _Probe(model, ["w"], Dataset({"x": x}, "test"))
 
 
 def test_interpolation_is_exact_at_the_anchors_and_a_power_law_between():

@@ -18,7 +18,7 @@ from onnxpq.cli import main  # noqa: E402
 from onnxpq.config import FinetuneConfig  # noqa: E402
 from onnxpq.errors import ConfigError  # noqa: E402
 from onnxpq.executor import OnnxModule  # noqa: E402
-from onnxpq.finetune import _Mixup, _Runner, _targets, finetune, loss_kinds, trainable_constants  # noqa: E402
+from onnxpq.finetune import _Average, _Mixup, _Runner, _targets, finetune, loss_kinds, trainable_constants  # noqa: E402
 from onnxpq.graph import load_model  # noqa: E402
 from onnxpq.pipeline import ValidationSettings  # noqa: E402
 from onnxpq.validate import run_session, session  # noqa: E402
@@ -123,6 +123,23 @@ def test_same_seed_same_bytes(case):
     config = FinetuneConfig(steps=8, eval_every=4, batch_size=8)
     first = finetune(original, compressed, data, config, seed=3).model.SerializeToString()
     assert finetune(original, compressed, data, config, seed=3).model.SerializeToString() == first
+
+
+def test_moving_average_lags_the_trained_values_and_leaves_them_in_place():
+    """The average is what gets evaluated and exported; training goes on from the raw values."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    average = _Average([param], decay=0.9)
+    expected = torch.zeros(3)
+    for t in range(1, 30):
+        with torch.no_grad():
+            param.fill_(float(t))
+        average.update()
+        expected += (1 - min(0.9, (1 + t) / (10 + t))) * (param.detach() - expected)  # warm-up: short runs move
+    assert torch.allclose(average.values[0], expected)
+    assert 20 < float(expected[0]) < 29  # behind the last value, as an average is
+    with average.applied():
+        assert torch.equal(param.detach(), average.values[0])
+    assert torch.all(param.detach() == 29)
 
 
 def test_mixup_blends_two_samples_and_asks_the_teacher_about_the_blend(case):
@@ -254,6 +271,8 @@ def test_cli_finetune_needs_calibration(tmp_path, capsys):
         ({"holdout": 1.0}, "holdout"),
         ({"loss": "l1"}, "loss"),
         ({"features": -1.0}, "features"),
+        ({"ema": 1.0}, "ema"),
+        ({"ema": -0.5}, "ema"),
     ],
 )
 def test_bad_finetune_settings(kwargs, message):
@@ -272,10 +291,10 @@ def test_executor_disagreeing_with_onnxruntime_is_refused(case, monkeypatch):
         finetune(original, compressed, data, FinetuneConfig(steps=1))
 
 
-def test_cli_finetune_without_mixup(tmp_path):
+def test_cli_finetune_without_mixup_or_average(tmp_path):
     out = tmp_path / "o.onnx"
     args = ["compress", str(ROOT / "models/mnist_cnn.onnx"), str(out), "--no-validate", "--block-size", "large"]
     args += ["--calibration-data", str(ROOT / "models/mnist_calib.npz"), "--finetune-steps", "3", "--finetune-no-mixup"]
-    assert main(args) == 0
+    assert main([*args, "--finetune-ema", "0"]) == 0
     tuned = json.loads(out.with_name(out.name + ".report.json").read_text())["finetune"]
-    assert tuned["mixup"] is False and tuned["steps"] == 3
+    assert tuned["mixup"] is False and tuned["ema"] == 0 and tuned["steps"] == 3

@@ -58,7 +58,7 @@ SETTINGS = {
         Setting(
             "small blocks, --target-bpw 2.64 (same size)",
             CompressConfig(target_bpw=2.64, calibration_samples=1024),
-            (FinetuneConfig(time_s=900),),
+            (FinetuneConfig(time_s=300), FinetuneConfig(time_s=900)),
         ),
     ],
     "ppocr": [Setting("defaults", CompressConfig(calibration_samples=1024), (FinetuneConfig(time_s=420),))],
