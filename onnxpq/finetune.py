@@ -517,6 +517,7 @@ class _Average:
 
     @contextmanager
     def applied(self) -> Iterator[None]:
+        """The average in the parameters for the block; the raw values, which training goes on from, after it."""
         saved = [p.detach().clone() for p in self.params]
         with torch.no_grad():
             for p, v in zip(self.params, self.values, strict=True):
