@@ -484,13 +484,17 @@ def _export(
 ) -> tuple[dict[str, np.ndarray], float]:
     """The chosen step's constants in their ONNX types, and the loss measured with those rounded values."""
     module = runner.module
-    with torch.no_grad():
-        for p, value in zip(module.params, state, strict=True):
-            p.copy_(value)
-        tuned = module.constants()
-        for p, name in zip(module.params, module.parameter_names, strict=True):
-            p.copy_(torch.from_numpy(tuned[name].astype(np.float32)))
+    _assign(module.params, state)
+    tuned = module.constants()
+    _assign(module.params, [torch.from_numpy(tuned[n].astype(np.float32)) for n in module.parameter_names])
     return tuned, runner.mean_loss(targets, index)
+
+
+def _assign(params: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+    """Copy ``values`` into the parameters in place, so the optimiser's references stay valid."""
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
 
 
 class _Average:
@@ -519,15 +523,11 @@ class _Average:
     def applied(self) -> Iterator[None]:
         """The average in the parameters for the block; the raw values, which training goes on from, after it."""
         saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, v in zip(self.params, self.values, strict=True):
-                p.copy_(v)
+        _assign(self.params, self.values)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, v in zip(self.params, saved, strict=True):
-                    p.copy_(v)
+            _assign(self.params, saved)
 
 
 def _train(

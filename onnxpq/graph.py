@@ -286,7 +286,7 @@ def constants_as_inputs(model: onnx.ModelProto, names: Collection[str]) -> onnx.
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    kept_nodes = [n for i, n in enumerate(graph.node) if not (n.op_type == "Constant" and n.output[0] in wanted)]
+    kept_nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in wanted)]
     kept_inits = [t for t in graph.initializer if t.name not in wanted]
     del graph.node[:], graph.initializer[:]
     graph.node.extend(kept_nodes)
