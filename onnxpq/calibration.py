@@ -80,6 +80,10 @@ class Dataset:
     def head(self, n: int) -> Dataset:
         return Dataset({k: v[:n] for k, v in self.arrays.items()}, self.source)
 
+    def tail(self, n: int) -> Dataset:
+        """The samples after the first ``n``."""
+        return Dataset({k: v[n:] for k, v in self.arrays.items()}, self.source)
+
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The real inputs of the graph: initializers listed as inputs (old exporters) are not inputs."""

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpq.allocate import allocate_bits
+from onnxpq.allocate import allocate_bits, probe_split
 from onnxpq.bias import bias_targets, corrected_biases
 from onnxpq.calibration import Dataset, RandomInputs, load_dataset, random_dataset
 from onnxpq.config import CompressConfig
@@ -248,14 +248,15 @@ def run_validation(
     return section, notes
 
 
-def _calibration_section(dataset: Dataset | None, stats: dict[str, Any]) -> dict[str, Any] | None:
+def _calibration_section(dataset: Dataset | None, quantized: _Quantized) -> dict[str, Any] | None:
     if dataset is None:
         return None
     return {
         "source": dataset.source,
         "samples": dataset.n_samples,
+        "samples_fitted": quantized.fitted_samples,
         "sha256": dataset.sha256(),
-        "layers_with_statistics": len(stats),
+        "layers_with_statistics": len(quantized.stats),
     }
 
 
@@ -268,6 +269,7 @@ class _Quantized:
     biases: dict[str, np.ndarray]
     stats: dict[str, Any]
     allocation: dict[str, Any] | None
+    fitted_samples: int | None
 
 
 def _quantize(
@@ -278,19 +280,24 @@ def _quantize(
     progress: bool,
     workers: Workers,
 ) -> _Quantized:
-    """Statistics -> per-layer quantization (or bit allocation) -> bias correction."""
-    stats = collect_stats(model, candidates, calib, progress=progress) if calib is not None else {}
+    """Statistics -> per-layer quantization (or bit allocation) -> bias correction.
+
+    When allocating, the samples the allocator measures on are kept out of the statistics (see ``probe_split``).
+    """
+    allocating = config.target_bpw is not None or config.target_mib is not None
+    probe, fit = probe_split(calib) if allocating and calib is not None else (calib, calib)
+    stats = collect_stats(model, candidates, fit, progress=progress) if fit is not None else {}
     targets = bias_targets(model, candidates) if config.bias_correction and stats else {}
     allocation = None
-    if config.target_bpw is not None or config.target_mib is not None:
+    if allocating:
         found = allocate_bits(
-            model, candidates, config, stats=stats, calibration=calib, targets=targets, progress=progress
+            model, candidates, config, stats=stats, calibration=probe, targets=targets, progress=progress
         )
         candidates = found.candidates
         allocation = {"budget_bits": found.budget_bits, "output_error": found.output_error}
         targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
-    if config.sequential and calib is not None:
-        results = quantize_sequential(model, candidates, config, calib, targets, first_stats=stats, progress=progress)
+    if config.sequential and fit is not None:
+        results = quantize_sequential(model, candidates, config, fit, targets, first_stats=stats, progress=progress)
     else:
         results = quantize_weights(
             model,
@@ -302,7 +309,8 @@ def _quantize(
             workers=workers,
         )
     shifts = {n: r.shift for n, r in results.items() if r.shift is not None}
-    return _Quantized(candidates, results, corrected_biases(model, targets, shifts), stats, allocation)
+    fitted = fit.n_samples if fit is not None else None
+    return _Quantized(candidates, results, corrected_biases(model, targets, shifts), stats, allocation, fitted)
 
 
 def compress(
@@ -390,7 +398,7 @@ def compress(
             "ratio": original_bytes / compressed_bytes,
         },
         "pqf": pqf_sizes(model, candidates),
-        "calibration": _calibration_section(calib, q.stats),
+        "calibration": _calibration_section(calib, q),
         "permutation": permutation,
         "bias_corrected": sorted(q.biases),
         "allocation": q.allocation,

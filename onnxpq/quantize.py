@@ -109,7 +109,7 @@ def _decoded_units(book: Codebook) -> np.ndarray:
 
 def _metric(stats: LayerStats, centred: bool) -> np.ndarray | None:
     """The damped output metric H of a layer, or None when the layer saw no signal."""
-    h = stats.covariance() if centred else stats.hessian
+    h = stats.metric(centred)
     if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
         return None
     return output_aware.damped(h)

@@ -57,6 +57,38 @@ class LayerStats:
         """H - μμᵀ: the error left once the mean output shift is put back into the bias."""
         return self.hessian - self.mean[:, :, None] * self.mean[:, None, :]
 
+    def shrinkage(self) -> np.ndarray:
+        """Per group, the Oracle Approximating Shrinkage weight ρ of the covariance (Chen et al., 2010).
+
+        A covariance estimated from fewer rows than it has dimensions (a classifier
+        after global pooling sees one row per sample) is rank-deficient: a quantizer
+        trusting it hides the error in directions the calibration data never
+        explored, and on new inputs the error comes back (MobileNetV2's classifier:
+        output error 6 % on the calibration samples, 9 % on other photos). Blending
+        the estimate with ρ of its mean variance times I is the estimator closest
+        to the true covariance under a Gaussian model (scikit-learn's form of the
+        weight); with many rows ρ is ~0.
+        """
+        cov = self.covariance()
+        r = cov.shape[-1]
+        trace = np.trace(cov, axis1=1, axis2=2)
+        trace_sq = np.sum(cov * cov, axis=(1, 2))
+        num = trace_sq + trace**2
+        den = (self.rows + 1) * (trace_sq - trace**2 / r)
+        safe = np.where(den > 0, den, 1.0)
+        return np.where(den > 0, np.minimum(num / safe, 1.0), 0.0)
+
+    def metric(self, centred: bool) -> np.ndarray:
+        """H (or the covariance when ``centred``) with the covariance shrunk by ``shrinkage``.
+
+        Only the covariance is estimated with too few rows; the mean's outer product is kept as it is.
+        """
+        cov = self.covariance()
+        rho = self.shrinkage()[:, None, None]
+        mean_variance = np.trace(cov, axis1=1, axis2=2)[:, None, None] / cov.shape[-1]
+        base = cov if centred else self.hessian
+        return base + rho * (mean_variance * np.eye(cov.shape[-1]) - cov)
+
 
 @dataclass(frozen=True)
 class _Reader:

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 from onnxpq import CompressConfig, compress
 from onnxpq.allocate import (
     _NON_FINITE,
+    HOLD_OUT_FROM,
     MEASURED_SETTINGS,
     PROBE_SAMPLES,
     Option,
@@ -23,6 +24,7 @@ from onnxpq.allocate import (
     choose,
     layer_error,
     output_errors,
+    probe_split,
 )
 from onnxpq.calibration import Dataset
 from onnxpq.encode import replace_constants
@@ -96,10 +98,10 @@ def _mlp(rng):
     return make_model(nodes, [("x", ["n", 64])], [f"h{LAYERS - 1}"], weights)
 
 
-def _compress_mlp(tmp_path, rng, **config):
+def _compress_mlp(tmp_path, rng, samples: int = 64, **config):
     model = _mlp(rng)
     onnx.save(model, tmp_path / "in.onnx")
-    np.savez(tmp_path / "calib.npz", x=rand(rng, 64, 64))
+    np.savez(tmp_path / "calib.npz", x=rand(rng, samples, 64))
     return compress(
         tmp_path / "in.onnx",
         tmp_path / "out.onnx",
@@ -219,3 +221,22 @@ def test_report_lists_each_chosen_settings_output_error(tmp_path, rng):
     rows = result.report["layers"]
     kept = {row["weight"] for row in rows if row["skip_reason"] == "kept in float by the bit allocation"}
     assert all(errors[name] == 0 for name in kept)
+
+
+@pytest.mark.parametrize("samples", [HOLD_OUT_FROM - 1, HOLD_OUT_FROM + 40])
+def test_the_probe_samples_are_held_out_of_the_statistics_when_there_are_enough(rng, samples):
+    x = rand(rng, samples, 4)
+    probe, fit = probe_split(Dataset({"x": x}, "test"))
+    np.testing.assert_array_equal(probe.arrays["x"], x[:PROBE_SAMPLES])
+    if samples < HOLD_OUT_FROM:  # too few to spare: measured on samples that were fitted too
+        np.testing.assert_array_equal(fit.arrays["x"], x)
+    else:
+        np.testing.assert_array_equal(fit.arrays["x"], x[PROBE_SAMPLES:])
+
+
+@pytest.mark.parametrize("target", [None, 4.0])
+def test_the_report_says_how_many_samples_the_statistics_came_from(tmp_path, rng, target):
+    result = _compress_mlp(tmp_path, rng, samples=HOLD_OUT_FROM, target_bpw=target, calibration_samples=HOLD_OUT_FROM)
+    section = result.report["calibration"]
+    assert section["samples"] == HOLD_OUT_FROM
+    assert section["samples_fitted"] == (HOLD_OUT_FROM if target is None else HOLD_OUT_FROM - PROBE_SAMPLES)

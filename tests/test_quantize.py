@@ -1,4 +1,5 @@
-"""Data-aware compression end to end: calibration lowers the output error, bias correction restores the mean."""
+"""Data-aware compression end to end: calibration lowers the output error, also on new samples; bias correction
+restores the mean."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from onnxpq import CompressConfig, compress
 from onnxpq.bias import bias_targets
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.selection import find_candidates
+from onnxpq.stats import LayerStats
 
 NO_VALIDATION = ValidationSettings(enabled=False)
 
@@ -70,6 +72,21 @@ def test_calibration_lowers_the_output_error(tmp_path, rng, build):
     free = _output_error(model, _compress(model, tmp_path, None), {"x": x})
     aware = _output_error(model, _compress(model, tmp_path, x), {"x": x})
     assert aware < 0.5 * free
+
+
+def test_shrinking_a_covariance_from_fewer_samples_than_inputs_generalises(tmp_path, rng, monkeypatch):
+    """A classifier after global pooling sees one row per sample: fit to 24 rows, judged on 4000 fresh ones."""
+    model = gemm_model(rng)
+    mixing = rng.standard_normal((64, 64)).astype(np.float32) / 8
+
+    def draw(n: int) -> np.ndarray:
+        return (correlated_inputs(rng, n, 64) @ mixing + 0.3).astype(np.float32)
+
+    calibration, fresh = draw(24), {"x": draw(4000)}
+    shrunk = _output_error(model, _compress(model, tmp_path, calibration), fresh)
+    monkeypatch.setattr(LayerStats, "shrinkage", lambda self: np.zeros(self.groups))
+    trusted = _output_error(model, _compress(model, tmp_path, calibration), fresh)
+    assert shrunk < 0.85 * trusted
 
 
 @pytest.mark.parametrize("build", [gemm_model, matmul_add_model, conv_bias_model])

@@ -1,4 +1,5 @@
-"""Layer statistics: im2col matches onnxruntime's Conv, and H measures exactly the layer's output energy."""
+"""Layer statistics: im2col matches onnxruntime's Conv, H measures exactly the layer's output energy, and the
+covariance is shrunk by the OAS estimator."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import numpy as np
 import pytest
 from conftest import make_model, rand, run
 from onnx import helper
+from sklearn.covariance import oas
 
 from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
-from onnxpq.layout import unit_matrix
+from onnxpq.layout import input_order, unit_matrix
 from onnxpq.selection import find_candidates
 from onnxpq.stats import collect_stats, conv_patches
 
@@ -81,3 +83,22 @@ def test_hessian_measures_the_output_energy(op, rng):
     mean_out = units @ stats.mean[0]
     axis = (0, 2, 3) if op == "Conv" else 0
     np.testing.assert_allclose(mean_out, y.mean(axis=axis), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [12, 40, 4000])
+def test_shrinkage_is_scikit_learns_oracle_approximating_estimator(rows, rng):
+    w = rand(rng, 16, 24)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["n", 16])], ["y"], {"w": w})
+    mixing = rand(rng, 16, 16)
+    x = (rand(rng, rows, 16) @ mixing + 1.0).astype(np.float32)
+    cands = [c for c in find_candidates(model, CompressConfig(min_elements=1, keep_first=False)) if c.compressed]
+    stats = collect_stats(model, cands, Dataset({"x": x}, "test"))["w"]
+    expected_cov, expected_rho = oas(x.astype(np.float64)[:, input_order(cands[0])])
+    assert stats.shrinkage()[0] == pytest.approx(expected_rho, rel=1e-4)
+    np.testing.assert_allclose(stats.metric(centred=True)[0], expected_cov, rtol=1e-4, atol=1e-6)
+    # Uncentred, the mean's outer product is kept: only the covariance part is shrunk.
+    mean = stats.mean[0]
+    uncentred = expected_cov + np.outer(mean, mean)
+    np.testing.assert_allclose(stats.metric(centred=False)[0], uncentred, rtol=1e-4, atol=1e-6)
+    if rows > 1000:
+        assert stats.shrinkage()[0] < 0.01
