@@ -57,7 +57,7 @@ class LayerStats:
         """H - μμᵀ: the error left once the mean output shift is put back into the bias."""
         return self.hessian - self.mean[:, :, None] * self.mean[:, None, :]
 
-    def shrinkage(self) -> np.ndarray:
+    def shrinkage(self, cov: np.ndarray | None = None) -> np.ndarray:
         """Per group, the Oracle Approximating Shrinkage weight ρ of the covariance (Chen et al., 2010).
 
         A covariance estimated from fewer rows than it has dimensions (a classifier
@@ -67,9 +67,9 @@ class LayerStats:
         output error 6 % on the calibration samples, 9 % on other photos). Blending
         the estimate with ρ of its mean variance times I is the estimator closest
         to the true covariance under a Gaussian model (scikit-learn's form of the
-        weight); with many rows ρ is ~0.
+        weight); with many rows ρ is ~0. ``cov``: ``covariance()``, when the caller already has it.
         """
-        cov = self.covariance()
+        cov = self.covariance() if cov is None else cov
         r = cov.shape[-1]
         trace = np.trace(cov, axis1=1, axis2=2)
         trace_sq = np.sum(cov * cov, axis=(1, 2))
@@ -84,7 +84,7 @@ class LayerStats:
         Only the covariance is estimated with too few rows; the mean's outer product is kept as it is.
         """
         cov = self.covariance()
-        rho = self.shrinkage()[:, None, None]
+        rho = self.shrinkage(cov)[:, None, None]
         mean_variance = np.trace(cov, axis1=1, axis2=2)[:, None, None] / cov.shape[-1]
         base = cov if centred else self.hessian
         return base + rho * (mean_variance * np.eye(cov.shape[-1]) - cov)
