@@ -107,12 +107,49 @@ def _decoded_units(book: Codebook) -> np.ndarray:
     return table[book.codes]
 
 
-def _metric(stats: LayerStats, centred: bool) -> np.ndarray | None:
-    """The damped output metric H of a layer, or None when the layer saw no signal."""
-    h = stats.metric(centred)
-    if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
-        return None
-    return output_aware.damped(h)
+#: Shrinkage weights tried besides OAS's on a layer whose statistics are rank-deficient (``_refined``).
+SHRINKAGE_GRID = (0.1, 0.25, 0.5)
+
+
+def _metrics(stats: LayerStats, centred: bool) -> Iterator[np.ndarray]:
+    """The damped output metrics H to refine with: one, or one per shrinkage weight when H is rank-deficient.
+
+    Built one at a time (each is R x R float64 per group); none when the layer saw no signal.
+    """
+    for rho in [None, *SHRINKAGE_GRID] if stats.rank_deficient else [None]:
+        h = stats.metric(centred, rho)
+        if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
+            return
+        yield output_aware.damped(h)
+
+
+def _output_rel(units: np.ndarray, book: Codebook, stats: LayerStats, centred: bool) -> float:
+    """‖X(W - Ŵ)‖² / ‖XW‖² of a codebook on the (unshrunk) calibration statistics."""
+    decoded = _decoded_units(book).reshape(units.shape)
+    return output_aware.output_error(units, decoded, stats.hessian, stats.covariance() if centred else None)
+
+
+def _refined(
+    units: np.ndarray, book: Codebook, stats: LayerStats, config: CompressConfig, centred: bool
+) -> tuple[Codebook, float | None]:
+    """The refinement with the least output error on the calibration data, and that error.
+
+    On a rank-deficient H (a classifier after global pooling: one row per sample)
+    the refinement chases directions that only a few rows define, and shrinking H
+    lowers the error even on the rows it was fitted to. MobileNetV2's classifier
+    went from 4.9 % at OAS's ρ = 0.06 to 4.4-4.6 % at ρ from 0.15 to 0.5 (7.9 %
+    at 0.9), and on other photos from 7.6 % to 7.0-7.2 %. How much is best
+    depends on the layer, so each weight of ``SHRINKAGE_GRID`` is tried and judged
+    on the statistics themselves; OAS's weight is among them, so the choice is
+    never worse there than OAS's alone.
+    """
+    best, best_error = book, None
+    for h in _metrics(stats, centred):
+        option = _refine(units, book, h, config)
+        error = _output_rel(units, option, stats, centred)
+        if best_error is None or error < best_error:
+            best, best_error = option, error
+    return best, best_error
 
 
 def _refine(units: np.ndarray, book: Codebook, h: np.ndarray, config: CompressConfig) -> Codebook:
@@ -148,21 +185,17 @@ def quantize_layer(
     """Quantize one weight; with ``stats``, minimise its output error and measure its mean output shift."""
     units = unit_matrix(array, candidate)
     d = candidate.subvector_dim
-    metric = _metric(stats, correct_bias) if stats is not None else None
     rng = layer_rng(config.seed, candidate.name)
     k, iters = candidate.n_codewords, config.kmeans_iters
     book = kmeans(units.reshape(-1, d), k, n_iter=iters, rng=rng, anneal=config.anneal)
-    if metric is not None:
-        book = _refine(units, book, metric, config)
+    output_rel = shift = None
+    if stats is not None:
+        book, output_rel = _refined(units, book, stats, config, correct_bias)
     # Kept until encoding: int64 codes of every layer would hold 8 bytes per subvector for the whole run.
     q = QuantizedWeight(candidate, replace(book, codes=book.codes.astype(np.min_scalar_type(k - 1))))
     decoded = _decoded_units(book).reshape(units.shape)
-    output_rel = shift = None
-    if metric is not None:
-        noise = stats.covariance() if correct_bias else None
-        output_rel = output_aware.output_error(units, decoded, stats.hessian, noise)
-        if correct_bias:
-            shift = _mean_shift(units, decoded, stats)
+    if output_rel is not None and correct_bias:
+        shift = _mean_shift(units, decoded, stats)
     return LayerResult(q, weight_error(array, weight_from_units(decoded, candidate), output_rel), shift)
 
 

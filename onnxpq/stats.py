@@ -78,16 +78,28 @@ class LayerStats:
         safe = np.where(den > 0, den, 1.0)
         return np.where(den > 0, np.minimum(num / safe, 1.0), 0.0)
 
-    def metric(self, centred: bool) -> np.ndarray:
-        """H (or the covariance when ``centred``) with the covariance shrunk by ``shrinkage``.
+    @property
+    def rank_deficient(self) -> bool:
+        """Fewer rows than dimensions: the covariance is singular and the quantizer can hide error in its null space."""
+        return self.rows < self.hessian.shape[-1]
 
-        Only the covariance is estimated with too few rows; the mean's outer product is kept as it is.
+    def metric(self, centred: bool, rho: float | None = None) -> np.ndarray:
+        """H (or the covariance when ``centred``) with its covariance shrunk by ``rho`` towards its mean variance x I.
+
+        ``rho`` None: ``shrinkage`` where the estimate is rank-deficient, nothing
+        otherwise. From more rows than dimensions the estimate has full rank and
+        OAS's ρ is below 1 %, yet shrinking PP-OCRv4's two squeeze-excitation gates
+        (1024 rows, 120 and 480 inputs) by that much cost 0.035 of character
+        accuracy, so a full-rank estimate is trusted as it is. The mean's outer
+        product is well estimated either way and is never shrunk.
         """
         cov = self.covariance()
-        rho = self.shrinkage(cov)[:, None, None]
+        if rho is None and not self.rank_deficient:
+            return cov if centred else self.hessian
+        weight = self.shrinkage(cov)[:, None, None] if rho is None else rho
         mean_variance = np.trace(cov, axis1=1, axis2=2)[:, None, None] / cov.shape[-1]
         base = cov if centred else self.hessian
-        return base + rho * (mean_variance * np.eye(cov.shape[-1]) - cov)
+        return base + weight * (mean_variance * np.eye(cov.shape[-1]) - cov)
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,14 @@ import numpy as np
 import onnx
 import pytest
 from conftest import make_model, rand, run
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from onnxpq import CompressConfig, compress
+from onnxpq import CompressConfig, compress, quantize
 from onnxpq.bias import bias_targets
+from onnxpq.calibration import Dataset
 from onnxpq.pipeline import ValidationSettings
-from onnxpq.selection import find_candidates
-from onnxpq.stats import LayerStats
+from onnxpq.selection import Candidate, find_candidates
+from onnxpq.stats import LayerStats, collect_stats
 
 NO_VALIDATION = ValidationSettings(enabled=False)
 
@@ -85,8 +86,42 @@ def test_shrinking_a_covariance_from_fewer_samples_than_inputs_generalises(tmp_p
     calibration, fresh = draw(24), {"x": draw(4000)}
     shrunk = _output_error(model, _compress(model, tmp_path, calibration), fresh)
     monkeypatch.setattr(LayerStats, "shrinkage", lambda self, cov=None: np.zeros(self.groups))
+    monkeypatch.setattr(quantize, "SHRINKAGE_GRID", ())
     trusted = _output_error(model, _compress(model, tmp_path, calibration), fresh)
     assert shrunk < 0.85 * trusted
+
+
+def _gemm_layer(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, Candidate, LayerStats]:
+    model = gemm_model(rng)
+    cand = next(c for c in find_candidates(model, CompressConfig(min_elements=1, keep_first=False)) if c.compressed)
+    x = correlated_inputs(rng, rows, 64) @ rng.standard_normal((64, 64)).astype(np.float32) / 8
+    stats = collect_stats(model, [cand], Dataset({"x": x.astype(np.float32)}, "test"))[cand.name]
+    weight = next(t for t in model.graph.initializer if t.name == cand.name)
+    return numpy_helper.to_array(weight), cand, stats
+
+
+def test_a_rank_deficient_layer_keeps_the_shrinkage_with_the_least_output_error(rng, monkeypatch):
+    weight, cand, stats = _gemm_layer(rng, rows=24)
+    assert stats.rank_deficient
+    config = CompressConfig(n_codewords=16)
+    chosen = quantize.quantize_layer(weight, cand, config, stats).error.output_rel
+    alone = {}
+    for rho in ((), *((r,) for r in quantize.SHRINKAGE_GRID)):
+        monkeypatch.setattr(quantize, "SHRINKAGE_GRID", rho)
+        alone[rho] = quantize.quantize_layer(weight, cand, config, stats).error.output_rel
+    assert chosen == min(alone.values())
+    assert chosen <= alone[()]  # never worse than OAS's weight alone
+    assert len(set(alone.values())) > 1  # the weights do lead to different codebooks
+
+
+def test_a_full_rank_layer_is_refined_on_its_statistics_as_they_are(rng, monkeypatch):
+    weight, cand, stats = _gemm_layer(rng, rows=256)
+    assert not stats.rank_deficient
+    config = CompressConfig(n_codewords=16)
+    plain = quantize.quantize_layer(weight, cand, config, stats)
+    monkeypatch.setattr(quantize, "SHRINKAGE_GRID", (0.9,))
+    tried = quantize.quantize_layer(weight, cand, config, stats)
+    np.testing.assert_array_equal(plain.quantized.codebook.codes, tried.quantized.codebook.codes)
 
 
 @pytest.mark.parametrize("build", [gemm_model, matmul_add_model, conv_bias_model])

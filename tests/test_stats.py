@@ -86,7 +86,7 @@ def test_hessian_measures_the_output_energy(op, rng):
 
 
 @pytest.mark.parametrize("rows", [12, 40, 4000])
-def test_shrinkage_is_scikit_learns_oracle_approximating_estimator(rows, rng):
+def test_shrinkage_is_scikit_learns_oracle_approximating_estimator_applied_when_rank_deficient(rows, rng):
     w = rand(rng, 16, 24)
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["n", 16])], ["y"], {"w": w})
     mixing = rand(rng, 16, 16)
@@ -95,10 +95,14 @@ def test_shrinkage_is_scikit_learns_oracle_approximating_estimator(rows, rng):
     stats = collect_stats(model, cands, Dataset({"x": x}, "test"))["w"]
     expected_cov, expected_rho = oas(x.astype(np.float64)[:, input_order(cands[0])])
     assert stats.shrinkage()[0] == pytest.approx(expected_rho, rel=1e-4)
+    if rows > 1000:
+        assert stats.shrinkage()[0] < 0.01
+    if rows >= 16:  # as many rows as inputs: full rank, trusted as it is
+        np.testing.assert_array_equal(stats.metric(centred=True), stats.covariance())
+        np.testing.assert_array_equal(stats.metric(centred=False), stats.hessian)
+        return
     np.testing.assert_allclose(stats.metric(centred=True)[0], expected_cov, rtol=1e-4, atol=1e-6)
     # Uncentred, the mean's outer product is kept: only the covariance part is shrunk.
     mean = stats.mean[0]
     uncentred = expected_cov + np.outer(mean, mean)
     np.testing.assert_allclose(stats.metric(centred=False)[0], uncentred, rtol=1e-4, atol=1e-6)
-    if rows > 1000:
-        assert stats.shrinkage()[0] < 0.01
