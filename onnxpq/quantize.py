@@ -111,22 +111,23 @@ def _decoded_units(book: Codebook) -> np.ndarray:
 SHRINKAGE_GRID = (0.1, 0.25, 0.5)
 
 
-def _metrics(stats: LayerStats, centred: bool) -> Iterator[np.ndarray]:
+def _metrics(stats: LayerStats, centred: bool, cov: np.ndarray) -> Iterator[np.ndarray]:
     """The damped output metrics H to refine with: one, or one per shrinkage weight when H is rank-deficient.
 
     Built one at a time (each is R x R float64 per group); none when the layer saw no signal.
+    ``cov``: the statistics' covariance, built once per layer by the caller.
     """
     for rho in [None, *SHRINKAGE_GRID] if stats.rank_deficient else [None]:
-        h = stats.metric(centred, rho)
+        h = stats.metric(centred, rho, cov)
         if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
             return
         yield output_aware.damped(h)
 
 
-def _output_rel(units: np.ndarray, book: Codebook, stats: LayerStats, centred: bool) -> float:
+def _output_rel(units: np.ndarray, book: Codebook, h: np.ndarray, h_noise: np.ndarray | None) -> float:
     """‖X(W - Ŵ)‖² / ‖XW‖² of a codebook on the (unshrunk) calibration statistics."""
     decoded = _decoded_units(book).reshape(units.shape)
-    return output_aware.output_error(units, decoded, stats.hessian, stats.covariance() if centred else None)
+    return output_aware.output_error(units, decoded, h, h_noise)
 
 
 def _refined(
@@ -143,10 +144,11 @@ def _refined(
     on the statistics themselves; OAS's weight is among them, so the choice is
     never worse there than OAS's alone.
     """
+    cov = stats.covariance()
     best, best_error = book, None
-    for h in _metrics(stats, centred):
+    for h in _metrics(stats, centred, cov):
         option = _refine(units, book, h, config)
-        error = _output_rel(units, option, stats, centred)
+        error = _output_rel(units, option, stats.hessian, cov if centred else None)
         if best_error is None or error < best_error:
             best, best_error = option, error
     return best, best_error

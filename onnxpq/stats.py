@@ -83,7 +83,7 @@ class LayerStats:
         """Fewer rows than dimensions: the covariance is singular and the quantizer can hide error in its null space."""
         return self.rows < self.hessian.shape[-1]
 
-    def metric(self, centred: bool, rho: float | None = None) -> np.ndarray:
+    def metric(self, centred: bool, rho: float | None = None, cov: np.ndarray | None = None) -> np.ndarray:
         """H (or the covariance when ``centred``) with its covariance shrunk by ``rho`` towards its mean variance x I.
 
         ``rho`` None: ``shrinkage`` where the estimate is rank-deficient, nothing
@@ -91,9 +91,10 @@ class LayerStats:
         OAS's ρ is below 1 %, yet shrinking PP-OCRv4's two squeeze-excitation gates
         (1024 rows, 120 and 480 inputs) by that much cost 0.035 of character
         accuracy, so a full-rank estimate is trusted as it is. The mean's outer
-        product is well estimated either way and is never shrunk.
+        product is well estimated either way and is never shrunk. ``cov``: ``covariance()``,
+        when the caller already has it.
         """
-        cov = self.covariance()
+        cov = self.covariance() if cov is None else cov
         if rho is None and not self.rank_deficient:
             return cov if centred else self.hessian
         weight = self.shrinkage(cov)[:, None, None] if rho is None else rho
