@@ -185,7 +185,7 @@ def probe_split(dataset: Dataset) -> tuple[Dataset, Dataset]:
     they are kept out of the statistics when there are enough to spare. (On
     MobileNetV2 the bias was small: the classifier's estimate rose by 4 %.)
     """
-    fit = dataset if dataset.n_samples < HOLD_OUT_FROM else dataset.tail(PROBE_SAMPLES)
+    fit = dataset if dataset.n_samples < HOLD_OUT_FROM else dataset.skip(PROBE_SAMPLES)
     return dataset.head(PROBE_SAMPLES), fit
 
 

@@ -80,8 +80,8 @@ class Dataset:
     def head(self, n: int) -> Dataset:
         return Dataset({k: v[:n] for k, v in self.arrays.items()}, self.source)
 
-    def tail(self, n: int) -> Dataset:
-        """The samples after the first ``n``."""
+    def skip(self, n: int) -> Dataset:
+        """The samples after the first ``n`` (``head``'s complement)."""
         return Dataset({k: v[n:] for k, v in self.arrays.items()}, self.source)
 
 

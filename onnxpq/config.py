@@ -199,12 +199,16 @@ class CompressConfig:
             raise ConfigError(f"calibration_samples={self.calibration_samples} must be >= 1")
 
     @property
+    def has_budget(self) -> bool:
+        """A size target is given, so the allocator chooses each layer's settings."""
+        return self.target_bpw is not None or self.target_mib is not None
+
+    @property
     def min_size(self) -> int:
         """The smallest weight considered for compression (``min_elements`` resolved)."""
         if self.min_elements is not None:
             return self.min_elements
-        budget = self.target_bpw is not None or self.target_mib is not None
-        return MIN_ELEMENTS_BUDGET if budget else MIN_ELEMENTS
+        return MIN_ELEMENTS_BUDGET if self.has_budget else MIN_ELEMENTS
 
     @property
     def all_op_types(self) -> bool:

@@ -284,12 +284,11 @@ def _quantize(
 
     When allocating, the samples the allocator measures on are kept out of the statistics (see ``probe_split``).
     """
-    allocating = config.target_bpw is not None or config.target_mib is not None
-    probe, fit = probe_split(calib) if allocating and calib is not None else (calib, calib)
+    probe, fit = probe_split(calib) if config.has_budget and calib is not None else (calib, calib)
     stats = collect_stats(model, candidates, fit, progress=progress) if fit is not None else {}
     targets = bias_targets(model, candidates) if config.bias_correction and stats else {}
     allocation = None
-    if allocating:
+    if config.has_budget:
         found = allocate_bits(
             model, candidates, config, stats=stats, calibration=probe, targets=targets, progress=progress
         )
