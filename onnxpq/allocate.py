@@ -73,15 +73,39 @@ def budget_bits(
     return budget - fixed
 
 
-def _infeasible(model: onnx.ModelProto, config: CompressConfig, budget: float, smallest: float) -> str:
-    """Say how small this model can get, in the unit the user asked in."""
+#: Layers named in the unreachable-budget message, largest first.
+INFEASIBLE_SHOWN = 5
+
+
+def _kept_in_float(candidates: Sequence[Candidate]) -> str:
+    """The largest layers the selection keeps in float, each with its size, reason and the option that changes it."""
+    kept = sorted((c for c in candidates if not c.compressed), key=lambda c: (-c.size, c.name))
+    if not kept:
+        return ""
+    parts = []
+    for c in kept[:INFEASIBLE_SHOWN]:
+        nbytes = c.size * onnx.helper.tensor_dtype_to_np_dtype(c.dtype).itemsize
+        change = f"; change with {c.fix}" if c.fix else ""
+        parts.append(f"{c.node_names[0] if c.uses else c.name} ({nbytes / 1024:.1f} KiB, {c.skip_reason}{change})")
+    more = f" and {len(kept) - INFEASIBLE_SHOWN} more" if len(kept) > INFEASIBLE_SHOWN else ""
+    return f"; layers kept in float, largest first: {', '.join(parts)}{more}"
+
+
+def _infeasible(
+    model: onnx.ModelProto, config: CompressConfig, candidates: Sequence[Candidate], budget: float, smallest: float
+) -> str:
+    """Say how small this model can get, in the unit the user asked in, and which float layers stop it."""
     if config.target_bpw is not None:
         least = config.target_bpw + (smallest - budget) / float_parameters(model)
-        return (
+        head = (
             f"--target-bpw {config.target_bpw} is below the smallest size this model reaches, {least:.3f} bits/weight"
         )
-    least = config.target_mib + (smallest - budget) / 8 / 2**20
-    return f"--target-size {config.target_mib} MiB is below the smallest size this model reaches, {least:.3f} MiB"
+    else:
+        least = config.target_mib + (smallest - budget) / 8 / 2**20
+        head = f"--target-size {config.target_mib} MiB is below the smallest size this model reaches, {least:.3f} MiB"
+    other = float_parameters(model) - sum(c.size for c in candidates)
+    rest = f"; {other} other float parameters (biases, norms ...) stay at 32 bits" if other > 0 else ""
+    return head + _kept_in_float(candidates) + rest
 
 
 def _pick(options: Mapping[str, Sequence[Option]], lam: float) -> dict[str, Option]:
@@ -301,7 +325,7 @@ def allocate_bits(
     budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
     smallest = sum(min(o.bits for o in opts) for opts in options.values())
     if smallest > budget:
-        raise ConfigError(_infeasible(model, config, budget, smallest))
+        raise ConfigError(_infeasible(model, config, candidates, budget, smallest))
     chosen = choose(options, budget)
     final = [chosen[c.name].candidate if c.name in chosen else c for c in candidates]
     return Allocation(final, budget, {n: o.cost for n, o in chosen.items()})

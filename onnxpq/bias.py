@@ -64,7 +64,7 @@ def bias_targets(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dic
     compressed = {c.name for c in candidates if c.compressed}
     out = {}
     for c in candidates:
-        if not c.compressed or len(c.uses) != 1 or c.uses[0].input_index != 1:
+        if not c.compressed or len(c.uses) != 1 or c.uses[0].input_index != 1 or c.uses[0].in_subgraph:
             continue
         units = c.shape[-1] if c.strided else c.shape[0]
         target = _target(nodes[c.uses[0].node], units, constants, by_tensor)

@@ -1,25 +1,43 @@
 """Command line: ``onnxpq compress | inspect | validate``. Argument parsing only; the work lives in the passes.
 
-Exit codes: 0 success, 1 accuracy gate failed, 2 bad input or option (one line, no traceback unless -v).
+Exit codes: 0 success; 1 accuracy gate failed (model and report kept); 2 anything else that went wrong,
+as one line (the traceback too with -v); 128+N when stopped by signal N (130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
+import signal
 import sys
+import threading
+import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from onnxpq.calibration import RandomInputs, parse_shapes
-from onnxpq.config import DEFAULT_EMA, DEFAULT_FINETUNE_STEPS, LOSSES, OP_TYPES, CompressConfig, FinetuneConfig
+from onnxpq.config import (
+    DEFAULT_EMA,
+    DEFAULT_FINETUNE_STEPS,
+    LOSSES,
+    OP_TYPES,
+    STATISTICS_MEMORY_MIB,
+    CompressConfig,
+    FinetuneConfig,
+)
 from onnxpq.errors import ConfigError, OnnxpqError, ValidationFailedError
 from onnxpq.parallel import Workers
 from onnxpq.version import __version__
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["Interrupted", "main"]
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> None:
@@ -49,8 +67,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     sel.add_argument(
         "--keep-first",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="keep the first Conv in float (default: yes)",
+        default=None,
+        help="keep the first Conv in float, or compress it (default: keep it only when it is small: "
+        "at most 4 input channels per group and 1%% of the weights, like an image CNN's first conv)",
     )
     q = p.add_argument_group("quantization")
     q.add_argument(
@@ -115,6 +134,14 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="re-collect statistics N times on the partly quantized model (GPTQ's sequential mode; default off)",
+    )
+    c.add_argument(
+        "--statistics-memory",
+        type=float,
+        default=STATISTICS_MEMORY_MIB,
+        metavar="MIB",
+        help=f"memory for the layer statistics (default {STATISTICS_MEMORY_MIB}); a layer whose full input "
+        "covariance does not fit its share keeps block-diagonal statistics, named in the report",
     )
     size = c.add_mutually_exclusive_group()
     size.add_argument("--target-bpw", type=float, default=None, help="choose per-layer settings to meet B bits/weight")
@@ -290,6 +317,7 @@ def _compress(args: argparse.Namespace) -> int:
         bias_correction=args.bias_correction,
         calibration_samples=args.calibration_samples,
         sequential=args.sequential,
+        statistics_memory_mib=args.statistics_memory,
         target_bpw=args.target_bpw,
         target_mib=args.target_size,
         finetune=_finetune_config(args),
@@ -344,14 +372,21 @@ def _inspect_groups(model) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from onnxpq.graph import load_model
+    from onnxpq.graph import check_input_path, load_model
     from onnxpq.report import layer_rows
     from onnxpq.selection import find_candidates
+    from onnxpq.subgraphs import lift_subgraph_weights
 
+    check_input_path(args.input)
     if args.groups:
-        return _inspect_groups(load_model(args.input))
+        from onnxpq.pipeline import check_runtime_loads
+
+        model = load_model(args.input)
+        check_runtime_loads(args.input)  # the group check runs the model in onnxruntime
+        return _inspect_groups(model)
     config = CompressConfig(op_types=tuple(args.op_types), min_elements=args.min_elements, keep_first=False)
-    rows = layer_rows(find_candidates(load_model(args.input), config), {})
+    # Lifted as ``compress`` lifts them, so If/Loop/Scan weights are listed under the same names.
+    rows = layer_rows(find_candidates(lift_subgraph_weights(load_model(args.input)), config), {})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -366,14 +401,21 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from onnxpq.graph import load_model
-    from onnxpq.pipeline import prepare_validation, run_validation
+    from onnxpq.graph import check_input_path, check_output_path, load_model
+    from onnxpq.pipeline import check_runtime_loads, input_files, prepare_validation, run_validation
     from onnxpq.report import validation_lines, write_json
 
-    model = load_model(args.original)
-    load_model(args.compressed)
+    for path in (args.original, args.compressed):
+        check_input_path(path)
+    model, compressed = load_model(args.original), load_model(args.compressed)
+    if args.report:
+        protected = {**input_files(args.original, model), **input_files(args.compressed, compressed)}
+        check_output_path(args.report, protected=protected, force=True, what="report")
+    _check_same_inputs(model, compressed)
     settings = _settings(args)
     data = prepare_validation(model, settings, args.seed)
+    for path in (args.original, args.compressed):
+        check_runtime_loads(path)
     section, notes = run_validation(args.original, args.compressed, data, settings)
     print("\n".join(validation_lines(section)))
     for note in notes:
@@ -386,26 +428,114 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_same_inputs(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
+    """Both models must take the same inputs, or no sample can be fed to both."""
+    initializers = [{t.name for t in m.graph.initializer} for m in (original, compressed)]
+    names = [
+        sorted(i.name for i in m.graph.input if i.name not in inits)
+        for m, inits in zip((original, compressed), initializers, strict=True)
+    ]
+    if names[0] != names[1]:
+        raise ConfigError(f"the models take different inputs: original {names[0]}, compressed {names[1]}")
+
+
+#: Signals that end a run like Ctrl-C does, so the staging folders are removed on the way out.
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or SIGINT), raised where the program is so every ``finally`` cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Turn the termination signals into ``Interrupted`` for the run, then restore the old handlers.
+
+    After the first signal the others are ignored, so a second one cannot cut the cleanup short.
+    A signal the caller ignores (``nohup`` ignores SIGHUP) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in _SIGNALS}
+
+    def interrupt(signum: int, frame: object) -> None:
+        for s in _SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, interrupt)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _check_floats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse NaN and infinities for every float option: ``nan`` compares false, so it would switch checks off."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[args.command]._actions:
+        value = getattr(args, action.dest, None)
+        if action.type is float and value is not None and not math.isfinite(value):
+            raise ConfigError(f"{action.option_strings[-1]} {value}: must be a finite number")
+
+
+def _subject(args: argparse.Namespace) -> str:
+    """What an unexpected error is about: the input file of the command."""
+    return f"{args.compressed}" if args.command == "validate" else f"{args.input}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; the only place errors become exit codes.
+
+    0 success; 1 the accuracy gate failed (model and report kept); 2 anything else
+    that went wrong, as one line; 128+N when stopped by signal N (130 for Ctrl-C).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     handlers = {"compress": _compress, "inspect": _inspect, "validate": _validate}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _signals_interrupt():
             # The report already lists every warning; Python's own display would print them twice.
             warnings.simplefilter("ignore" if not args.verbose else "default")
+            _check_floats(parser, args)
             return handlers[args.command](args)
     except ValidationFailedError as err:
         print(f"onnxpq: {err}", file=sys.stderr)
         return 1
     except OnnxpqError as err:
-        if args.verbose:
-            raise
-        print(f"onnxpq: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("onnxpq: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return _fail(_one_line(str(err)), args.verbose)
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        print(f"onnxpq: interrupted by {signal.Signals(signum).name}; no output was written", file=sys.stderr)
+        return 128 + signum
+    except OSError as err:
+        where = err.filename or _subject(args)
+        return _fail(f"{where}: {_one_line(err.strerror or str(err))}", args.verbose)
+    except Exception as err:  # the one boundary: onnx, onnxruntime, numpy, OSError, protobuf, MemoryError...
+        detail = _one_line(str(err))
+        what = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+        return _fail(f"{_subject(args)}: {what} (unexpected; -v shows where)", args.verbose)
+
+
+def _fail(line: str, verbose: bool) -> int:
+    """Print the error as one line (after the traceback with -v); exit code 2."""
+    if verbose:
+        traceback.print_exc()
+    print(f"onnxpq: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

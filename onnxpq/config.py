@@ -11,7 +11,7 @@ from onnxpq.errors import ConfigError
 __all__ = ["DEFAULT_EMA", "DEFAULT_FINETUNE_STEPS", "LOSSES", "OP_TYPES", "CompressConfig", "FinetuneConfig"]
 
 #: Operator types whose weight input onnxpq knows how to compress.
-OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "LSTM", "GRU", "RNN")
 
 BlockSize = Literal["small", "large"]
 #: Distillation losses; ``auto`` picks one per output from what the output is (see ``finetune``).
@@ -26,6 +26,12 @@ DEFAULT_EMA = 0.99
 #: which may keep them in float: on MobileNetV2 at 3 bits/weight that moved KL from 0.58 to 0.34.
 MIN_ELEMENTS = 4096
 MIN_ELEMENTS_BUDGET = 1024
+#: Default memory for the layer statistics, MiB (see ``stats``). Issue 21 allows the compression 1 GB
+#: over the onnxruntime session of the original: the statistics of all layers together may hold half
+#: of this, and one layer at most a sixteenth, so its quantization (about eight float64 copies of its
+#: H) fits in the other half. A layer whose full H is larger (R = 4096 is 128 MiB) is quantized from
+#: a block-diagonal H instead.
+STATISTICS_MEMORY_MIB = 2048
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +117,9 @@ class CompressConfig:
         size budget (the allocator then keeps any of them in float that is not worth its codebook);
         codebooks would
         cost more than they save.
-    keep_first : keep the first Conv (the one reading the image) in float, as PQF does.
+    keep_first : keep the first Conv in float (True), compress it (False), or None: keep it
+        only when it is small, as PQF's ImageNet first conv is (at most 4 input channels per
+        group and 1 % of the weights; see ``selection``).
     block_size : PQF's block sizes: ``small`` (d=9 for 3x3 kernels, 4 otherwise)
         or ``large`` (18 and 8).
     subvector_dim : a fixed d for every layer, overriding ``block_size``.
@@ -139,13 +147,16 @@ class CompressConfig:
         with the least estimated output error (see ``allocate``). At most one of the two.
     finetune : distil the original model into the compressed one (needs calibration data and
         torch); None skips it.
+    statistics_memory_mib : memory for the layer statistics H and their use, MiB (see
+        ``STATISTICS_MEMORY_MIB``); layers whose full H does not fit their share use a
+        block-diagonal H, and if even the smallest blocks do not fit the run stops with a ``ConfigError``.
     """
 
     op_types: tuple[str, ...] = OP_TYPES
     nodes_to_exclude: tuple[str, ...] = ()
     nodes_to_include: tuple[str, ...] = ()
     min_elements: int | None = None
-    keep_first: bool = True
+    keep_first: bool | None = None
     block_size: BlockSize = "small"
     subvector_dim: int | None = None
     n_codewords: int = 256
@@ -163,6 +174,7 @@ class CompressConfig:
     target_bpw: float | None = None
     target_mib: float | None = None
     finetune: FinetuneConfig | None = None
+    statistics_memory_mib: float = STATISTICS_MEMORY_MIB
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.op_types if t not in OP_TYPES and t != "all"]
@@ -195,6 +207,8 @@ class CompressConfig:
             raise ConfigError(f"permute_iters={self.permute_iters} must be >= 0")
         if self.sequential < 0:
             raise ConfigError(f"sequential={self.sequential} must be >= 0")
+        if not self.statistics_memory_mib > 0:
+            raise ConfigError(f"statistics_memory_mib={self.statistics_memory_mib} must be positive")
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples={self.calibration_samples} must be >= 1")
 

@@ -2,7 +2,9 @@
 
 onnxruntime folds this chain into a plain initializer when the session is
 created, so the compressed model runs the original's kernels at the original's
-speed. The layout is chosen so ``Gather`` already yields the weight's memory
+speed. Weights of If/Loop/Scan bodies were lifted into the main graph before
+(``subgraphs``): their decode chains sit there too, and the bodies read the
+decoded weight from the outer scope. The layout is chosen so ``Gather`` already yields the weight's memory
 order (no Transpose); at most one Reshape restores the shape.
 """
 
@@ -21,6 +23,7 @@ from onnxpq.errors import UnsupportedGraphError
 from onnxpq.graph import opset_version
 from onnxpq.kmeans import Codebook
 from onnxpq.selection import Candidate
+from onnxpq.subgraphs import value_names
 
 __all__ = [
     "FOLD_LIMIT_BYTES",
@@ -146,10 +149,10 @@ def _decode_nodes(q: QuantizedWeight, model: onnx.ModelProto) -> tuple[list[onnx
 
 
 def _check_names_free(graph: onnx.GraphProto, weights: Sequence[QuantizedWeight]) -> None:
-    taken = {t.name for t in graph.initializer} | {n.name for n in graph.node}
-    taken |= {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    """Generated names must be new in every scope: a body defining one would shadow the decoded table."""
+    taken = {n.name for n in graph.node} | set(value_names(graph))
     for q in weights:
-        for role in ("codebook", "indices", "gathered"):
+        for role in _ROLES:
             if pq_name(q.candidate.name, role) in taken:
                 raise UnsupportedGraphError(
                     f"the graph already has a tensor or node named {pq_name(q.candidate.name, role)!r}; "

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import stat
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -34,18 +36,26 @@ from onnxpq.errors import InputModelError, OutputPathError
 __all__ = [
     "MIN_OPSET",
     "ConstantTensor",
+    "Staging",
+    "check_distinct",
+    "check_input_path",
     "check_output_path",
+    "check_tensor",
     "constant_foldable_nodes",
     "constant_tensors",
     "constants_as_inputs",
+    "data_file_path",
     "display_name",
+    "external_data_files",
     "load_model",
     "materialized",
+    "name_fits",
     "opset_version",
     "readers",
     "save_model",
     "serialized",
-    "subgraph_initializer_count",
+    "stage_model",
+    "staging",
     "tensor_array",
 ]
 
@@ -89,10 +99,21 @@ class _External:
     length: int
 
 
+def _external_info(tensor: onnx.TensorProto) -> onnx.external_data_helper.ExternalDataInfo:
+    """The tensor's external-data entries; an offset of "abc" or -64 is the file's fault, not a crash."""
+    try:
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    except ValueError as err:
+        raise InputModelError(f"tensor {tensor.name!r} has a bad external data entry: {err}") from None
+    if "\0" in info.location:
+        raise InputModelError(f"tensor {tensor.name!r}: its external data location holds a NUL byte")
+    return info
+
+
 def _external(tensor: onnx.TensorProto) -> _External | None:
     if not onnx.external_data_helper.uses_external_data(tensor):
         return None
-    info = onnx.external_data_helper.ExternalDataInfo(tensor)
+    info = _external_info(tensor)
     path = Path(info.location)
     length = info.length if info.length is not None else path.stat().st_size - (info.offset or 0)
     return _External(path, info.offset or 0, length)
@@ -101,11 +122,61 @@ def _external(tensor: onnx.TensorProto) -> _External | None:
 def _read(where: _External) -> bytes:
     with where.path.open("rb") as f:
         f.seek(where.offset)
-        return f.read(where.length)
+        data = f.read(where.length)
+    if len(data) != where.length:
+        raise InputModelError(f"external data file {where.path} ended early: {len(data)} of {where.length} bytes")
+    return data
+
+
+#: Typed fields of a TensorProto; an inline tensor keeps its values in ``raw_data`` or one of these.
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+#: Elements per byte of the sub-byte types; the 2-bit ones exist only in newer onnx releases.
+_PER_BYTE = {
+    getattr(onnx.TensorProto, name): per_byte
+    for name, per_byte in (("INT4", 2), ("UINT4", 2), ("FLOAT4E2M1", 2), ("INT2", 4), ("UINT2", 4))
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def _raw_bytes(tensor: onnx.TensorProto, dtype: np.dtype, count: int) -> int:
+    per_byte = _PER_BYTE.get(tensor.data_type)
+    return -(-count // per_byte) if per_byte else count * dtype.itemsize
+
+
+def check_tensor(tensor: onnx.TensorProto) -> None:
+    """Refuse a tensor whose dims, type and inline values disagree, before anything is allocated or reshaped.
+
+    Dims are multiplied as Python integers (no int64 overflow) and compared with the
+    values actually present, so 2^20 x 2^20 dims over four bytes fail here instead of
+    allocating. External data is checked against its file by ``load_model``.
+    """
+    name, dims = tensor.name, list(tensor.dims)
+    if any(d < 0 for d in dims):
+        raise InputModelError(f"tensor {name!r} has negative dims {dims}")
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, ValueError, TypeError):
+        raise InputModelError(f"tensor {name!r} has no valid data type (data_type={tensor.data_type})") from None
+    if onnx.external_data_helper.uses_external_data(tensor):
+        return
+    count = math.prod(dims)
+    if tensor.raw_data:
+        need, have, what = _raw_bytes(tensor, dtype, count), len(tensor.raw_data), "bytes of raw_data"
+    else:
+        complex_pairs = 2 if dtype.kind == "c" else 1
+        need, what = count * complex_pairs, "values"
+        have = sum(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+        if tensor.data_type in _PER_BYTE and have == _raw_bytes(tensor, dtype, count):
+            need = have  # packed sub-byte values, several to an int32 entry
+    if need != have:
+        raise InputModelError(f"tensor {name!r} has dims {dims} ({count} elements) but holds {have} {what}, not {need}")
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     """The values of a tensor, read from its data file when it has external data (one tensor in memory)."""
+    check_tensor(tensor)
     where = _external(tensor)
     if where is None:
         return numpy_helper.to_array(tensor)
@@ -113,8 +184,11 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     shape = tuple(tensor.dims)
     if dtype.kind in "fiubc":
         # Plain numeric storage: read straight into the array, without an intermediate bytes object.
-        count = int(np.prod(shape))
-        return np.fromfile(where.path, dtype=dtype.newbyteorder("<"), count=count, offset=where.offset).reshape(shape)
+        count = math.prod(shape)
+        values = np.fromfile(where.path, dtype=dtype.newbyteorder("<"), count=count, offset=where.offset)
+        if values.size != count:
+            raise InputModelError(f"external data file {where.path} ended early: tensor {tensor.name!r} is cut short")
+        return values.reshape(shape)
     inline = onnx.TensorProto()
     inline.CopyFrom(tensor)
     _inline(inline, where)
@@ -180,9 +254,25 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         raise InputModelError(f"{path}: not a valid ONNX model (protobuf parse failed: {err})") from None
     if not model.HasField("graph") or not (model.graph.node or model.graph.output):
         raise InputModelError(f"{path}: parsed, but holds no graph: not an ONNX model or truncated")
+    _check_tensors(model, path)
     _resolve_external(model, path.parent)
     _check_opset(model, path)
     return model
+
+
+def _check_tensors(model: onnx.ModelProto, path: Path) -> None:
+    """Every tensor's metadata, and initializer names that must be unique (onnxruntime and shape
+    inference would otherwise fail later with an error that names neither)."""
+    seen: set[str] = set()
+    for tensor in model.graph.initializer:
+        if tensor.name in seen:
+            raise InputModelError(f"{path}: initializer {tensor.name!r} is defined more than once")
+        seen.add(tensor.name)
+    try:
+        for tensor in _all_tensors(model.graph):
+            check_tensor(tensor)
+    except InputModelError as err:
+        raise InputModelError(f"{path}: {err}") from None
 
 
 def _set_location(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -201,7 +291,7 @@ def _resolve_external(model: onnx.ModelProto, base_dir: Path) -> None:
     for tensor in _all_tensors(model.graph):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
-        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        info = _external_info(tensor)
         data_path = (base_dir / info.location).resolve()
         if root not in data_path.parents:
             raise InputModelError(
@@ -219,9 +309,9 @@ def _resolve_external(model: onnx.ModelProto, base_dir: Path) -> None:
                 f"external data file {info.location!r} is truncated: tensor {tensor.name!r} needs "
                 f"bytes up to {offset + length}, the file has {size}"
             )
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        expected = dtype.itemsize * math.prod(tensor.dims)
-        if dtype.kind in "fiubc" and length != expected:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        expected = _raw_bytes(tensor, dtype, math.prod(tensor.dims))
+        if tensor.data_type != onnx.TensorProto.STRING and length != expected:
             raise InputModelError(
                 f"external data of tensor {tensor.name!r} is {length} bytes, but its shape "
                 f"{list(tensor.dims)} and type {onnx.TensorProto.DataType.Name(tensor.data_type)} need {expected}"
@@ -264,7 +354,7 @@ def constant_tensors(graph: onnx.GraphProto) -> dict[str, ConstantTensor]:
     """Every constant of the main graph by name: initializers and ``Constant(value=tensor)`` outputs."""
     found = {t.name: ConstantTensor(t.name, t, None) for t in graph.initializer}
     for index, node in enumerate(graph.node):
-        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or not node.output:
             continue
         for attr in node.attribute:
             if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
@@ -300,30 +390,109 @@ def constants_as_inputs(model: onnx.ModelProto, names: Collection[str]) -> onnx.
     return out
 
 
-def subgraph_initializer_count(graph: onnx.GraphProto) -> int:
-    """Count the initializers inside ``If``/``Loop``/``Scan`` bodies, which onnxpq leaves alone."""
-    count = 0
-    for node in graph.node:
-        for attr in node.attribute:
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for body in bodies:
-                count += len(body.initializer) + sum(n.op_type == "Constant" for n in body.node)
-                count += subgraph_initializer_count(body)
-    return count
-
-
 def display_name(node: onnx.NodeProto, index: int) -> str:
     """The node's name, or a stable stand-in for the unnamed nodes some exporters write."""
     return node.name or f"{node.op_type}_{index}"
 
 
-def check_output_path(input_path: Path, output_path: Path, *, force: bool) -> None:
-    """Refuse to overwrite the input ever, and an existing output unless ``force``."""
-    if output_path.exists() and output_path.resolve() == input_path.resolve():
-        raise OutputPathError(f"{output_path}: output is the input model; choose another output path")
-    if output_path.is_dir():
-        raise OutputPathError(f"{output_path}: is a directory; give a file name for the output model")
-    if output_path.exists() and not force:
+def check_input_path(path: Path) -> None:
+    """Refuse an input that is not a regular file (or a link to one), before anything opens it.
+
+    A FIFO would block the first read forever and a device such as ``/dev/zero`` never
+    ends, so the kind of file is decided from ``os.stat`` alone.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputModelError(f"{path}: no such file") from None
+    except OSError as err:
+        raise InputModelError(f"{path}: cannot read: {err.strerror or err}") from None
+    if stat.S_ISDIR(mode):
+        raise InputModelError(f"{path}: is a directory, expected an .onnx file")
+    if not stat.S_ISREG(mode):
+        raise InputModelError(f"{path}: is a {_file_kind(mode)}, not a regular file; onnxpq reads only .onnx files")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def external_data_files(model: onnx.ModelProto) -> list[Path]:
+    """The data files a model loaded by ``load_model`` reads (its locations are already absolute), sorted."""
+    return sorted({_resolved(w.path) for w in map(_external, _all_tensors(model.graph)) if w is not None})
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return path.absolute()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same resolved path, or the same file under another name (a hard link)."""
+    if _resolved(a) == _resolved(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def name_fits(path: Path) -> bool:
+    """Whether the file system of ``path``'s folder takes its file name (255 bytes nearly everywhere)."""
+    return len(os.fsencode(path.name)) <= _name_max(path.parent)
+
+
+def _name_max(parent: Path) -> int:
+    """Longest file name the folder's file system takes (255 bytes nearly everywhere)."""
+    try:
+        return os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # a missing folder (refused next), or no pathconf
+        return 255
+
+
+def check_output_path(
+    output_path: Path,
+    *,
+    protected: Mapping[Path, str] | None = None,
+    force: bool,
+    what: str = "output",
+) -> None:
+    """Refuse a path that would destroy a file: an input (``protected`` maps each to how to name it),
+    a directory, device, FIFO or socket, or an existing file without ``force``; and one that cannot
+    be written at all.
+
+    Everything is decided from the paths before any work starts, so a refusal costs nothing.
+    """
+    for kept, name in (protected or {}).items():
+        if _same_file(output_path, kept):
+            raise OutputPathError(f"{output_path}: {what} is {name} {kept}; choose another path")
+    size, limit = len(os.fsencode(output_path.name)), _name_max(output_path.parent)
+    if size > limit:
+        raise OutputPathError(f"{what} file name is {size} bytes, longer than the {limit} this file system allows")
+    try:
+        mode = output_path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+        if output_path.is_symlink() and not force:
+            raise OutputPathError(f"{output_path}: exists (a dangling link); pass --force to replace it") from None
+    except OSError as err:
+        raise OutputPathError(f"{output_path}: cannot use as {what}: {err.strerror or err}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise OutputPathError(f"{output_path}: is a directory; give a file name for the {what}")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OutputPathError(
+            f"{output_path}: is a {_file_kind(mode)}; the {what} must be a new name or a regular file"
+        )
+    if mode is not None and not force:
         raise OutputPathError(f"{output_path}: exists; pass --force to overwrite it")
     parent = output_path.parent
     if not parent.is_dir():
@@ -332,44 +501,132 @@ def check_output_path(input_path: Path, output_path: Path, *, force: bool) -> No
         raise OutputPathError(f"{output_path}: directory {parent} is not writable")
 
 
-@contextlib.contextmanager
-def _staging_dir(parent: Path) -> Iterator[Path]:
-    """A temporary folder beside the output, so the final rename never crosses file systems."""
-    tmp = Path(tempfile.mkdtemp(prefix=".onnxpq-", dir=parent))
+def check_distinct(paths: dict[str, Path]) -> None:
+    """Refuse two outputs of one run (model, its data file, report) that are the same file."""
+    items = list(paths.items())
+    for i, (what, path) in enumerate(items):
+        for other, earlier in items[:i]:
+            if _same_file(path, earlier):
+                raise OutputPathError(f"{path}: the {what} path is also the {other} path; choose another one")
+
+
+class Staging:
+    """Files built in private folders beside their final places, then published together, or not at all.
+
+    Each folder has a unique name per run (``.onnxpq-*``), so concurrent runs never share a
+    temporary file, and it sits in the final file's own directory, so publishing is a
+    rename that never crosses file systems. A staged file keeps its final name: a model's
+    external data location stays valid when it moves.
+    """
+
+    def __init__(self) -> None:
+        self._dirs: dict[Path, Path] = {}
+        self._files: dict[Path, Path] = {}
+
+    def path(self, final: Path) -> Path:
+        """Where to build ``final``; the file is published only if it exists there at ``publish``."""
+        parent = final.parent
+        if parent not in self._dirs:
+            self._dirs[parent] = Path(tempfile.mkdtemp(prefix=".onnxpq-", dir=parent))
+        staged = self._dirs[parent] / final.name
+        self._files[final] = staged
+        return staged
+
+    def publish(self, *, force: bool) -> list[Path]:
+        """Move every staged file into place, in the order staged; return the final paths.
+
+        Without ``force`` a file that appeared meanwhile (a concurrent run) is never
+        overwritten: the hard link that publishes fails instead. If any move fails, the
+        files already moved are removed again, so the run leaves nothing behind.
+        """
+        ready = [(final, staged) for final, staged in self._files.items() if staged.exists()]
+        done: list[Path] = []
+        try:
+            for final, staged in ready:
+                _move(staged, final, force=force)
+                done.append(final)
+        except BaseException:
+            for final in done:
+                with contextlib.suppress(OSError):
+                    final.unlink()
+            raise
+        return done
+
+    def cleanup(self) -> None:
+        for folder in self._dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._dirs.clear()
+        self._files.clear()
+
+
+def _move(staged: Path, final: Path, *, force: bool) -> None:
     try:
-        yield tmp
+        if force:
+            os.replace(staged, final)
+            return
+        try:
+            os.link(staged, final)
+        except FileExistsError:
+            raise OutputPathError(f"{final}: exists; pass --force to overwrite it") from None
+        except OSError:
+            # A file system without hard links: check, then rename (a small race instead of none).
+            if final.exists():
+                raise OutputPathError(f"{final}: exists; pass --force to overwrite it") from None
+            os.replace(staged, final)
+    except OSError as err:
+        raise OutputPathError(f"{final}: cannot move into place: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def staging() -> Iterator[Staging]:
+    """A ``Staging`` whose folders are removed on the way out, whatever happened (errors, signals)."""
+    stage = Staging()
+    try:
+        yield stage
     finally:
-        for child in tmp.iterdir():
-            child.unlink()
-        tmp.rmdir()
+        stage.cleanup()
+
+
+def stage_model(model: onnx.ModelProto, stage: Staging, path: Path, *, check: bool = True) -> list[Path]:
+    """Write ``model`` into ``stage`` for publishing at ``path``; return the final paths it will have.
+
+    The model (and its external data past 2 GB, as ``path.name + '.data'``) is
+    written in the staging folder and optionally checked with ``onnx.checker``
+    (full_check). A failed write (disk full, quota) is one ``OutputPathError``.
+    """
+    external = sum(w.length for w in map(_external, _all_tensors(model.graph)) if w is not None)
+    large = external + _byte_size(model) >= PROTOBUF_LIMIT
+    data = data_file_path(path)
+    # Staged (so published) data first: whoever sees the model at ``path`` finds its data beside it.
+    staged_data = stage.path(data) if large else None
+    staged = stage.path(path)
+    try:
+        if staged_data is not None:
+            onnx.save_model(_with_data_file(model, staged_data), str(staged))
+        else:
+            onnx.save_model(materialized(model), str(staged))
+    except OSError as err:
+        raise OutputPathError(f"{path}: cannot write: {err.strerror or err}") from None
+    if check:
+        onnx.checker.check_model(str(staged), full_check=True)
+    return [path, data] if large else [path]
+
+
+def data_file_path(path: Path) -> Path:
+    """Where the external data of a model saved at ``path`` goes when it is too large for one protobuf."""
+    return path.with_name(path.name + ".data")
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike[str], *, check: bool = True) -> list[Path]:
-    """Write ``model`` atomically; return the files written.
+    """Write ``model`` atomically, replacing ``path``; return the files written.
 
-    The model (and its external data past 2 GB) is written in a staging folder
-    beside ``path``, optionally checked with ``onnx.checker`` (full_check), then
-    renamed into place, so readers never see a half-written file.
+    Built and checked in a staging folder beside ``path``, then renamed into
+    place, so readers never see a half-written file and a failure leaves nothing.
     """
     path = Path(path)
-    external = sum(w.length for w in map(_external, _all_tensors(model.graph)) if w is not None)
-    large = external + _byte_size(model) >= PROTOBUF_LIMIT
-    data_name = path.name + ".data"
-    with _staging_dir(path.parent) as stage:
-        staged = stage / path.name
-        if large:
-            onnx.save_model(_with_data_file(model, stage / data_name), str(staged))
-        else:
-            onnx.save_model(materialized(model), str(staged))
-        if check:
-            onnx.checker.check_model(str(staged), full_check=True)
-        written = []
-        if large:
-            os.replace(stage / data_name, path.parent / data_name)
-            written.append(path.parent / data_name)
-        os.replace(staged, path)
-        written.insert(0, path)
-    return written
+    with staging() as stage:
+        stage_model(model, stage, path, check=check)
+        return stage.publish(force=True)
 
 
 def _with_data_file(model: onnx.ModelProto, data_path: Path) -> onnx.ModelProto:

@@ -7,7 +7,7 @@ order (unit, position). The layer statistics ``H`` (see ``stats``) use the same
 column order, so the output error of a unit is ``(u - û)ᵀ H (u - û)``.
 
 Weights with no unit structure onnxpq understands (Gather tables, batched
-MatMul weights, ConvTranspose) still get a ``U``: their rows as ``selection``
+MatMul weights, ConvTranspose, LSTM/GRU/RNN W and R) still get a ``U``: their rows as ``selection``
 cut them. Only the data-free quantizer is used on those.
 """
 
@@ -25,10 +25,14 @@ __all__ = ["data_aware", "input_order", "unit_matrix", "weight_from_units"]
 def data_aware(c: Candidate) -> bool:
     """Whether ``U``'s rows are output units whose columns are the inputs of one node.
 
-    True for Conv (any group count), Gemm and 2-D MatMul weights; those are the
-    weights whose output error ``stats`` can measure.
+    True for Conv (any group count), Gemm and 2-D MatMul weights of the main graph;
+    those are the weights whose output error ``stats`` can measure. LSTM/GRU/RNN
+    weights (one W multiplies every time step, under gates the statistics do not
+    model) and weights read inside If/Loop/Scan bodies (whose activations a probe
+    of the main graph cannot fetch) are quantized data-free.
     """
-    return c.compressed and (c.kind == "Conv" or (c.kind in ("Gemm", "MatMul") and len(c.shape) == 2))
+    in_body = any(u.in_subgraph for u in c.uses)
+    return c.compressed and not in_body and (c.kind == "Conv" or (c.kind in ("Gemm", "MatMul") and len(c.shape) == 2))
 
 
 def unit_matrix(array: np.ndarray, c: Candidate) -> np.ndarray:

@@ -19,12 +19,26 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["assign", "block_diagonal", "damped", "error_feedback", "output_error", "refit", "update"]
+__all__ = [
+    "assign",
+    "block_diagonal",
+    "damped",
+    "error_feedback",
+    "inverse_factor",
+    "output_error",
+    "positive_definite",
+    "refit",
+    "update",
+]
 
 #: Rows of (subvector x codeword) scores computed at once: bounds memory and stays in cache.
 CHUNK = 1 << 13
 #: GPTQ's damping: a fraction of the mean diagonal added to H so it stays invertible.
 DAMPING = 0.01
+#: Tenfold damping increases tried on an H that round-off left indefinite, before clipping its eigenvalues.
+RETRIES = 4
+#: Columns of error feedback between lazy updates of the rest of the row (GPTQ's ``blocksize``).
+LAZY_BLOCK = 128
 
 
 def _grouped(units: np.ndarray, groups: int, d: int) -> np.ndarray:
@@ -97,11 +111,25 @@ def _used_systems(systems: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return used, systems[used] + 1e-9 * scale[used, None, None] * np.eye(d)
 
 
+def _inverse(systems: np.ndarray) -> np.ndarray:
+    """Batched inverse of d x d systems; the pseudo-inverse where one is singular (an indefinite H
+    summed to zero in some direction), so a degenerate codeword stays where it is instead of raising."""
+    try:
+        return np.linalg.inv(systems)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(systems, hermitian=True)
+
+
 def _solve(systems: np.ndarray, rhs: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-    """Batched solve of systems @ c = rhs, keeping ``fallback`` for codewords no subvector uses."""
+    """Batched solve of systems @ c = rhs, keeping ``fallback`` for codewords no subvector uses (or not finite)."""
     used, regular = _used_systems(systems)
     out = fallback.astype(np.float64).copy()
-    out[used] = np.linalg.solve(regular, rhs[used][..., None])[..., 0]
+    try:
+        solved = np.linalg.solve(regular, rhs[used][..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        solved = np.einsum("kde,ke->kd", _inverse(regular), rhs[used])
+    finite = np.isfinite(solved).all(axis=1)
+    out[np.flatnonzero(used)[finite]] = solved[finite]
     return out
 
 
@@ -154,7 +182,7 @@ def refit(
     systems = _block_systems(codes, blocks, n, k)
     used, regular = _used_systems(systems)
     inv = np.zeros_like(systems)
-    inv[used] = np.linalg.inv(regular)
+    inv[used] = _inverse(regular)
 
     x = centroids.astype(np.float64).copy()
     b = _scatter(_apply_h(w, h).reshape(-1, d), codes, k)
@@ -167,14 +195,17 @@ def refit(
         if float(np.sum(res * res)) <= tol * b_norm:
             break
         a_dir = normal(direction)
-        step = rz / float(np.sum(direction * a_dir))
+        curvature = float(np.sum(direction * a_dir))
+        if not (np.isfinite(curvature) and curvature > 0 and np.isfinite(rz) and rz != 0):
+            break  # H (or its block preconditioner) is not positive definite along this direction: stop here
+        step = rz / curvature
         x += step * direction
         res -= step * a_dir
         z = np.einsum("kde,ke->kd", inv, res)
         rz_new = float(np.sum(res * z))
         direction = z + (rz_new / rz) * direction
         rz = rz_new
-    return x
+    return x if np.isfinite(x).all() else centroids.astype(np.float64)
 
 
 def damped(h: np.ndarray) -> np.ndarray:
@@ -192,14 +223,93 @@ def damped(h: np.ndarray) -> np.ndarray:
     return out
 
 
-def error_feedback(units: np.ndarray, centroids: np.ndarray, h: np.ndarray) -> np.ndarray:
+def _factor(h: np.ndarray) -> np.ndarray | None:
+    """Lower Cholesky factor of one group's H, damped as little as it takes; None when H cannot be made definite.
+
+    H arrives symmetric and damped (``damped``), so the first try almost always
+    succeeds and changes nothing. Round-off can still leave it indefinite (dead
+    ReLU6 channels, constant inputs, fewer rows than inputs); then H is
+    symmetrised and its damping raised tenfold per try, as GPTQ's users do by
+    hand. Last, negative eigenvalues are clipped to the damping floor.
+    """
+    if not np.isfinite(h).all():
+        return None
+    try:
+        return np.linalg.cholesky(h)
+    except np.linalg.LinAlgError:
+        pass
+    sym = (h + h.T) / 2
+    scale = float(np.mean(np.abs(np.diagonal(sym)))) or 1.0
+    eye = np.eye(len(h))
+    for step in range(1, RETRIES + 1):
+        try:
+            return np.linalg.cholesky(sym + DAMPING * 10**step * scale * eye)
+        except np.linalg.LinAlgError:
+            continue
+    try:
+        values, vectors = np.linalg.eigh(sym)
+        clipped = (vectors * np.maximum(values, DAMPING * scale)) @ vectors.T
+        return np.linalg.cholesky((clipped + clipped.T) / 2)
+    except np.linalg.LinAlgError:
+        return None
+
+
+def positive_definite(h: np.ndarray) -> np.ndarray | None:
+    """H itself when every group factors as it is; else a copy with each failing group repaired by
+    ``_factor``'s damping. None when some group cannot be (non-finite statistics): the caller then
+    keeps codes chosen without this metric."""
+    if not np.isfinite(h).all():
+        return None
+    out = h
+    for gi in range(h.shape[0]):
+        if _factors(h[gi]):
+            continue
+        lower = _factor(h[gi])
+        if lower is None:
+            return None
+        out = h.copy() if out is h else out
+        out[gi] = lower @ lower.T
+    return out
+
+
+def _factors(h: np.ndarray) -> bool:
+    """Whether plain Cholesky accepts H as it is."""
+    try:
+        np.linalg.cholesky(h)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def inverse_factor(h: np.ndarray) -> np.ndarray | None:
+    """Upper triangular U with H⁻¹ = UᵀU, from one Cholesky of H with its axes reversed; None if H cannot factor.
+
+    With J the reversal, J H J = L Lᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J
+    is upper triangular with a positive diagonal: the factor GPTQ gets from
+    cholesky → cholesky_inverse → cholesky(upper), at one Cholesky and one
+    triangular inverse, and with no explicit H⁻¹ whose round-off can make it indefinite.
+    """
+    lower = _factor(h[::-1, ::-1])
+    if lower is None:
+        return None
+    try:
+        upper = np.tril(np.linalg.inv(lower))[::-1, ::-1]
+    except np.linalg.LinAlgError:
+        return None
+    return np.ascontiguousarray(upper) if np.isfinite(upper).all() else None
+
+
+def error_feedback(
+    units: np.ndarray, centroids: np.ndarray, h: np.ndarray, block: int = LAZY_BLOCK
+) -> np.ndarray | None:
     """GPTQ-style codes: code one subvector column, push its error onto the columns not yet coded.
 
-    ``h`` must be positive definite (see ``damped``).
-
-    With H⁻¹ = UᵀU (U upper triangular), coding the block B of a row w with
-    q leaves the best output for the remaining columns when they move by
+    With H⁻¹ = UᵀU (U upper triangular, ``inverse_factor``), coding the block B of a
+    row w with q leaves the best output for the remaining columns when they move by
     -(w_B - q) U_BB⁻¹ U_B,rest; block B itself is coded in the metric (U_BBᵀU_BB)⁻¹.
+    As in GPTQ, the error reaches the columns beyond the current ``block`` columns
+    lazily, in one matrix product per block: the same sums, a fraction of the memory traffic.
+    None when some group's H cannot be factored: the caller keeps the codes it had.
     """
     g = h.shape[0]
     d = centroids.shape[1]
@@ -207,18 +317,24 @@ def error_feedback(units: np.ndarray, centroids: np.ndarray, h: np.ndarray) -> n
     c = centroids.astype(np.float64)
     codes = np.empty((n, r // d), dtype=np.int64)
     rows = n // g
+    span = max(block // d, 1) * d
     for gi in range(g):
-        upper = np.linalg.cholesky(np.linalg.inv(h[gi])).T
+        upper = inverse_factor(h[gi])
+        if upper is None:
+            return None
         w = units[gi * rows : (gi + 1) * rows].astype(np.float64)
-        for j in range(r // d):
-            b = slice(j * d, (j + 1) * d)
-            u_bb = upper[b, b]
-            inv_u = np.linalg.inv(u_bb)
-            metric = inv_u @ inv_u.T
-            wm = w[:, b] @ metric
-            chc = np.einsum("kd,de,ke->k", c, metric, c)
-            best = np.argmin(chc[None, :] - 2.0 * (wm @ c.T), axis=1)
-            codes[gi * rows : (gi + 1) * rows, j] = best
-            err = (w[:, b] - c[best]) @ inv_u
-            w[:, b.stop :] -= err @ upper[b, b.stop :]
+        for start in range(0, r, span):
+            stop = min(start + span, r)
+            errors = np.empty((rows, stop - start))
+            for j in range(start // d, stop // d):
+                b = slice(j * d, (j + 1) * d)
+                inv_u = np.linalg.inv(upper[b, b])
+                metric = inv_u @ inv_u.T
+                chc = np.einsum("kd,de,ke->k", c, metric, c)
+                best = np.argmin(chc[None, :] - 2.0 * ((w[:, b] @ metric) @ c.T), axis=1)
+                codes[gi * rows : (gi + 1) * rows, j] = best
+                err = (w[:, b] - c[best]) @ inv_u
+                errors[:, b.start - start : b.stop - start] = err
+                w[:, b.stop : stop] -= err @ upper[b, b.stop : stop]
+            w[:, stop:] -= errors @ upper[start:stop, stop:]
     return codes.ravel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -13,19 +14,38 @@ import onnx
 
 from onnxpq.allocate import allocate_bits, probe_split
 from onnxpq.bias import bias_targets, corrected_biases
-from onnxpq.calibration import Dataset, RandomInputs, load_dataset, random_dataset
+from onnxpq.calibration import Dataset, RandomInputs, batches, check_synthetic, load_dataset, random_dataset
 from onnxpq.config import CompressConfig
 from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
-from onnxpq.errors import ConfigError, InputModelError, UnsupportedGraphError, ValidationFailedError
+from onnxpq.errors import (
+    ConfigError,
+    InputModelError,
+    OutputPathError,
+    UnsupportedGraphError,
+    ValidationFailedError,
+)
 from onnxpq.finetune import finetune
-from onnxpq.graph import check_output_path, load_model, materialized, save_model, subgraph_initializer_count
+from onnxpq.graph import (
+    Staging,
+    check_distinct,
+    check_input_path,
+    check_output_path,
+    data_file_path,
+    external_data_files,
+    load_model,
+    materialized,
+    name_fits,
+    stage_model,
+    staging,
+)
 from onnxpq.parallel import Workers
 from onnxpq.permute import consumer_distortion, permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import layer_rows, pqf_sizes, sha256_file, versions, write_json
 from onnxpq.selection import Candidate, find_candidates
 from onnxpq.stats import collect_stats
-from onnxpq.validate import check_gate, default_metric, file_bytes, validate_compressed
+from onnxpq.subgraphs import lift_subgraph_weights, subgraph_weight_count
+from onnxpq.validate import check_gate, default_metric, file_bytes, session, validate_compressed
 from onnxpq.version import __version__
 
 __all__ = [
@@ -62,6 +82,12 @@ class ValidationSettings:
     metric: str | None = None
     max_degradation: float | None = None
     measure: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_degradation is not None and not (math.isfinite(self.max_degradation) and self.max_degradation >= 0):
+            raise ConfigError(f"max_degradation={self.max_degradation} must be a finite number >= 0")
+        if self.enabled and self.metric == "accuracy" and self.labels is None:
+            raise ConfigError("--metric accuracy needs --labels (class labels aligned with the validation data)")
 
 
 @dataclass(frozen=True)
@@ -124,18 +150,83 @@ def _fold_warnings(candidates: list[Candidate]) -> list[str]:
     return out
 
 
-def _save_checked(compressed: onnx.ModelProto, original: onnx.ModelProto, target: Path, notes: list[str]) -> list[Path]:
-    """Save with ``onnx.checker`` (full_check); tolerate only failures the input model already had."""
+def _save_checked(
+    compressed: onnx.ModelProto, original: onnx.ModelProto, stage: Staging, target: Path, notes: list[str]
+) -> list[Path]:
+    """Stage with ``onnx.checker`` (full_check); tolerate only failures the input model already had."""
     try:
-        return save_model(compressed, target, check=True)
+        return stage_model(compressed, stage, target, check=True)
     except onnx.checker.ValidationError as err:
         try:
             # In memory with its data: the checker rejects the absolute data locations load_model sets.
             onnx.checker.check_model(materialized(original), full_check=True)
         except onnx.checker.ValidationError as input_err:
             notes.append(f"the input model does not pass onnx.checker either, so neither does the output: {input_err}")
-            return save_model(compressed, target, check=False)
+            return stage_model(compressed, stage, target, check=False)
         raise UnsupportedGraphError(f"the compressed model fails onnx.checker ({err}); nothing was written") from None
+
+
+def default_report_path(target: Path) -> Path:
+    """``OUT.report.json`` beside the model."""
+    return target.with_name(target.name + ".report.json")
+
+
+def check_paths(source: Path, model: onnx.ModelProto, target: Path, report: Path, *, force: bool) -> None:
+    """Refuse, before any work, every output path that would destroy a file or could not be written.
+
+    None of the model, its data file (written past 2 GB) and the report may be the
+    input or one of its external data files, under any spelling, nor each other.
+    """
+    protected = input_files(source, model)
+    data = data_file_path(target)
+    check_output_path(target, protected=protected, force=force)
+    check_output_path(report, protected=protected, force=force, what="report")
+    if name_fits(data):  # else it cannot exist; a model that needs one fails to write, leaving nothing
+        # Whether it is written is known only when saving: an existing one is refused then, without --force.
+        check_output_path(data, protected=protected, force=True, what="output's data file")
+    check_distinct({"output": target, "output's data file": data, "report": report})
+
+
+def input_files(source: Path, model: onnx.ModelProto) -> dict[Path, str]:
+    """The files of an input model no output may replace, each with how an error names it."""
+    return {source: "the input model", **dict.fromkeys(external_data_files(model), "the input's external data file")}
+
+
+def check_runtime_loads(path: Path, model: onnx.ModelProto | None = None, data: Dataset | None = None) -> None:
+    """Refuse a model onnxruntime cannot load: its output could be neither validated nor checked.
+    With ``data`` (the validation samples), also run the first sample through it.
+
+    This runs before quantizing, so a custom-domain operator, a cycle, an IR version
+    onnxruntime does not know or a channel count that does not match costs seconds, not a
+    whole run.
+    """
+    try:
+        sess = session(path)
+    except Exception as err:  # onnxruntime raises its own exception types, not a common base
+        raise InputModelError(f"{path}: onnxruntime cannot load this model: {_one_line(err)}") from None
+    if model is None or data is None:
+        return
+    try:
+        sess.run(None, next(batches(data, model, batch_size=1)))
+    except Exception as err:  # as above
+        raise InputModelError(
+            f"{path}: onnxruntime cannot run this model on the validation samples: {_one_line(err)}"
+        ) from None
+
+
+def _check_output_loads(staged: Path) -> None:
+    """The compressed model must load in onnxruntime before it is published: the original did."""
+    try:
+        session(staged)
+    except Exception as err:  # onnxruntime raises its own exception types, not a common base
+        raise UnsupportedGraphError(
+            f"onnxruntime loads the input but not the compressed model, an onnxpq bug (please report it); "
+            f"nothing was written: {_one_line(err)}"
+        ) from None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def calibration_dataset(model: onnx.ModelProto, source: Any, config: CompressConfig) -> Dataset | None:
@@ -144,16 +235,26 @@ def calibration_dataset(model: onnx.ModelProto, source: Any, config: CompressCon
         return None
     if isinstance(source, RandomInputs) or (isinstance(source, str) and source == "random"):
         shapes = source.shapes if isinstance(source, RandomInputs) else None
-        return random_dataset(model, SYNTHETIC_SAMPLES, np.random.default_rng(config.seed), shapes=shapes)
+        dataset = random_dataset(model, SYNTHETIC_SAMPLES, np.random.default_rng(config.seed), shapes=shapes)
+        check_synthetic(model, dataset, "give the real sizes with --calibration-shapes NAME:DxD...")
+        return dataset
     return load_dataset(source, model, max_samples=config.calibration_samples)
 
 
 def validation_dataset(model: onnx.ModelProto, settings: ValidationSettings, seed: int) -> Dataset:
     """The user's samples (already loaded, or to load), or synthetic ones from the declared input shapes."""
+    if settings.max_samples is not None and settings.max_samples < 1:
+        raise ConfigError(f"--max-samples {settings.max_samples}: give at least 1 sample")
     if isinstance(settings.data, Dataset):
         return settings.data.head(settings.max_samples) if settings.max_samples else settings.data
-    if settings.data is None or settings.data == "random":
-        return random_dataset(model, settings.max_samples or SYNTHETIC_SAMPLES, np.random.default_rng(seed))
+    if settings.data is None or isinstance(settings.data, RandomInputs) or settings.data == "random":
+        shapes = settings.data.shapes if isinstance(settings.data, RandomInputs) else None
+        rng = np.random.default_rng(seed)
+        dataset = random_dataset(model, settings.max_samples or SYNTHETIC_SAMPLES, rng, shapes=shapes)
+        check_synthetic(
+            model, dataset, "pass --validation-data (or --no-validate), or --calibration-shapes with random"
+        )
+        return dataset
     return load_dataset(settings.data, model, max_samples=settings.max_samples)
 
 
@@ -171,13 +272,29 @@ def _load_labels(
         path = Path(labels)
         if not path.is_file():
             raise ConfigError(f"{path}: labels file not found")
-        labels = np.load(path, allow_pickle=False)
-    labels = np.asarray(labels)
+        try:
+            labels = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ConfigError(f"{path}: not a readable .npy of labels: {err}") from None
+    labels = _class_labels(np.asarray(labels))
     if limit is not None:
         labels = labels[:limit]
     if len(labels) != n_samples:
         raise ConfigError(f"{len(labels)} labels for {n_samples} {of} samples")
     return labels
+
+
+def _class_labels(labels: np.ndarray) -> np.ndarray:
+    """Integer class indices, one row per sample; (n, 1), as many tools save (n,) labels, is squeezed."""
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim == 0:
+        raise ConfigError("labels are a single number; expected one class index per sample, shape (n,)")
+    if np.issubdtype(labels.dtype, np.integer):
+        return labels
+    if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
+        return labels.astype(np.int64)
+    raise ConfigError(f"labels are {labels.dtype}; expected integer class indices")
 
 
 def _finetune(
@@ -285,7 +402,11 @@ def _quantize(
     When allocating, the samples the allocator measures on are kept out of the statistics (see ``probe_split``).
     """
     probe, fit = probe_split(calib) if config.has_budget and calib is not None else (calib, calib)
-    stats = collect_stats(model, candidates, fit, progress=progress) if fit is not None else {}
+    stats = (
+        collect_stats(model, candidates, fit, progress=progress, memory_mib=config.statistics_memory_mib)
+        if fit is not None
+        else {}
+    )
     targets = bias_targets(model, candidates) if config.bias_correction and stats else {}
     allocation = None
     if config.has_budget:
@@ -334,9 +455,13 @@ def compress(
     model (``calibration_labels`` add a cross-entropy term). Validation uses
     ``validation.data``, or the calibration samples when none is given.
 
-    The input is never modified. The output (and its ``.report.json``) is
-    written atomically. Raises ``ValidationFailedError`` after writing both when
-    the accuracy gate fails, so the user can inspect what failed.
+    The input is never modified, and no output path may be the input or one
+    of its external data files. Every path is checked and every option and data
+    file read before any work; the output and its ``.report.json`` are built in
+    a private staging folder, loaded once in onnxruntime, and moved into place
+    only at the end, so a failure or a signal leaves nothing behind. Raises
+    ``ValidationFailedError`` after publishing both when the accuracy gate
+    fails, so the user can inspect what failed.
 
     ``workers`` runs the per-layer quantization and permutation search in local
     processes or on a Ray cluster; the output bytes are the same as a serial run's.
@@ -345,8 +470,10 @@ def compress(
     validation = validation or ValidationSettings()
     workers = workers or Workers()
     source, target = Path(input_path), Path(output_path)
-    check_output_path(source, target, force=force)
+    report_file = Path(report_path) if report_path else default_report_path(target)
+    check_input_path(source)
     model = load_model(source)
+    check_paths(source, model, target, report_file, force=force)
     _refuse_recompress(model, source)
     calib = calibration_dataset(model, calibration, config)
     if calib is None and (config.finetune is not None or calibration_labels is not None):
@@ -358,7 +485,12 @@ def compress(
     if validation.data is None and calib is not None and calib.source != "random":
         # The samples already in memory: a reader or generator could not be read a second time anyway.
         validation = replace(validation, data=calib)
+    if validation.data is None and isinstance(calibration, RandomInputs):
+        validation = replace(validation, data=calibration)  # the sizes the user gave, not guessed ones
     data = prepare_validation(model, validation, config.seed) if validation.enabled else None
+    check_runtime_loads(source, model, data[0] if data is not None else None)
+    # If/Loop/Scan bodies read their weights from the main graph from here on (same function).
+    model = lift_subgraph_weights(model)
     candidates = find_candidates(model, config)
     permutation = None
     if config.permute:
@@ -381,21 +513,7 @@ def compress(
         notes.append("calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real")
     if validation.enabled and validation.data is not None and validation.data is calib:
         notes.append("validated on the calibration samples: pass --validation-data for an unbiased measurement")
-    written = _save_checked(compressed, model, target, notes)
-    left = subgraph_initializer_count(model.graph)
-    if left:
-        notes.append(f"{left} weight(s) inside If/Loop/Scan subgraphs were left in float")
-    original_bytes, compressed_bytes = file_bytes(source), file_bytes(target)
-    report: dict[str, Any] = {
-        "versions": versions(),
-        "config": config.to_json(),
-        "input": {"path": str(source), "sha256": sha256_file(source), "bytes": original_bytes},
-        "output": {"path": str(target), "sha256": sha256_file(target), "bytes": compressed_bytes},
-        "files": {
-            "original_bytes": original_bytes,
-            "compressed_bytes": compressed_bytes,
-            "ratio": original_bytes / compressed_bytes,
-        },
+    sections = {
         "pqf": pqf_sizes(model, candidates),
         "calibration": _calibration_section(calib, q),
         "permutation": permutation,
@@ -403,18 +521,55 @@ def compress(
         "allocation": q.allocation,
         "finetune": tuned,
         "layers": layer_rows(candidates, {n: r.error for n, r in q.results.items()}),
-        "subgraph_weights_left": left,
-        "validation": None,
-        "warnings": notes,
     }
-    if data is not None:
-        report["validation"], more = run_validation(source, target, data, validation)
-        notes.extend(more)
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
-    report_file = Path(report_path) if report_path else target.with_name(target.name + ".report.json")
-    write_json(report, report_file)
+    with staging() as stage:
+        written = _save_checked(compressed, model, stage, target, notes)
+        left = subgraph_weight_count(model.graph)
+        if left:
+            notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
+        staged = stage.path(target)
+        _check_output_loads(staged)
+        report = _report(config, source, target, staged, sections, left, notes)
+        if data is not None:
+            report["validation"], more = run_validation(source, staged, data, validation)
+            notes.extend(more)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+        try:
+            write_json(report, stage.path(report_file))
+        except OSError as err:
+            raise OutputPathError(f"{report_file}: cannot write the report: {err.strerror or err}") from None
+        # Published last, after every check: a failed gate keeps both for inspection, as documented.
+        stage.publish(force=force)
     gate = (report["validation"] or {}).get("gate") or {}
     if gate.get("failure"):
         raise ValidationFailedError(f"{gate['failure']} (model and report kept: {target}, {report_file})")
     return CompressResult(written, report_file, report)
+
+
+def _report(
+    config: CompressConfig,
+    source: Path,
+    target: Path,
+    staged: Path,
+    sections: dict[str, Any],
+    left: int,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The report of a run, for the model staged at ``staged`` that will be published at ``target``."""
+    original_bytes, compressed_bytes = file_bytes(source), file_bytes(staged)
+    return {
+        "versions": versions(),
+        "config": config.to_json(),
+        "input": {"path": str(source), "sha256": sha256_file(source), "bytes": original_bytes},
+        "output": {"path": str(target), "sha256": sha256_file(staged), "bytes": compressed_bytes},
+        "files": {
+            "original_bytes": original_bytes,
+            "compressed_bytes": compressed_bytes,
+            "ratio": original_bytes / compressed_bytes,
+        },
+        **sections,
+        "subgraph_weights_left": left,
+        "validation": None,
+        "warnings": notes,
+    }

@@ -25,7 +25,7 @@ from onnxpq.config import CompressConfig
 from onnxpq.encode import QuantizedWeight, replace_constants
 from onnxpq.graph import constant_tensors, display_name
 from onnxpq.kmeans import CONVERGED, Codebook, kmeans, residual_energy
-from onnxpq.layout import data_aware, unit_matrix, weight_from_units
+from onnxpq.layout import data_aware, input_order, unit_matrix, weight_from_units
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.selection import Candidate
 from onnxpq.stats import LayerStats, collect_stats
@@ -46,11 +46,14 @@ class LayerError:
     """How far a decoded weight is from the original, as stored (fp16 codebook included).
 
     ``output_rel`` is ‖X(W - Ŵ)‖² / ‖XW‖² on the calibration data, None without data.
+    ``statistics`` is the form of H the quantizer used (``LayerStats.form``), with a
+    ``fallback: ...`` note when the output metric could not be used; None without data.
     """
 
     sqnr_db: float
     rel_l2: float
     output_rel: float | None = None
+    statistics: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,15 +88,17 @@ def _sum_squares(a: np.ndarray, b: np.ndarray | None = None, chunk: int = 1 << 2
     return total
 
 
-def weight_error(original: np.ndarray, decoded: np.ndarray, output_rel: float | None = None) -> LayerError:
+def weight_error(
+    original: np.ndarray, decoded: np.ndarray, output_rel: float | None = None, statistics: str | None = None
+) -> LayerError:
     """Signal-to-quantization-noise ratio of a weight, in dB, and its relative L2 error."""
     signal = _sum_squares(original)
     noise = _sum_squares(original, decoded)
     if noise == 0.0:
-        return LayerError(float("inf"), 0.0, output_rel)
+        return LayerError(float("inf"), 0.0, output_rel, statistics)
     if signal == 0.0:
-        return LayerError(float("-inf"), float("inf"), output_rel)
-    return LayerError(10.0 * np.log10(signal / noise), float(np.sqrt(noise / signal)), output_rel)
+        return LayerError(float("-inf"), float("inf"), output_rel, statistics)
+    return LayerError(10.0 * np.log10(signal / noise), float(np.sqrt(noise / signal)), output_rel, statistics)
 
 
 def decoded_weight(q: QuantizedWeight) -> np.ndarray:
@@ -111,17 +116,26 @@ def _decoded_units(book: Codebook) -> np.ndarray:
 SHRINKAGE_GRID = (0.1, 0.25, 0.5)
 
 
+#: ``LayerError.statistics`` notes for a layer that kept codes chosen without (part of) its output metric.
+NO_METRIC = "fallback: H not finite or not positive definite"
+NO_FEEDBACK = "fallback: no error feedback (H not positive definite)"
+
+
 def _metrics(stats: LayerStats, centred: bool, cov: np.ndarray) -> Iterator[np.ndarray]:
     """The damped output metrics H to refine with: one, or one per shrinkage weight when H is rank-deficient.
 
-    Built one at a time (each is R x R float64 per group); none when the layer saw no signal.
-    ``cov``: the statistics' covariance, built once per layer by the caller.
+    Built one at a time (each is R x R float64 per group); none when the layer saw no
+    signal, or when its statistics are not finite or cannot be made positive definite
+    (``output_aware.positive_definite``). ``cov``: the statistics' covariance, built once per layer by the caller.
     """
     for rho in [None, *SHRINKAGE_GRID] if stats.rank_deficient else [None]:
         h = stats.metric(centred, rho, cov)
         if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
             return
-        yield output_aware.damped(h)
+        h = output_aware.positive_definite(output_aware.damped(h))
+        if h is None:
+            return
+        yield h
 
 
 def _output_rel(units: np.ndarray, book: Codebook, h: np.ndarray, h_noise: np.ndarray | None) -> float:
@@ -132,8 +146,8 @@ def _output_rel(units: np.ndarray, book: Codebook, h: np.ndarray, h_noise: np.nd
 
 def _refined(
     units: np.ndarray, book: Codebook, stats: LayerStats, config: CompressConfig, centred: bool
-) -> tuple[Codebook, float | None]:
-    """The refinement with the least output error on the calibration data, and that error.
+) -> tuple[Codebook, float | None, str | None]:
+    """The refinement with the least output error on the calibration data, that error, and a fallback note.
 
     On a rank-deficient H (a classifier after global pooling: one row per sample)
     the refinement chases directions that only a few rows define, and shrinking H
@@ -142,20 +156,25 @@ def _refined(
     at 0.9), and on other photos from 7.6 % to 7.0-7.2 %. How much is best
     depends on the layer, so each weight of ``SHRINKAGE_GRID`` is tried and judged
     on the statistics themselves; OAS's weight is among them, so the choice is
-    never worse there than OAS's alone.
+    never worse there than OAS's alone. No metric at all (non-finite statistics)
+    leaves the weight-space codebook, with the note ``NO_METRIC``.
     """
     cov = stats.covariance()
-    best, best_error = book, None
+    best, best_error, note = book, None, NO_METRIC
     for h in _metrics(stats, centred, cov):
-        option = _refine(units, book, h, config)
+        option, fed_back = _refine(units, book, h, config)
         error = _output_rel(units, option, stats.hessian, cov if centred else None)
         if best_error is None or error < best_error:
-            best, best_error = option, error
-    return best, best_error
+            best, best_error, note = option, error, None if fed_back else NO_FEEDBACK
+    return best, best_error, note
 
 
-def _refine(units: np.ndarray, book: Codebook, h: np.ndarray, config: CompressConfig) -> Codebook:
-    """Move codes and codewords from the weight-space optimum towards the output-space one."""
+def _refine(units: np.ndarray, book: Codebook, h: np.ndarray, config: CompressConfig) -> tuple[Codebook, bool]:
+    """Move codes and codewords from the weight-space optimum towards the output-space one.
+
+    Also says whether error feedback ran as asked: where H cannot be factored the
+    output-aware (block-diagonal) codes are kept instead.
+    """
     d = book.centroids.shape[1]
     centroids, codes = book.centroids.astype(np.float64), book.codes
     if config.output_aware:
@@ -167,13 +186,16 @@ def _refine(units: np.ndarray, book: Codebook, h: np.ndarray, config: CompressCo
             codes = new_codes
             if changed <= CONVERGED * len(codes):
                 break
+    fed_back = True
     if config.error_feedback:
-        codes = output_aware.error_feedback(units, centroids, h)
+        fed = output_aware.error_feedback(units, centroids, h)
+        fed_back = fed is not None
+        codes = codes if fed is None else fed
     if config.refit:
         centroids = output_aware.refit(units, codes, centroids, h)
     centroids = centroids.astype(np.float32)
     inertia = residual_energy(units.reshape(-1, d), centroids, codes)
-    return Codebook(centroids=centroids, codes=codes, inertia=inertia)
+    return Codebook(centroids=centroids, codes=codes, inertia=inertia), fed_back
 
 
 def quantize_layer(
@@ -184,27 +206,77 @@ def quantize_layer(
     *,
     correct_bias: bool = False,
 ) -> LayerResult:
-    """Quantize one weight; with ``stats``, minimise its output error and measure its mean output shift."""
+    """Quantize one weight; with ``stats``, minimise its output error and measure its mean output shift.
+
+    Block-diagonal statistics (``LayerStats.blocks`` > 1) are used by cutting each
+    unit into its column blocks, each (unit group, block) pair a group of its own:
+    the quantizers, which already take one H per group, then run unchanged.
+    Statistics that cannot be used (non-finite, not positive definite even after
+    damping) leave the layer with the weight-space codes; ``LayerError.statistics`` says so.
+    """
     units = unit_matrix(array, candidate)
     d = candidate.subvector_dim
     rng = layer_rng(config.seed, candidate.name)
     k, iters = candidate.n_codewords, config.kmeans_iters
     book = kmeans(units.reshape(-1, d), k, n_iter=iters, rng=rng, anneal=config.anneal)
-    output_rel = shift = None
+    output_rel = shift = form = None
     if stats is not None:
-        book, output_rel = _refined(units, book, stats, config, correct_bias)
+        stats = stats.reordered(input_order(candidate))
+    if stats is not None:
+        book, output_rel, form = _with_stats(units, book, stats, config, correct_bias)
     # Kept until encoding: int64 codes of every layer would hold 8 bytes per subvector for the whole run.
     q = QuantizedWeight(candidate, replace(book, codes=book.codes.astype(np.min_scalar_type(k - 1))))
     decoded = _decoded_units(book).reshape(units.shape)
     if output_rel is not None and correct_bias:
-        shift = _mean_shift(units, decoded, stats)
-    return LayerResult(q, weight_error(array, weight_from_units(decoded, candidate), output_rel), shift)
+        shift = _mean_shift(_blocked(units, stats), _blocked(decoded, stats), stats)
+    error = weight_error(array, weight_from_units(decoded, candidate), output_rel, form)
+    return LayerResult(q, error, shift)
 
 
-def _mean_shift(units: np.ndarray, decoded: np.ndarray, stats: LayerStats) -> np.ndarray:
-    """Per unit, how much the mean output moved: (w - ŵ)·E[x]."""
+def _with_stats(
+    units: np.ndarray, book: Codebook, stats: LayerStats, config: CompressConfig, centred: bool
+) -> tuple[Codebook, float | None, str]:
+    """``_refined`` in the statistics' block layout, codes mapped back; and the form of H used, with any fallback."""
+    d = book.centroids.shape[1]
+    if stats.block % d:
+        return book, None, f"{stats.form}; fallback: subvectors of {d} straddle its blocks"
+    n = len(units)
+    local = replace(book, codes=_blocked(book.codes.reshape(n, -1), stats).ravel())
+    refined, output_rel, note = _refined(_blocked(units, stats), local, stats, config, centred)
+    codes = _unblocked(refined.codes.reshape(n * stats.blocks, -1), stats).ravel()
+    form = stats.form if note is None else f"{stats.form}; {note}"
+    return replace(refined, codes=codes), output_rel, form
+
+
+def _blocked(x: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """(units, C) rows cut into the statistics' column blocks: (units * blocks, C / blocks), by (group, block)."""
+    nb = stats.blocks
+    if nb == 1:
+        return x
+    g = stats.groups // nb
+    n, c = x.shape
+    return x.reshape(g, n // g, nb, c // nb).transpose(0, 2, 1, 3).reshape(n * nb, c // nb)
+
+
+def _unblocked(x: np.ndarray, stats: LayerStats) -> np.ndarray:
+    """Inverse of ``_blocked``."""
+    nb = stats.blocks
+    if nb == 1:
+        return x
+    g = stats.groups // nb
+    m, c = x.shape
+    return x.reshape(g, nb, m // nb // g, c).transpose(0, 2, 1, 3).reshape(m // nb, nb * c)
+
+
+def _mean_shift(units: np.ndarray, decoded: np.ndarray, stats: LayerStats) -> np.ndarray | None:
+    """Per unit, how much the mean output moved: (w - ŵ)·E[x], summed over the unit's column blocks.
+
+    None when the statistics' mean is not finite: no correction beats a NaN bias.
+    """
     diff = (units - decoded).astype(np.float64).reshape(stats.groups, -1, units.shape[1])
-    return np.einsum("gur,gr->gu", diff, stats.mean).ravel()
+    shift = np.einsum("gur,gr->gu", diff, stats.mean)
+    shift = shift.reshape(stats.groups // stats.blocks, stats.blocks, -1).sum(axis=1).ravel()
+    return shift if np.isfinite(shift).all() else None
 
 
 def quantize_weights(
@@ -276,7 +348,11 @@ def quantize_sequential(
     chunks = [list(part) for part in np.array_split(np.array(ordered, dtype=object), config.sequential) if len(part)]
     for index, chunk in enumerate(tqdm(chunks, desc="sequential", unit="group", disable=not progress, leave=False)):
         # Nothing is quantized before the first group: the statistics of the original model hold for it.
-        stats = first_stats if index == 0 and first_stats is not None else collect_stats(current, chunk, calibration)
+        stats = (
+            first_stats
+            if index == 0 and first_stats is not None
+            else collect_stats(current, chunk, calibration, memory_mib=config.statistics_memory_mib)
+        )
         # A group's own weights are still the original ones in ``current``.
         done = quantize_weights(current, chunk, config, stats=stats, bias_weights=frozenset(targets), progress=False)
         results.update(done)

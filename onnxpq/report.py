@@ -6,11 +6,13 @@ come from the same ``dict`` so they never disagree.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,7 @@ def layer_rows(candidates: Sequence[Candidate], errors: Mapping[str, LayerError]
                 "sqnr_db": None if err is None else _finite(err.sqnr_db),
                 "rel_l2": None if err is None else _finite(err.rel_l2),
                 "output_sqnr_db": _output_sqnr(err),
+                "statistics": None if err is None else err.statistics,
                 "skip_reason": c.skip_reason,
             }
         )
@@ -134,11 +137,33 @@ def _finite(x: float) -> float | str:
 
 
 def write_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write the report atomically (temp file + rename), like the model itself."""
+    """Write the report atomically: a temp file unique to this run beside ``path``, then a rename.
+
+    JSON has no NaN or Infinity: non-finite numbers are written as strings (``"nan"``,
+    ``"inf"``), as ``_finite`` does, so any JSON parser reads the report.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(_json_safe(report), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (Python or numpy) replaced by its string form."""
+    if isinstance(value, float | np.floating):
+        return _finite(float(value))
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _fmt(x: Any, spec: str = ".2f") -> str:

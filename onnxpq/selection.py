@@ -5,6 +5,16 @@ the ones that stay in float carry a ``skip_reason`` so the report can say why.
 The subvector layout follows PQF's blocks and is chosen so the decoded
 ``Gather`` output is the weight in its own memory order: no Transpose is ever
 needed at decode time.
+
+Which weights are candidates:
+
+1. The weight inputs of Conv, ConvTranspose, Gemm, MatMul, Gather and of the
+   recurrent LSTM, GRU and RNN (W and R), when the weight is a constant.
+2. Readers inside If/Loop/Scan bodies count like main-graph ones (a body's own
+   weights are first lifted into the main graph, see ``subgraphs``).
+3. The first Conv stays in float only when it is small (``_first_conv_kept``):
+   at most 4 input channels per group and 1 % of the weights, as the first conv
+   of an image or audio CNN is; ``keep_first`` True/False forces either way.
 """
 
 from __future__ import annotations
@@ -20,12 +30,31 @@ import onnx
 
 from onnxpq.config import CompressConfig
 from onnxpq.errors import ConfigError
-from onnxpq.graph import ConstantTensor, constant_tensors, display_name
+from onnxpq.graph import ConstantTensor, constant_tensors
+from onnxpq.subgraphs import scoped_nodes
 
 __all__ = ["Candidate", "Use", "find_candidates", "variants"]
 
-#: Which input of each operator holds its weight.
-WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+#: Which inputs of each operator hold its weights: an RNN's W [dirs, gates*hidden, input] and
+#: R [dirs, gates*hidden, hidden] are both cut like a Gemm's rows, along their last axis.
+WEIGHT_INPUTS = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gemm": (1,),
+    "MatMul": (1,),
+    "Gather": (0,),
+    "LSTM": (1, 2),
+    "GRU": (1, 2),
+    "RNN": (1, 2),
+}
+#: The first Conv stays in float by default only when it reads at most this many channels per group
+#: (an image's RGB, a mono or stereo waveform)...
+FIRST_CONV_MAX_CHANNELS = 4
+#: ... and holds at most this share of the compressible weights. ImageNet CNNs' first convs hold
+#: 0.01-0.1 % (MobileNetV2 864 of 3.4 M, ResNet-50 9408 of 25 M); keeping a 1 % layer in float
+#: costs at most 0.32 bits/weight of any budget, while a byte model whose first conv holds 84 %
+#: of the weights could not go below 27 bits/weight with it kept.
+FIRST_CONV_MAX_SHARE = 0.01
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 #: PQF's target subvector sizes: (small, large) for kernels with spatial extent and for the rest.
 KERNEL_DIM = {"small": 9, "large": 18}
@@ -38,13 +67,15 @@ class Use:
 
     ``inputs_first`` is true when the node reduces over the weight's first axis
     (MatMul's [K, N] weight, Gemm with transB=0): subvectors must then run down
-    that axis to stay along the inputs.
+    that axis to stay along the inputs. ``in_subgraph`` is true for a node inside an
+    ``If``/``Loop``/``Scan`` body; ``node`` then holds the body path (``If_0/then_branch/Conv_3``).
     """
 
     node: str
     op_type: str
     input_index: int
     inputs_first: bool = False
+    in_subgraph: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +93,8 @@ class Candidate:
     subvector_dim : d, or 0 when skipped.
     n_codewords : k after clamping, or 0 when skipped.
     skip_reason : why the weight stays in float; None when it is compressed.
+    fix : the command-line option that would compress a skipped weight, when one would
+        (``--no-keep-first``, ``--min-elements`` ...); None otherwise.
     strided : a 2-D [K, N] weight whose subvectors run along the K inputs: subvector
         (j, n) holds rows j, j + K/d, j + 2K/d, ... of column n, which a Gather on
         axis 1 of a [d, k] codebook followed by one Reshape rebuilds without a Transpose.
@@ -77,6 +110,7 @@ class Candidate:
     n_codewords: int = 0
     skip_reason: str | None = None
     strided: bool = False
+    fix: str | None = None
 
     @property
     def size(self) -> int:
@@ -111,7 +145,8 @@ def _layout(
        about the same bits per weight by taking the divisor of the row closest to 9 or 18,
        never a whole big kernel as one subvector.
     2. Everything else: rows are all axes but the last, cut along the last, contiguous axis
-       (Gemm transB=1 and Gather rows cut along inputs) with d=4 or 8.
+       (Gemm transB=1 and Gather rows cut along inputs; an RNN's W and R have a row per
+       (direction, gate unit), cut along its inputs) with d=4 or 8.
     3. Strided 2-D [K, N] weights (MatMul, Gemm transB=0): d divides K, subvectors along the inputs.
     """
     if len(shape) < 2:
@@ -138,30 +173,38 @@ def _clamp_codewords(n_subvectors: int, requested: int) -> int:
 
 
 def _uses(graph: onnx.GraphProto, constants: dict[str, ConstantTensor]) -> dict[str, list[Use]]:
-    """For each constant, the nodes reading it, in graph order."""
+    """For each constant, the nodes reading it in graph order, inside If/Loop/Scan bodies too.
+
+    A body that defines a name of its own shadows the main-graph constant of that name.
+    """
     uses: dict[str, list[Use]] = {}
-    for index, node in enumerate(graph.node):
+    for scoped in scoped_nodes(graph):
+        node = scoped.node
         for i, name in enumerate(node.input):
-            if name in constants:
+            if name in constants and name not in scoped.hidden:
                 trans_b = any(a.name == "transB" and a.i for a in node.attribute)
                 inputs_first = i == 1 and (node.op_type == "MatMul" or (node.op_type == "Gemm" and not trans_b))
-                uses.setdefault(name, []).append(Use(display_name(node, index), node.op_type, i, inputs_first))
+                use = Use(scoped.name, node.op_type, i, inputs_first, scoped.in_subgraph)
+                uses.setdefault(name, []).append(use)
     return uses
 
 
 def _owner(uses: Sequence[Use]) -> Use | None:
-    """The use that decides a weight's layout: the first where it is that operator's weight input."""
+    """The use that decides a weight's layout: the first where it is one of that operator's weight inputs."""
     for use in uses:
-        if WEIGHT_INPUT.get(use.op_type) == use.input_index:
+        if use.input_index in WEIGHT_INPUTS.get(use.op_type, ()):
             return use
     return None
 
 
 def _first_conv(graph: onnx.GraphProto) -> str | None:
-    for index, node in enumerate(graph.node):
-        if node.op_type == "Conv":
-            return display_name(node, index)
-    return None
+    """The first Conv in graph order (a body's nodes count where their If/Loop/Scan node stands)."""
+    return next((s.name for s in scoped_nodes(graph) if s.node.op_type == "Conv"), None)
+
+
+def _small_first_conv(shape: tuple[int, ...], share: float) -> bool:
+    """PQF keeps the first conv of an ImageNet CNN in float: few input channels, a tiny share of the weights."""
+    return len(shape) >= 2 and shape[1] <= FIRST_CONV_MAX_CHANNELS and share <= FIRST_CONV_MAX_SHARE
 
 
 def _check_patterns(patterns: Sequence[str], names: Sequence[str], option: str) -> None:
@@ -177,23 +220,62 @@ def _check_patterns(patterns: Sequence[str], names: Sequence[str], option: str) 
             raise ConfigError(f"{option} pattern {pattern!r} matches no node{hint}")
 
 
+def _first_conv_kept(
+    graph: onnx.GraphProto, uses: dict[str, list[Use]], constants: dict[str, ConstantTensor], config: CompressConfig
+) -> tuple[str, str] | None:
+    """(node, skip reason) when the first Conv stays in float, else None.
+
+    ``keep_first`` True keeps it and False compresses it; None (the default) keeps it
+    only when it is small as in PQF's ImageNet CNNs: at most ``FIRST_CONV_MAX_CHANNELS``
+    input channels per group and at most ``FIRST_CONV_MAX_SHARE`` of the float constants
+    at the weight inputs of the supported operators (counted before any other rule, so
+    ``--op-types`` or ``--min-elements`` do not move the share).
+    """
+    first = _first_conv(graph)
+    if first is None or config.keep_first is False:
+        return None
+    if config.keep_first:
+        return first, "first conv kept in float (--keep-first)"
+    weight = next((n for n, us in uses.items() if any(u.node == first and u.input_index == 1 for u in us)), None)
+    if weight is None:
+        return None
+    total = sum(
+        math.prod(constants[n].tensor.dims)
+        for n, us in uses.items()
+        if _owner(us) is not None and constants[n].tensor.data_type in FLOAT_TYPES
+    )
+    shape = tuple(int(d) for d in constants[weight].tensor.dims)
+    share = math.prod(shape) / max(total, 1)
+    if not _small_first_conv(shape, share):
+        return None
+    return first, (
+        f"first conv kept in float: {shape[1]} input channel(s) per group, {share:.2%} of the weights "
+        "(small, as PQF keeps it)"
+    )
+
+
 def _skip_reason(
-    family: str | None, uses: Sequence[Use], dtype: int, size: int, config: CompressConfig, first_conv: str | None
-) -> str | None:
-    """Why a weight must stay in float, checked in the order a user would ask about it."""
+    family: str | None,
+    uses: Sequence[Use],
+    dtype: int,
+    size: int,
+    config: CompressConfig,
+    first_conv: tuple[str, str] | None,
+) -> tuple[str, str | None] | None:
+    """(why a weight must stay in float, the option that changes it), checked in the order a user would ask."""
     nodes = [u.node for u in uses]
     if family is not None and family not in config.op_types and not config.all_op_types:
-        return f"op type {family} not selected (--op-types)"
+        return f"op type {family} not selected (--op-types)", "--op-types"
     if config.nodes_to_include and not any(re.search(p, n) for p in config.nodes_to_include for n in nodes):
-        return "not matched by --nodes-to-include"
+        return "not matched by --nodes-to-include", "--nodes-to-include"
     if any(re.search(p, n) for p in config.nodes_to_exclude for n in nodes):
-        return "matched by --nodes-to-exclude"
-    if config.keep_first and first_conv is not None and first_conv in nodes:
-        return "first conv kept in float (--keep-first)"
+        return "matched by --nodes-to-exclude", "--nodes-to-exclude"
+    if first_conv is not None and first_conv[0] in nodes:
+        return first_conv[1], "--no-keep-first"
     if dtype not in FLOAT_TYPES:
-        return f"{onnx.TensorProto.DataType.Name(dtype).lower()} weight: already integer or not float"
+        return f"{onnx.TensorProto.DataType.Name(dtype).lower()} weight: already integer or not float", None
     if size < config.min_size:
-        return f"{size} elements < --min-elements {config.min_size}"
+        return f"{size} elements < --min-elements {config.min_size}", "--min-elements"
     return None
 
 
@@ -203,16 +285,17 @@ def _candidate(
     uses: Sequence[Use],
     owner: Use | None,
     config: CompressConfig,
-    first_conv: str | None,
+    first_conv: tuple[str, str] | None,
 ) -> Candidate:
     tensor = constant.tensor
     shape = tuple(int(d) for d in tensor.dims)
     family = owner.op_type if owner else None
     kind = family or "other"
     strided = owner is not None and owner.inputs_first and len(shape) == 2
-    reason = _skip_reason(family, uses, tensor.data_type, math.prod(shape), config, first_conv)
+    reason, fix = _skip_reason(family, uses, tensor.data_type, math.prod(shape), config, first_conv) or (None, None)
     row_axes, d, layout_reason = _layout(kind, shape, config, strided=strided)
-    reason = reason or layout_reason
+    if reason is None and layout_reason is not None:
+        reason, fix = layout_reason, "--subvector-dim" if config.subvector_dim is not None else None
     k = 0
     if reason is None:
         k = _clamp_codewords(math.prod(shape) // d, config.n_codewords)
@@ -222,7 +305,7 @@ def _candidate(
         reason = "contains NaN or Inf"
     if reason is not None:
         d, k = 0, 0
-    return Candidate(name, shape, tensor.data_type, tuple(uses), kind, row_axes, d, k, reason, strided)
+    return Candidate(name, shape, tensor.data_type, tuple(uses), kind, row_axes, d, k, reason, strided, fix)
 
 
 def variants(c: Candidate) -> list[Candidate]:
@@ -248,19 +331,22 @@ def variants(c: Candidate) -> list[Candidate]:
 
 
 def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Candidate]:
-    """Every constant weight of the main graph that a selected operator reads, with its layout or skip reason.
+    """Every main-graph constant weight that a selected operator reads, with its layout or skip reason.
 
-    Weights read only by other operators are considered only with ``--op-types all``,
-    and then only float tensors of at least ``min_elements``.
+    Readers inside If/Loop/Scan bodies count (their names carry the body path), so a
+    body weight lifted into the main graph (``subgraphs.lift_subgraph_weights``) is a
+    candidate like any other. Weights read only by other operators are considered
+    only with ``--op-types all``, and then only float tensors of at least ``min_elements``.
     """
     graph = model.graph
     constants = constant_tensors(graph)
-    names = [display_name(n, i) for i, n in enumerate(graph.node)]
+    names = [s.name for s in scoped_nodes(graph)]
     _check_patterns(config.nodes_to_include, names, "--nodes-to-include")
     _check_patterns(config.nodes_to_exclude, names, "--nodes-to-exclude")
-    first_conv = _first_conv(graph)
+    uses_by_name = _uses(graph, constants)
+    first_conv = _first_conv_kept(graph, uses_by_name, constants, config)
     candidates = []
-    for name, uses in _uses(graph, constants).items():
+    for name, uses in uses_by_name.items():
         owner = _owner(uses)
         tensor = constants[name].tensor
         if owner is None:

@@ -30,6 +30,7 @@ from onnxpq.graph import constant_foldable_nodes
 
 __all__ = [
     "METRICS",
+    "STATUS_FILE",
     "LoadStats",
     "OutputMetrics",
     "check_gate",
@@ -72,6 +73,7 @@ class LoadStats:
     load_s: float
     peak_rss_mib: float
     rss_after_load_mib: float
+    rss_source: str = "proc"
 
 
 def session(
@@ -221,13 +223,24 @@ def decode_nodes_left(path: str | os.PathLike[str], decode_nodes: Sequence[str])
     return sorted(n.name for n in optimized.graph.node if n.name in wanted)
 
 
+#: Where the probe reads its peak and current RSS; only Linux has it (tests point it elsewhere).
+STATUS_FILE = "/proc/self/status"
+
 _LOAD_PROBE = """
 import json, sys, time
 import onnxruntime as ort
 
 def status(key):
-    with open("/proc/self/status") as f:
+    with open(sys.argv[2]) as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+def rusage_peak():
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB elsewhere
 
 try:  # Linux: reset the high-water mark so the peak is the load's, not the imports'.
     with open("/proc/self/clear_refs", "w") as f:
@@ -238,7 +251,12 @@ opts = ort.SessionOptions(); opts.log_severity_level = 3
 t0 = time.perf_counter()
 sess = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
 t1 = time.perf_counter()
-print(json.dumps({"load_s": t1 - t0, "peak_rss_kib": status("VmHWM:"), "rss_kib": status("VmRSS:")}))
+try:
+    peak, rss, source = status("VmHWM:"), status("VmRSS:"), "proc"
+except (OSError, StopIteration, ValueError, IndexError):
+    peak = rss = rusage_peak()
+    source = "getrusage"
+print(json.dumps({"load_s": t1 - t0, "peak_rss_kib": peak, "rss_kib": rss, "source": source}))
 """
 
 
@@ -246,17 +264,26 @@ def measure_load(path: str | os.PathLike[str], repeats: int = 3) -> LoadStats:
     """Session creation time and peak RSS during it, each in a fresh interpreter (so caches do not help).
 
     The peak includes the interpreter and onnxruntime themselves, as a deployed process would.
+    Without ``/proc`` (macOS, BSD) the peak is ``getrusage``'s, which also counts the imports and
+    stands for the RSS after load too (``rss_source`` says which). Raises ``RuntimeError`` with the
+    reason when the probe cannot run or the platform reports no memory use at all (Windows).
     """
     runs = []
     for _ in range(repeats):
-        done = subprocess.run(
-            [sys.executable, "-c", _LOAD_PROBE, str(path)], capture_output=True, text=True, check=True
-        )
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", _LOAD_PROBE, str(path), STATUS_FILE], capture_output=True, text=True, check=True
+            )
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        except (OSError, subprocess.CalledProcessError, ValueError, IndexError) as err:
+            raise RuntimeError(f"the load probe failed: {' '.join(str(err).split())[:200]}") from None
+        if runs[-1]["peak_rss_kib"] is None:
+            raise RuntimeError("this platform reports no memory use (no /proc, no getrusage)")
     return LoadStats(
         load_s=statistics.median(r["load_s"] for r in runs),
         peak_rss_mib=statistics.median(r["peak_rss_kib"] for r in runs) / 1024.0,
         rss_after_load_mib=statistics.median(r["rss_kib"] for r in runs) / 1024.0,
+        rss_source=runs[0]["source"],
     )
 
 
@@ -328,12 +355,16 @@ def validate_compressed(
         "unfolded_nodes": left,
     }
     if measure:
-        base, comp = measure_load(original), measure_load(compressed)
-        section["load"] = {
-            "original": to_json(base),
-            "compressed": to_json(comp),
-            "rss_ratio": comp.peak_rss_mib / base.peak_rss_mib,
-        }
+        try:
+            base, comp = measure_load(original), measure_load(compressed)
+        except RuntimeError as err:  # a measurement is not worth failing a run for; the report says why
+            section["load_skipped"] = str(err)
+        else:
+            section["load"] = {
+                "original": to_json(base),
+                "compressed": to_json(comp),
+                "rss_ratio": comp.peak_rss_mib / base.peak_rss_mib,
+            }
         feed = next(batches(dataset, reference, batch_size=1))
         lat_o, lat_c = measure_latency_ms([original, compressed], feed)
         section["latency_ms"] = {"original": lat_o, "compressed": lat_c, "ratio": lat_c / lat_o}

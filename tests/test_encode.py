@@ -259,33 +259,3 @@ def test_external_data_input_is_read(tmp_path, rng):
         validation=NO_VALIDATION,
     )
     assert_equivalent(model, onnx.load(tmp_path / "out.onnx"), {"x": rand(rng, 1, 16, 12, 12)})
-
-
-def test_subgraph_weights_are_left_alone_and_reported(tmp_path, rng):
-    branch_w = numpy_helper.from_array(rand(rng, 64, 64), "bw")
-    then = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "bw"], ["t"])],
-        "then",
-        [],
-        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 64])],
-        [branch_w],
-    )
-    other = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["e"])],
-        "else",
-        [],
-        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 64])],
-    )
-    nodes = [
-        helper.make_node("MatMul", ["x", "w"], ["h"], "mm"),
-        helper.make_node("ReduceSum", ["h"], ["s"], "sum", keepdims=0),
-        helper.make_node("Greater", ["s", "zero"], ["c"], "gt"),
-        helper.make_node("If", ["c"], ["y"], "branch", then_branch=then, else_branch=other),
-    ]
-    model = make_model(nodes, [("x", [2, 64])], ["y"], {"w": rand(rng, 64, 64), "zero": np.zeros((), np.float32)})
-    onnx.save(model, tmp_path / "in.onnx")
-    result = compress(
-        tmp_path / "in.onnx", tmp_path / "out.onnx", CompressConfig(min_elements=1), validation=NO_VALIDATION
-    )
-    assert result.report["subgraph_weights_left"] == 1
-    assert [r["weight"] for r in result.report["layers"] if r["skip_reason"] is None] == ["w"]

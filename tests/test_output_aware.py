@@ -143,3 +143,57 @@ def test_block_diagonal_takes_the_diagonal_blocks(rng, groups):
     blocks = output_aware.block_diagonal(h, 2)
     for g, p in itertools.product(range(groups), range(3)):
         np.testing.assert_array_equal(blocks[g, p], h[g, 2 * p : 2 * p + 2, 2 * p : 2 * p + 2])
+
+
+def _reference_error_feedback(units: np.ndarray, centroids: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """The implementation before Cholesky-of-H and lazy updates: cholesky(inv(H)), every column pushed at once."""
+    g, d = h.shape[0], centroids.shape[1]
+    n, r = units.shape
+    codes = np.empty((n, r // d), dtype=np.int64)
+    rows = n // g
+    for gi in range(g):
+        upper = np.linalg.cholesky(np.linalg.inv(h[gi])).T
+        w = units[gi * rows : (gi + 1) * rows].astype(np.float64)
+        for j in range(r // d):
+            b = slice(j * d, (j + 1) * d)
+            inv_u = np.linalg.inv(upper[b, b])
+            metric = inv_u @ inv_u.T
+            chc = np.einsum("kd,de,ke->k", centroids, metric, centroids)
+            best = np.argmin(chc[None, :] - 2.0 * (w[:, b] @ metric @ centroids.T), axis=1)
+            codes[gi * rows : (gi + 1) * rows, j] = best
+            w[:, b.stop :] -= ((w[:, b] - centroids[best]) @ inv_u) @ upper[b, b.stop :]
+    return codes.ravel()
+
+
+@pytest.mark.parametrize(("groups", "r", "d", "block"), [(1, 48, 4, 8), (2, 36, 9, 18), (1, 40, 4, 128), (3, 24, 1, 5)])
+def test_error_feedback_gives_the_codes_of_the_reference_on_well_conditioned_h(groups, r, d, block, rng):
+    units = rng.standard_normal((6 * groups, r))
+    h = output_aware.damped(spd(rng, r, groups=groups))
+    centroids = rng.standard_normal((16, d))
+    expected = _reference_error_feedback(units, centroids, h)
+    np.testing.assert_array_equal(output_aware.error_feedback(units, centroids, h, block=block), expected)
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse(rng):
+    h = spd(rng, 12)[0]
+    upper = output_aware.inverse_factor(h)
+    np.testing.assert_allclose(upper, np.triu(upper))
+    assert np.all(np.diagonal(upper) > 0)
+    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(h), rtol=1e-8, atol=1e-10)
+
+
+def test_an_indefinite_h_is_repaired_and_a_non_finite_one_refused(rng):
+    x = rng.standard_normal((3, 10))
+    indefinite = (x.T @ x - 1e-3 * np.eye(10))[None]  # rank 3, negative eigenvalues
+    repaired = output_aware.positive_definite(output_aware.damped(indefinite) - 0.02 * np.eye(10))
+    assert repaired is not None
+    assert np.linalg.eigvalsh(repaired[0]).min() > 0
+    nan = indefinite.copy()
+    nan[0, 1, 2] = np.nan
+    assert output_aware.positive_definite(nan) is None
+    assert output_aware.error_feedback(rng.standard_normal((2, 10)), rng.standard_normal((4, 2)), nan) is None
+
+
+def test_a_well_conditioned_h_passes_through_positive_definite_untouched(rng):
+    h = output_aware.damped(spd(rng, 8, groups=2))
+    assert output_aware.positive_definite(h) is h

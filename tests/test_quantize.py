@@ -9,11 +9,15 @@ import numpy as np
 import onnx
 import pytest
 from conftest import make_model, rand, run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from onnxpq import CompressConfig, compress, quantize
+from onnxpq import CompressConfig, compress, output_aware, quantize
+from onnxpq import stats as stats_module
 from onnxpq.bias import bias_targets
 from onnxpq.calibration import Dataset
+from onnxpq.layout import unit_matrix
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.selection import Candidate, find_candidates
 from onnxpq.stats import LayerStats, collect_stats
@@ -210,3 +214,83 @@ def test_a_one_shot_calibration_generator_also_serves_validation(tmp_path, rng):
     )
     assert result.report["calibration"]["samples"] == 24
     assert result.report["validation"]["n_samples"] == 24
+
+
+def _singular(rng: np.random.Generator, r: int) -> np.ndarray:
+    x = rng.standard_normal((r // 4, r))
+    return x.T @ x / r
+
+
+def _ill_conditioned(rng: np.random.Generator, r: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((r, r)))
+    return (q * np.geomspace(1.0, 1e-12, r)) @ q.T
+
+
+def _with_nan(rng: np.random.Generator, r: int) -> np.ndarray:
+    h = _singular(rng, r)
+    h[rng.integers(r), rng.integers(r)] = np.nan
+    return h
+
+
+#: Statistics a dead ReLU, a constant input, too few rows, fp16 activations or round-off can produce.
+HOSTILE_H = {
+    "singular": _singular,
+    "rank1": lambda rng, r: np.outer(v := rng.standard_normal(r), v),
+    "indefinite": lambda rng, r: _singular(rng, r) - 1e-6 * np.eye(r),
+    "strongly_indefinite": lambda rng, r: np.diag(rng.uniform(-1.0, 1.0, r)),
+    "zero": lambda rng, r: np.zeros((r, r)),
+    "nan": _with_nan,
+    "ill_conditioned": _ill_conditioned,
+    "tiny": lambda rng, r: 1e-300 * _singular(rng, r),
+    "huge": lambda rng, r: 1e150 * _singular(rng, r),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_H))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.sampled_from([3, 100_000]),
+    blocks=st.sampled_from([1, 4]),
+    correct=st.booleans(),
+)
+def test_quantize_layer_never_raises_on_hostile_statistics(kind, seed, rows, blocks, correct):
+    rng = np.random.default_rng(seed)
+    model = gemm_model(rng)
+    config = CompressConfig(min_elements=1, keep_first=False, n_codewords=16, kmeans_iters=4)
+    cand = next(c for c in find_candidates(model, config) if c.compressed)
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == cand.name))
+    r = 64 // blocks
+    hessian = np.stack([HOSTILE_H[kind](rng, r) for _ in range(blocks)])
+    mean = np.zeros((blocks, r)) if kind == "zero" else rng.standard_normal((blocks, r))
+    stats = LayerStats(hessian=hessian, mean=mean, rows=rows, blocks=blocks)
+    result = quantize.quantize_layer(weight, cand, config, stats, correct_bias=correct)
+    book = result.quantized.codebook
+    assert np.isfinite(book.centroids).all()
+    assert book.codes.max() < 16 and len(book.codes) == weight.size // cand.subvector_dim
+    assert result.shift is None or np.isfinite(result.shift).all()
+    assert result.error.statistics.startswith("full" if blocks == 1 else f"block-diagonal {r}")
+    if kind == "nan":
+        assert result.error.statistics.endswith(quantize.NO_METRIC)
+
+
+def test_block_diagonal_statistics_quantize_and_shift_the_mean_in_the_units_own_order(rng, monkeypatch):
+    model = gemm_model(rng)
+    cand = next(c for c in find_candidates(model, CompressConfig(min_elements=1, keep_first=False)) if c.compressed)
+    x = correlated_inputs(rng, 512, 64)
+    dataset = Dataset({"x": x}, "test")
+    full = collect_stats(model, [cand], dataset)[cand.name]
+    monkeypatch.setattr(stats_module, "plan_blocks", lambda shapes, memory: dict.fromkeys(shapes, 16))
+    blocked = collect_stats(model, [cand], dataset)[cand.name]
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == cand.name))
+    config = CompressConfig(n_codewords=16)
+    result = quantize.quantize_layer(weight, cand, config, blocked, correct_bias=True)
+    assert result.error.statistics == "block-diagonal 16"
+    decoded = quantize.decoded_weight(result.quantized)
+    units, mine = unit_matrix(weight, cand), unit_matrix(decoded, cand)
+    np.testing.assert_allclose(result.shift, (units - mine) @ full.mean[0], rtol=1e-4, atol=1e-6)
+    free = quantize.quantize_layer(weight, cand, config)
+    exact = output_aware.output_error(units, mine, full.hessian)
+    assert exact < output_aware.output_error(
+        units, unit_matrix(quantize.decoded_weight(free.quantized), cand), full.hessian
+    )

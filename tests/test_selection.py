@@ -1,9 +1,11 @@
 import numpy as np
+import onnx
 import pytest
 from conftest import conv_model, make_model, rand
 from onnx import helper
 
-from onnxpq import CompressConfig, ConfigError
+from onnxpq import CompressConfig, ConfigError, compress
+from onnxpq.pipeline import ValidationSettings
 from onnxpq.selection import find_candidates
 
 
@@ -91,3 +93,53 @@ def test_op_types_all_picks_other_large_float_weights():
     assert find_candidates(model, CompressConfig(min_elements=1)) == []
     cand = _one(model, op_types=("all",))
     assert cand.compressed and cand.kind == "other"
+
+
+def _first_conv_model(first_shape: tuple[int, ...], second_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Conv -> Conv: ``w`` is the first conv's weight, ``w2`` the second's (1-D or 2-D by the shapes)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], "first"),
+        helper.make_node("Conv", ["h", "w2"], ["y"], "second"),
+    ]
+    spatial = [128] * (len(first_shape) - 2)
+    weights = {"w": rand(rng, *first_shape), "w2": rand(rng, *second_shape)}
+    return make_model(nodes, [("x", [1, first_shape[1], *spatial])], ["y"], weights)
+
+
+def test_small_image_first_conv_is_kept_by_default():
+    # RGB input, 432 of 147888 weights: PQF's ImageNet case.
+    model = _first_conv_model((16, 3, 3, 3), (1024, 16, 3, 3))
+    reason = _one(model, keep_first=None).skip_reason
+    assert (
+        reason
+        == "first conv kept in float: 3 input channel(s) per group, 0.29% of the weights (small, as PQF keeps it)"
+    )
+    assert _one(model, keep_first=False).compressed
+
+
+def test_dominant_first_conv_is_compressed_by_default():
+    # A byte model whose first conv holds 96 % of the weights: keeping it would forbid any low budget.
+    model = _first_conv_model((256, 1, 64), (8, 256, 3))
+    assert _one(model, keep_first=None).compressed
+    assert _one(model, keep_first=True).skip_reason == "first conv kept in float (--keep-first)"
+
+
+def test_first_conv_over_many_channels_is_compressed_by_default():
+    # 64 input channels: a first conv fed by an earlier embedding, not an image.
+    model = _first_conv_model((16, 64, 1, 1), (4096, 16, 3, 3))
+    assert _one(model, keep_first=None).compressed
+
+
+def test_unreachable_budget_names_the_float_layers_and_their_flags(tmp_path):
+    model = _first_conv_model((256, 1, 64), (8, 256, 3))
+    onnx.save(model, tmp_path / "in.onnx")
+    config = CompressConfig(keep_first=True, target_bpw=4.0, nodes_to_exclude=("second",), min_elements=64)
+    pattern = (
+        r"--target-bpw 4.0 is below the smallest size this model reaches, 32.000 bits/weight; "
+        r"layers kept in float, largest first: first \(64.0 KiB, first conv kept in float \(--keep-first\); "
+        r"change with --no-keep-first\), second \(24.0 KiB, matched by --nodes-to-exclude; "
+        r"change with --nodes-to-exclude\)"
+    )
+    with pytest.raises(ConfigError, match=pattern):
+        compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, validation=ValidationSettings(enabled=False))

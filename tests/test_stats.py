@@ -3,17 +3,24 @@ covariance is shrunk by the OAS estimator."""
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
+import onnx
 import pytest
 from conftest import make_model, rand, run
 from onnx import helper
 from sklearn.covariance import oas
 
+from onnxpq import compress
+from onnxpq import stats as stats_module
 from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
+from onnxpq.errors import ConfigError
 from onnxpq.layout import input_order, unit_matrix
+from onnxpq.pipeline import ValidationSettings
 from onnxpq.selection import find_candidates
-from onnxpq.stats import collect_stats, conv_patches
+from onnxpq.stats import StatsShape, collect_stats, conv_patches, plan_blocks
 
 CONV_CASES = {
     "3x3_pad": dict(kernel=(3, 3), pads=[1, 1, 1, 1]),
@@ -106,3 +113,97 @@ def test_shrinkage_is_scikit_learns_oracle_approximating_estimator_applied_when_
     mean = stats.mean[0]
     uncentred = expected_cov + np.outer(mean, mean)
     np.testing.assert_allclose(stats.metric(centred=False)[0], uncentred, rtol=1e-4, atol=1e-6)
+
+
+def _grouped_conv(rng: np.random.Generator):
+    node = helper.make_node("Conv", ["x", "w"], ["y"], "conv", pads=[1, 1, 1, 1], group=2)
+    model = make_model([node], [("x", ["n", 16, 6, 6])], ["y"], {"w": rand(rng, 8, 8, 3, 3)})
+    cands = [c for c in find_candidates(model, CompressConfig(min_elements=1, keep_first=False)) if c.compressed]
+    return model, cands, Dataset({"x": rand(rng, 20, 16, 6, 6)}, "test")
+
+
+@pytest.mark.parametrize("block", [36, 18])
+def test_block_diagonal_statistics_are_the_diagonal_blocks_of_the_full_ones(block, rng, monkeypatch):
+    model, cands, dataset = _grouped_conv(rng)
+    full = collect_stats(model, cands, dataset)["w"]
+    assert (full.form, full.blocks, full.block) == ("full", 1, 72)
+    monkeypatch.setattr(stats_module, "plan_blocks", lambda shapes, memory: dict.fromkeys(shapes, block))
+    blocked = collect_stats(model, cands, dataset)["w"]
+    nb = 72 // block
+    assert (blocked.form, blocked.blocks, blocked.groups) == (f"block-diagonal {block}", nb, 2 * nb)
+    for g in range(2):
+        for b in range(nb):
+            cols = slice(b * block, (b + 1) * block)
+            np.testing.assert_allclose(blocked.hessian[g * nb + b], full.hessian[g][cols, cols], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(blocked.mean[g * nb + b], full.mean[g][cols], rtol=1e-5, atol=1e-6)
+    assert blocked.rows == full.rows
+
+
+def test_rows_in_small_chunks_give_the_same_statistics(rng, monkeypatch):
+    model, cands, dataset = _grouped_conv(rng)
+    whole = collect_stats(model, cands, dataset)["w"]
+    monkeypatch.setattr(stats_module, "ROW_CHUNK_BYTES", 4096)  # a few output positions at a time
+    chunked = collect_stats(model, cands, dataset)["w"]
+    np.testing.assert_allclose(chunked.hessian, whole.hessian, rtol=1e-5, atol=1e-6)
+    assert chunked.rows == whole.rows
+
+
+def test_the_budget_shrinks_the_largest_layers_first_and_refuses_what_cannot_fit():
+    shapes = {"big": StatsShape(1, 4096, 4), "small": StatsShape(1, 512, 4)}
+    mib = 2**20
+    assert plan_blocks(shapes, 4096 * mib) == {"big": 4096, "small": 512}
+    # One layer may hold 1/16 of the budget: 64 MiB leaves "big" 4 MiB, 128 columns; "small" (2 MiB) fits whole.
+    assert plan_blocks(shapes, 64 * mib) == {"big": 128, "small": 512}
+    # All layers together may hold half of it: ten 8 MiB layers in 64 MiB, four of them halve their blocks.
+    many = {f"l{i}": StatsShape(1, 1024, 4) for i in range(10)}
+    blocks = plan_blocks(many, 128 * mib)
+    assert sorted(blocks.values()) == [512] * 4 + [1024] * 6
+    with pytest.raises(ConfigError, match="statistics_memory_mib"):
+        plan_blocks(shapes, 0.1 * mib)
+
+
+def test_a_conv_with_65536_inputs_compresses_data_aware_within_the_memory_budget(tmp_path, rng):
+    """1-D audio conv: 1024 channels x 64 taps, a 34 GB full H; the whole compression stays under the budget."""
+    budget_mib = 128
+    node = helper.make_node("Conv", ["x", "w"], ["y"], "conv", pads=[32, 31])
+    model = make_model([node], [("x", ["n", 1024, 48])], ["y"], {"w": rand(rng, 8, 1024, 64) / 64})
+    onnx.save(model, tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", x=rand(rng, 16, 1024, 48))
+    config = CompressConfig(
+        min_elements=1, keep_first=False, n_codewords=16, kmeans_iters=2, statistics_memory_mib=budget_mib
+    )
+    tracemalloc.start()
+    try:
+        result = compress(
+            tmp_path / "in.onnx",
+            tmp_path / "out.onnx",
+            config,
+            calibration=tmp_path / "calib.npz",
+            validation=ValidationSettings(enabled=False),
+            force=True,
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    (row,) = [r for r in result.report["layers"] if r["weight"] == "w"]
+    assert row["statistics"].startswith("block-diagonal ")
+    assert row["output_sqnr_db"] is not None
+    assert peak < budget_mib * 2**20
+
+
+def test_statistics_follow_a_strided_variant_into_its_column_order(rng):
+    """A MatMul weight's column order depends on d: the allocator's d=8 variant must see H in its own order.
+
+    Collected once for the d=4 layout and re-indexed, the statistics equal those collected for d=8 directly;
+    before, the d=8 variant was refined against H in the d=4 order.
+    """
+    w = rand(rng, 64, 32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["n", 64])], ["y"], {"w": w})
+    data = Dataset({"x": rand(rng, 40, 64) + rand(rng, 1, 64)}, source="test")
+    (four,) = find_candidates(model, CompressConfig(min_elements=1, subvector_dim=4))
+    (eight,) = find_candidates(model, CompressConfig(min_elements=1, subvector_dim=8))
+    assert four.strided and not np.array_equal(input_order(four), input_order(eight))
+    moved = collect_stats(model, [four], data)["w"].reordered(input_order(eight))
+    direct = collect_stats(model, [eight], data)["w"]
+    np.testing.assert_allclose(moved.hessian, direct.hessian, rtol=1e-6)
+    np.testing.assert_allclose(moved.mean, direct.mean, rtol=1e-6)

