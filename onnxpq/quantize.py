@@ -121,20 +121,24 @@ NO_METRIC = "fallback: H not finite or not positive definite"
 NO_FEEDBACK = "fallback: no error feedback (H not positive definite)"
 
 
-def _metrics(stats: LayerStats, centred: bool, cov: np.ndarray) -> Iterator[np.ndarray]:
+def _metrics(stats: LayerStats, centred: bool, cov: np.ndarray, definite: bool) -> Iterator[np.ndarray]:
     """The damped output metrics H to refine with: one, or one per shrinkage weight when H is rank-deficient.
 
     Built one at a time (each is R x R float64 per group); none when the layer saw no
-    signal, or when its statistics are not finite or cannot be made positive definite
-    (``output_aware.positive_definite``). ``cov``: the statistics' covariance, built once per layer by the caller.
+    signal, or when its statistics are not finite or, with ``definite`` (error feedback
+    factors H), cannot be made positive definite (``output_aware.positive_definite``).
+    Without error feedback (the allocator's estimates) the check, a Cholesky of every H,
+    is skipped. ``cov``: the statistics' covariance, built once per layer by the caller.
     """
     for rho in [None, *SHRINKAGE_GRID] if stats.rank_deficient else [None]:
         h = stats.metric(centred, rho, cov)
         if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
             return
-        h = output_aware.positive_definite(output_aware.damped(h))
-        if h is None:
-            return
+        h = output_aware.damped(h)
+        if definite:  # only error feedback factors H; the other steps are guarded against an indefinite one
+            h = output_aware.positive_definite(h)
+            if h is None:
+                return
         yield h
 
 
@@ -161,7 +165,7 @@ def _refined(
     """
     cov = stats.covariance()
     best, best_error, note = book, None, NO_METRIC
-    for h in _metrics(stats, centred, cov):
+    for h in _metrics(stats, centred, cov, config.error_feedback):
         option, fed_back = _refine(units, book, h, config)
         error = _output_rel(units, option, stats.hessian, cov if centred else None)
         if best_error is None or error < best_error:

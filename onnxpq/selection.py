@@ -330,13 +330,25 @@ def variants(c: Candidate) -> list[Candidate]:
     return out
 
 
+#: Operators that only cut, join or reshape a tensor: a weight read only by them is still a weight.
+RESHAPING_OPS = frozenset({"Slice", "Split", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity"})
+
+
+def _reshaped_weight(tensor: onnx.TensorProto, uses: Sequence[Use]) -> bool:
+    """A matrix read only through ``RESHAPING_OPS``, as exporters leave recurrent weights: Silero VAD's
+    LSTM cell reaches its [512, 128] gate weights through Slice and Concat. Such a weight is compressed
+    data-free by default, without ``--op-types all``; its rows are cut along the last axis."""
+    return len(tensor.dims) >= 2 and all(u.op_type in RESHAPING_OPS for u in uses)
+
+
 def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Candidate]:
     """Every main-graph constant weight that a selected operator reads, with its layout or skip reason.
 
     Readers inside If/Loop/Scan bodies count (their names carry the body path), so a
     body weight lifted into the main graph (``subgraphs.lift_subgraph_weights``) is a
     candidate like any other. Weights read only by other operators are considered
-    only with ``--op-types all``, and then only float tensors of at least ``min_elements``.
+    only with ``--op-types all`` or when they only pass through ``RESHAPING_OPS``, and
+    then only float tensors of at least ``min_elements``.
     """
     graph = model.graph
     constants = constant_tensors(graph)
@@ -351,7 +363,7 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
         tensor = constants[name].tensor
         if owner is None:
             large_float = tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) >= config.min_size
-            if not (config.all_op_types and large_float):
+            if not (large_float and (config.all_op_types or _reshaped_weight(tensor, uses))):
                 continue
         candidates.append(_candidate(name, constants[name], uses, owner, config, first_conv))
     return candidates

@@ -50,6 +50,12 @@ ROW_CHUNK_BYTES = 64 << 20
 HELD_SHARE = 2
 #: Share of the budget one layer's H may take: quantizing it holds about eight float64 copies of it.
 LAYER_SHARE = 16
+#: Most B² per output unit of a full H block (``StatsShape.affordable``). Factoring an R x R H costs R³
+#: whatever the number of units reading it: a 1-D conv with 8 outputs over 64 channels x 64 taps
+#: (R = 4096) spent minutes per allocator setting on it. Every layer of MobileNetV2, MNIST, MiniLM and
+#: PP-OCRv4 rec is below this bound (the highest, a PP-OCR conv with R = 2880 and 60 units, is at half of it),
+#: so blocks appear only where a layer has far more inputs than outputs.
+WORK_PER_WEIGHT = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class LayerStats:
     rows : number of input rows averaged.
     blocks : column blocks per unit group; 1 is the full H.
     order : (R,) which input of the node each column holds (``layout.input_order`` of the
-        candidate the statistics were collected for); None for the identity.
+        candidate the statistics were collected for); None when built for the caller's layout.
     """
 
     hessian: np.ndarray
@@ -84,12 +90,11 @@ class LayerStats:
         so a variant in another order gets no statistics (it is quantized data-free,
         and the allocator measures it as such).
         """
-        current = np.arange(self.hessian.shape[-1]) if self.order is None else self.order
-        if np.array_equal(current, order):
+        if self.order is None or np.array_equal(self.order, order):
             return self
         if self.blocks > 1:
             return None
-        index = np.argsort(current)[order]
+        index = np.argsort(self.order)[order]
         h, mean = self.hessian[:, index][:, :, index], self.mean[:, index]
         return LayerStats(hessian=h, mean=mean, rows=self.rows, order=order)
 
@@ -309,11 +314,18 @@ class _Accumulator:
 
 @dataclass(frozen=True)
 class StatsShape:
-    """What one weight's statistics cost: unit groups, inputs per group R, and the smallest block step."""
+    """What one weight's statistics cost: unit groups, inputs per group R, the smallest block step,
+    and the output units per group that share one H."""
 
     groups: int
     inputs: int
     step: int
+    units: int | None = None
+
+    def affordable(self, block: int) -> bool:
+        """Whether factoring and applying H in blocks of ``block`` columns costs at most ``WORK_PER_WEIGHT``
+        per weight: a group's work grows as R·B² and its weights as units·R (any block when units is unknown)."""
+        return self.units is None or block * block <= WORK_PER_WEIGHT * self.units
 
     def bytes(self, block: int) -> int:
         """float64 bytes of the H blocks of ``block`` columns: groups x R/B blocks of B x B."""
@@ -331,7 +343,8 @@ def _shape(c: Candidate, reader: _Reader) -> StatsShape:
     """The statistics' shape of a weight; blocks are multiples of every subvector dimension its variants use,
     so the allocator may try any of them on the same statistics."""
     inputs = len(input_order(c))
-    return StatsShape(reader.groups, inputs, math.lcm(*(v.subvector_dim for v in variants(c))))
+    step = math.lcm(*(v.subvector_dim for v in variants(c)))
+    return StatsShape(reader.groups, inputs, step, max(1, c.size // inputs // reader.groups))
 
 
 def plan_blocks(shapes: Mapping[str, StatsShape], memory_bytes: float) -> dict[str, int]:
@@ -344,14 +357,16 @@ def plan_blocks(shapes: Mapping[str, StatsShape], memory_bytes: float) -> dict[s
     terms first, and every layer whose full H fits keeps it. On MNIST's three convs
     quantized from blocks of R/2, R/4 and 9 columns, the output error rose 1.15-1.6x,
     1.5-2.2x and 3.4-4.5x over the full H (weight-space k-means: 6-11x): blocks are
-    the last resort, not the default. Raises ``ConfigError``
+    the last resort, not the default. A layer with far more inputs than outputs
+    also steps down until its blocks are affordable (``StatsShape.affordable``), so
+    the time per weight stays bounded. Raises ``ConfigError``
     when even the smallest blocks of every layer do not fit.
     """
     layer_cap = memory_bytes / LAYER_SHARE
     blocks = {}
     for name, sh in shapes.items():
         block = sh.inputs
-        while sh.bytes(block) > layer_cap and (smaller := sh.smaller(block)) is not None:
+        while (sh.bytes(block) > layer_cap or not sh.affordable(block)) and (smaller := sh.smaller(block)) is not None:
             block = smaller
         blocks[name] = block
     while sum(shapes[n].bytes(b) for n, b in blocks.items()) > memory_bytes / HELD_SHARE:

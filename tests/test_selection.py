@@ -143,3 +143,16 @@ def test_unreachable_budget_names_the_float_layers_and_their_flags(tmp_path):
     )
     with pytest.raises(ConfigError, match=pattern):
         compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, validation=ValidationSettings(enabled=False))
+
+
+def test_a_weight_read_only_through_slice_and_concat_is_compressed(rng):
+    """Exported LSTM cells (Silero VAD) slice their gate weights before use: without this rule they stayed float."""
+    nodes = [
+        helper.make_node("Split", ["w"], ["w_a", "w_b"], "split", axis=1, num_outputs=2),
+        helper.make_node("Concat", ["w_b", "w_a"], ["w_ba"], "concat", axis=1),
+        helper.make_node("MatMul", ["x", "w_ba"], ["y"], "mm"),
+    ]
+    model = make_model(nodes, [("x", [2, 64])], ["y"], {"w": rand(rng, 64, 128)}, opset=18)
+    (cand,) = find_candidates(model, CompressConfig())
+    assert cand.name == "w" and cand.kind == "other" and cand.compressed
+    assert not find_candidates(model, CompressConfig(nodes_to_exclude=("split",)))[0].compressed

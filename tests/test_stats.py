@@ -207,3 +207,13 @@ def test_statistics_follow_a_strided_variant_into_its_column_order(rng):
     direct = collect_stats(model, [eight], data)["w"]
     np.testing.assert_allclose(moved.hessian, direct.hessian, rtol=1e-6)
     np.testing.assert_allclose(moved.mean, direct.mean, rtol=1e-6)
+
+
+def test_a_layer_with_far_more_inputs_than_outputs_gets_affordable_blocks():
+    """R x R factorisation costs R³ whatever the units: 8 outputs over R = 4096 inputs used to take minutes
+    per allocator setting. Blocks then bound B² per unit; a layer with as many units as inputs keeps its H."""
+    narrow = StatsShape(groups=1, inputs=4096, step=4, units=8)
+    wide = StatsShape(groups=1, inputs=4096, step=4, units=4096)
+    blocks = plan_blocks({"narrow": narrow, "wide": wide}, 4096 * 2**20)
+    assert blocks["wide"] == 4096
+    assert blocks["narrow"] < 4096 and narrow.affordable(blocks["narrow"]) and 4096 % blocks["narrow"] == 0
