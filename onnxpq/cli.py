@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -250,6 +251,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("compressed", type=Path)
     _add_validation_options(p, data_flag="--data")
     p.add_argument("--report", type=Path, default=None, help="write the validation JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --report file")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -402,15 +404,19 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from onnxpq.graph import check_input_path, check_output_path, load_model
-    from onnxpq.pipeline import check_runtime_loads, input_files, prepare_validation, run_validation
+    from onnxpq.pipeline import check_runtime_loads, data_files, input_files, prepare_validation, run_validation
     from onnxpq.report import validation_lines, write_json
 
     for path in (args.original, args.compressed):
         check_input_path(path)
     model, compressed = load_model(args.original), load_model(args.compressed)
     if args.report:
-        protected = {**input_files(args.original, model), **input_files(args.compressed, compressed)}
-        check_output_path(args.report, protected=protected, force=True, what="report")
+        protected = {
+            **input_files(args.original, model),
+            **input_files(args.compressed, compressed),
+            **data_files((args.data, args.labels)),
+        }
+        check_output_path(args.report, protected=protected, force=args.force, what="report")
     _check_same_inputs(model, compressed)
     settings = _settings(args)
     data = prepare_validation(model, settings, args.seed)
@@ -521,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
         print(f"onnxpq: interrupted by {signal.Signals(signum).name}; no output was written", file=sys.stderr)
         return 128 + signum
+    except BrokenPipeError:
+        # The reader of our output went away (``onnxpq inspect m.onnx | head``): as any Unix tool, stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as err:
         where = err.filename or _subject(args)
         return _fail(f"{where}: {_one_line(err.strerror or str(err))}", args.verbose)

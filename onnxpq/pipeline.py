@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -171,13 +172,16 @@ def default_report_path(target: Path) -> Path:
     return target.with_name(target.name + ".report.json")
 
 
-def check_paths(source: Path, model: onnx.ModelProto, target: Path, report: Path, *, force: bool) -> None:
+def check_paths(
+    source: Path, model: onnx.ModelProto, target: Path, report: Path, *, force: bool, data: Sequence[Any] = ()
+) -> None:
     """Refuse, before any work, every output path that would destroy a file or could not be written.
 
     None of the model, its data file (written past 2 GB) and the report may be the
-    input or one of its external data files, under any spelling, nor each other.
+    input or one of its external data files, under any spelling, nor each other, nor
+    one of the ``data`` files (calibration and validation samples, labels; even with ``--force``).
     """
-    protected = input_files(source, model)
+    protected = {**input_files(source, model), **data_files(data)}
     data = data_file_path(target)
     check_output_path(target, protected=protected, force=force)
     check_output_path(report, protected=protected, force=force, what="report")
@@ -185,6 +189,12 @@ def check_paths(source: Path, model: onnx.ModelProto, target: Path, report: Path
         # Whether it is written is known only when saving: an existing one is refused then, without --force.
         check_output_path(data, protected=protected, force=True, what="output's data file")
     check_distinct({"output": target, "output's data file": data, "report": report})
+
+
+def data_files(sources: Sequence[Any]) -> dict[Path, str]:
+    """The sample and label files among ``sources`` (paths; readers, arrays and ``random`` are not files)."""
+    paths = [Path(s) for s in sources if isinstance(s, (str, os.PathLike)) and s != "random"]
+    return dict.fromkeys((p for p in paths if p.exists()), "a data or labels file")
 
 
 def input_files(source: Path, model: onnx.ModelProto) -> dict[Path, str]:
@@ -473,7 +483,8 @@ def compress(
     report_file = Path(report_path) if report_path else default_report_path(target)
     check_input_path(source)
     model = load_model(source)
-    check_paths(source, model, target, report_file, force=force)
+    data_sources = (calibration, calibration_labels, validation.data, validation.labels)
+    check_paths(source, model, target, report_file, force=force, data=data_sources)
     _refuse_recompress(model, source)
     calib = calibration_dataset(model, calibration, config)
     if calib is None and (config.finetune is not None or calibration_labels is not None):

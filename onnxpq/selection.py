@@ -330,15 +330,52 @@ def variants(c: Candidate) -> list[Candidate]:
     return out
 
 
-#: Operators that only cut, join or reshape a tensor: a weight read only by them is still a weight.
+#: Operators that only cut, join or reshape a tensor: a weight read only through them is still a weight.
 RESHAPING_OPS = frozenset({"Slice", "Split", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity"})
+#: What such a weight must finally feed to count as one: operators that multiply it with their input.
+MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"})
 
 
-def _reshaped_weight(tensor: onnx.TensorProto, uses: Sequence[Use]) -> bool:
-    """A matrix read only through ``RESHAPING_OPS``, as exporters leave recurrent weights: Silero VAD's
-    LSTM cell reaches its [512, 128] gate weights through Slice and Concat. Such a weight is compressed
-    data-free by default, without ``--op-types all``; its rows are cut along the last axis."""
-    return len(tensor.dims) >= 2 and all(u.op_type in RESHAPING_OPS for u in uses)
+def _readers_by_input(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """For each value name, the nodes (inside bodies too) that read it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for scoped in scoped_nodes(graph):
+        for name in scoped.node.input:
+            readers.setdefault(name, []).append(scoped.node)
+    return readers
+
+
+def _final_readers(name: str, readers: dict[str, list[onnx.NodeProto]]) -> set[str]:
+    """Operator types that read ``name`` once the ``RESHAPING_OPS`` between them are looked through."""
+    found: set[str] = set()
+    todo, seen = [name], {name}
+    while todo:
+        for node in readers.get(todo.pop(), []):
+            if node.op_type not in RESHAPING_OPS:
+                found.add(node.op_type)
+                continue
+            for out in node.output:
+                if out and out not in seen:
+                    seen.add(out)
+                    todo.append(out)
+    return found
+
+
+def _reshaped_weight(
+    name: str,
+    tensor: onnx.TensorProto,
+    uses: Sequence[Use],
+    readers: dict[str, list[onnx.NodeProto]],
+    config: CompressConfig,
+) -> bool:
+    """A matrix that reaches only selected ``MATRIX_OPS``, and only through ``RESHAPING_OPS``, as exporters
+    leave recurrent weights: Silero VAD's LSTM cell reaches its [512, 128] gate weights through Slice and
+    Concat. Such a weight is compressed data-free by default; its rows are cut along the last axis. A table
+    that ends in an Add (a sliced positional embedding) stays float unless ``--op-types all``."""
+    if len(tensor.dims) < 2 or not all(u.op_type in RESHAPING_OPS for u in uses):
+        return False
+    final = _final_readers(name, readers)
+    return bool(final) and final <= MATRIX_OPS and final <= set(config.op_types)
 
 
 def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Candidate]:
@@ -347,7 +384,7 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
     Readers inside If/Loop/Scan bodies count (their names carry the body path), so a
     body weight lifted into the main graph (``subgraphs.lift_subgraph_weights``) is a
     candidate like any other. Weights read only by other operators are considered
-    only with ``--op-types all`` or when they only pass through ``RESHAPING_OPS``, and
+    only with ``--op-types all`` or when they reach selected ``MATRIX_OPS`` only through ``RESHAPING_OPS``, and
     then only float tensors of at least ``min_elements``.
     """
     graph = model.graph
@@ -357,13 +394,14 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
     _check_patterns(config.nodes_to_exclude, names, "--nodes-to-exclude")
     uses_by_name = _uses(graph, constants)
     first_conv = _first_conv_kept(graph, uses_by_name, constants, config)
+    readers = _readers_by_input(graph)
     candidates = []
     for name, uses in uses_by_name.items():
         owner = _owner(uses)
         tensor = constants[name].tensor
         if owner is None:
             large_float = tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) >= config.min_size
-            if not (large_float and (config.all_op_types or _reshaped_weight(tensor, uses))):
+            if not (large_float and (config.all_op_types or _reshaped_weight(name, tensor, uses, readers, config))):
                 continue
         candidates.append(_candidate(name, constants[name], uses, owner, config, first_conv))
     return candidates

@@ -142,6 +142,25 @@ def _report_is_input_data(tmp: Path) -> Case:
     return Case([src, tmp / "o.onnx", "--report", tmp / "m.data", "--force", *FAST], 2, "input's external data file")
 
 
+def _output_is_calibration_data(tmp: Path) -> Case:
+    src = _model(tmp)
+    np.savez(tmp / "calib.npz", x=np.zeros((2, 16, 12, 12), np.float32))
+    return Case([src, tmp / "calib.npz", "--calibration-data", tmp / "calib.npz", "--force", *FAST], 2, "data")
+
+
+def _validate_report_exists(tmp: Path) -> Case:
+    src = _model(tmp)
+    (tmp / "notes.txt").write_text("precious")
+    return Case([src, src, "--report", tmp / "notes.txt", "--no-measure"], 2, "exists", command="validate")
+
+
+def _validate_report_is_its_data(tmp: Path) -> Case:
+    src = _model(tmp)
+    np.savez(tmp / "d.npz", x=np.zeros((2, 16, 12, 12), np.float32))
+    args = [src, src, "--data", tmp / "d.npz", "--report", tmp / "d.npz", "--force", "--no-measure"]
+    return Case(args, 2, "data", command="validate")
+
+
 def _output_is_input_data(tmp: Path) -> Case:
     src = _external(tmp)
     return Case([src, tmp / "m.data", "--force", *FAST], 2, "output is the input's external data file")
@@ -393,6 +412,9 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "labels_as_text": _labels_as_text,
     "unicode_and_newline_output": _unicode_and_newline_output,
     "output_symlink_elsewhere": _output_symlink_elsewhere_replaced_not_followed,
+    "output_is_calibration_data": _output_is_calibration_data,
+    "validate_report_exists": _validate_report_exists,
+    "validate_report_is_its_data": _validate_report_is_its_data,
 }
 
 
