@@ -38,6 +38,9 @@ HOLD_OUT_FROM = 4 * PROBE_SAMPLES
 MEASURED_SETTINGS = 3
 #: Floor for errors on a log scale: an exact setting has zero error.
 _TINY = 1e-12
+#: Output error below which even a layer's coarsest setting counts as not moving the outputs at all
+#: (the samples never reach the layer; see ``_default_option``). 8-bit rounding of a real layer measures 1e-6 and up.
+_UNEXERCISED = 1e-10
 #: Output error of a setting that makes the outputs overflow or NaN: never worth its bits, yet finite
 #: so the log-log interpolation and the allocator's comparisons still order it.
 _NON_FINITE = 1e30
@@ -283,6 +286,7 @@ class Allocation:
     candidates: list[Candidate]
     budget_bits: float
     output_error: dict[str, float]
+    unexercised: list[str]
 
 
 def allocate_bits(
@@ -305,6 +309,7 @@ def allocate_bits(
     constants = constant_tensors(model.graph)
     quick = replace(config, error_feedback=False, kmeans_iters=min(config.kmeans_iters, ESTIMATE_ITERS))
     todo = [c for c in candidates if c.compressed]
+    by_name = {c.name: c for c in todo}
     tried: dict[str, list[tuple[Candidate, LayerResult]]] = {}
     for c in tqdm(todo, desc="estimate settings", unit="layer", disable=not progress, leave=False):
         array = constants[c.name].to_array()
@@ -322,10 +327,28 @@ def allocate_bits(
         + [float_option(c)]
         for c in todo
     }
+    unexercised = [c.name for c in todo if calibration is not None and max(costs[c.name]) <= _UNEXERCISED]
+    for name in unexercised:
+        options[name] = [_default_option(by_name[name], options[name])]
     budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
     smallest = sum(min(o.bits for o in opts) for opts in options.values())
     if smallest > budget:
         raise ConfigError(_infeasible(model, config, candidates, budget, smallest))
     chosen = choose(options, budget)
     final = [chosen[c.name].candidate if c.name in chosen else c for c in candidates]
-    return Allocation(final, budget, {n: o.cost for n, o in chosen.items()})
+    return Allocation(final, budget, {n: o.cost for n, o in chosen.items()}, unexercised)
+
+
+def _default_option(c: Candidate, options: Sequence[Option]) -> Option:
+    """The option at the layer's default setting (``selection``'s d and k), for a layer the data cannot price.
+
+    When no setting moves the outputs on the calibration samples, not even the
+    coarsest, the samples never exercise the layer: an ``If`` branch that did not
+    run, a recurrent state that is always zero (Silero VAD calibrated from a zero
+    state put its LSTM's recurrent weights at 0.5 bits/weight, and its speech
+    probabilities moved by up to 0.96 on streamed audio). Pricing it at zero would
+    give it the fewest bits; it keeps the default setting instead.
+    """
+    same = [o for o in options if o.candidate.subvector_dim == c.subvector_dim and o.result is not None]
+    exact = [o for o in same if o.candidate.n_codewords == c.n_codewords]
+    return (exact or same or [o for o in options if o.result is not None])[0]

@@ -138,6 +138,19 @@ def _selection_notes(model: onnx.ModelProto, candidates: list[Candidate]) -> lis
     return notes
 
 
+def _unexercised_notes(allocation: dict[str, Any] | None) -> list[str]:
+    """Name the layers the calibration samples never exercised: their size was not chosen from data."""
+    names = (allocation or {}).get("unexercised") or []
+    if not names:
+        return []
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return [
+        f"{len(names)} layer(s) never moved the outputs on the calibration samples ({shown}): an If branch "
+        "that did not run, or an input that is always zero (a recurrent state?); they keep the default "
+        "setting instead of one priced by the data. Calibrate with inputs that exercise them"
+    ]
+
+
 def _fold_warnings(candidates: list[Candidate]) -> list[str]:
     out = []
     for c in candidates:
@@ -424,7 +437,11 @@ def _quantize(
             model, candidates, config, stats=stats, calibration=probe, targets=targets, progress=progress
         )
         candidates = found.candidates
-        allocation = {"budget_bits": found.budget_bits, "output_error": found.output_error}
+        allocation = {
+            "budget_bits": found.budget_bits,
+            "output_error": found.output_error,
+            "unexercised": found.unexercised,
+        }
         targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
     if config.sequential and fit is not None:
         results = quantize_sequential(model, candidates, config, fit, targets, first_stats=stats, progress=progress)
@@ -516,7 +533,7 @@ def compress(
     metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
     quantized = [r.quantized for r in q.results.values()]
     compressed = encode_weights(model, quantized, metadata=metadata, constants=q.biases)
-    notes = _selection_notes(model, candidates) + _fold_warnings(candidates)
+    notes = _selection_notes(model, candidates) + _fold_warnings(candidates) + _unexercised_notes(q.allocation)
     tuned = None
     if config.finetune is not None:
         compressed, tuned = _finetune(model, compressed, calib, config, tune_labels, notes, progress)

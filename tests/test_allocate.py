@@ -240,3 +240,26 @@ def test_the_report_says_how_many_samples_the_statistics_came_from(tmp_path, rng
     section = result.report["calibration"]
     assert section["samples"] == HOLD_OUT_FROM
     assert section["samples_fitted"] == (HOLD_OUT_FROM if target is None else HOLD_OUT_FROM - PROBE_SAMPLES)
+
+
+def test_a_layer_the_samples_never_reach_keeps_its_default_setting_and_is_named(tmp_path, rng):
+    """A second input that is always zero on the calibration data (as a recurrent state fed as zeros) makes
+    every setting of its weight look free: the allocator used to give it the fewest bits."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wx"], ["hx"]),
+        helper.make_node("MatMul", ["s", "ws"], ["hs"]),
+        helper.make_node("Add", ["hx", "hs"], ["y"]),
+    ]
+    model = make_model(
+        nodes, [("x", ["n", 256]), ("s", ["n", 256])], ["y"], {"wx": rand(rng, 256, 256), "ws": rand(rng, 256, 256)}
+    )
+    onnx.save(model, tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", x=rand(rng, 64, 256), s=np.zeros((64, 256), np.float32))
+    config = CompressConfig(min_elements=1024, target_bpw=2.5)
+    result = compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, calibration=tmp_path / "calib.npz",
+                      validation=ValidationSettings(enabled=False))  # fmt: skip
+    assert result.report["allocation"]["unexercised"] == ["ws"]
+    (default,) = [c for c in find_candidates(model, CompressConfig(min_elements=1024)) if c.name == "ws"]
+    (row,) = [r for r in result.report["layers"] if r["weight"] == "ws"]
+    assert (row["d"], row["k"]) == (default.subvector_dim, default.n_codewords)
+    assert any("never moved the outputs" in w for w in result.report["warnings"])
