@@ -62,6 +62,8 @@ class Row:
     decode_folded: bool | None = None
     checker: str | None = None
     silero_max_dp: float | None = None
+    #: The commit that measured the row (rows merge across runs; older rows may predate a fix).
+    commit: str | None = None
     error: str | None = None
 
 
@@ -251,9 +253,12 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "zero LSTM `state`/`h`/`c`, its rank-0 `sr` = 16000, `scalar_input`'s rank-0 `gain`, `multi_input`'s",
         "`s[64]`); everything else has its samples on axis 0.",
         "",
+        "Rows are merged across runs: `commit` says which code measured each (`< 806bbc5` for rows measured",
+        "before rows recorded it, on the tree of that morning: rerun them before quoting them).",
+        "",
         "| model | size | bpw target | extra | status | wall s | CPU s | CPU µs/param | peak RSS MiB | params "
-        "| bits/weight | cosine | top-1 | folded | checker | Silero Δp |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| bits/weight | cosine | top-1 | folded | checker | Silero Δp | commit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
@@ -263,7 +268,7 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {_fmt(r['peak_rss_mib'], '.0f')} | {r['parameters']:,} | {_fmt(r['bits_per_weight'], '.3f')} "
             f"| {_fmt(r['cosine'], '.4f')} | {_fmt(r['top1_agreement'], '.3f')} | {_fmt(r['decode_folded'], '')} "
             f"| {'ok' if r['checker'] == 'ok' else _fmt(r['checker'] and 'FAIL', '')} "
-            f"| {_fmt(r['silero_max_dp'], '.4f')} |"
+            f"| {_fmt(r['silero_max_dp'], '.4f')} | {r.get('commit') or '< 806bbc5'} |"
         )
     failures = [r for r in rows if status(r) != "ok"]
     if failures:
@@ -291,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:  # every model at the first budget before any at the second: coverage first
         for name in args.models or zoo.MODELS:
             row = compress(zoo.build(name, args.small), name, budget, args)
+            row.commit = git_commit()
             new.append(row)
             print(
                 f"{name:26s} {budget:4g} bpw  exit {row.exit_code}  {row.wall_s:7.1f} s  {row.cpu_s:7.1f} s CPU  "
