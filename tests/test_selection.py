@@ -145,22 +145,27 @@ def test_unreachable_budget_names_the_float_layers_and_their_flags(tmp_path):
         compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, validation=ValidationSettings(enabled=False))
 
 
-def test_a_weight_read_only_through_slice_and_concat_is_compressed(rng):
-    """Exported LSTM cells (Silero VAD) slice their gate weights before use: without this rule they stayed float."""
+def _split_concat_matmul(rng) -> onnx.ModelProto:
+    """A MatMul whose [64, 128] weight reaches it only through Split and Concat, as exported LSTM cells do."""
     nodes = [
         helper.make_node("Split", ["w"], ["w_a", "w_b"], "split", axis=1, num_outputs=2),
         helper.make_node("Concat", ["w_b", "w_a"], ["w_ba"], "concat", axis=1),
         helper.make_node("MatMul", ["x", "w_ba"], ["y"], "mm"),
     ]
-    model = make_model(nodes, [("x", [2, 64])], ["y"], {"w": rand(rng, 64, 128)}, opset=18)
+    return make_model(nodes, [("x", [2, 64])], ["y"], {"w": rand(rng, 64, 128)}, opset=18)
+
+
+def test_a_weight_read_only_through_slice_and_concat_is_compressed(rng):
+    """Exported LSTM cells (Silero VAD) slice their gate weights before use: without this rule they stayed float."""
+    model = _split_concat_matmul(rng)
     (cand,) = find_candidates(model, CompressConfig())
     assert cand.name == "w" and cand.kind == "other" and cand.compressed
     assert not find_candidates(model, CompressConfig(nodes_to_exclude=("split",)))[0].compressed
+    assert not find_candidates(model, CompressConfig(op_types=("Conv",)))
 
 
 def test_a_sliced_table_that_ends_in_an_add_stays_float(rng):
-    """A positional embedding read through Slice is not a matrix weight: only --op-types all compresses it,
-    and --op-types restricts the sliced weights like the direct ones."""
+    """A positional embedding read through Slice is not a matrix weight: only --op-types all compresses it."""
     nodes = [
         helper.make_node("Slice", ["pe", "start", "end"], ["pe_s"], "slice"),
         helper.make_node("Add", ["x", "pe_s"], ["y"], "add"),
@@ -169,13 +174,3 @@ def test_a_sliced_table_that_ends_in_an_add_stays_float(rng):
     model = make_model(nodes, [("x", [2, 128])], ["y"], weights)
     assert not find_candidates(model, CompressConfig())
     assert [c.name for c in find_candidates(model, CompressConfig(op_types=("all",)))] == ["pe"]
-
-
-def test_sliced_weights_follow_op_types(rng):
-    nodes = [
-        helper.make_node("Split", ["w"], ["w_a", "w_b"], "split", axis=1, num_outputs=2),
-        helper.make_node("Concat", ["w_b", "w_a"], ["w_ba"], "concat", axis=1),
-        helper.make_node("MatMul", ["x", "w_ba"], ["y"], "mm"),
-    ]
-    model = make_model(nodes, [("x", [2, 64])], ["y"], {"w": rand(rng, 64, 128)}, opset=18)
-    assert not find_candidates(model, CompressConfig(op_types=("Conv",)))
