@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpq.graph import constant_tensors, display_name, readers
+from onnxpq.graph import constant_tensors, display_name, node_bodies, readers
 
 __all__ = ["ChannelGroup", "Member", "Segment", "find_groups"]
 
@@ -483,9 +483,8 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     """Names that If/Loop/Scan bodies read from the enclosing graph (the walker does not enter them)."""
     names: set[str] = set()
     for node in graph.node:
-        for attr in node.attribute:
-            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names |= {i for n in body.node for i in n.input} | _subgraph_reads(body)
+        for _, body in node_bodies(node):
+            names |= {i for n in body.node for i in n.input} | _subgraph_reads(body)
     return names
 
 

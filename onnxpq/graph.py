@@ -50,6 +50,7 @@ __all__ = [
     "load_model",
     "materialized",
     "name_fits",
+    "node_bodies",
     "opset_version",
     "readers",
     "save_model",
@@ -319,15 +320,25 @@ def _resolve_external(model: onnx.ModelProto, base_dir: Path) -> None:
         _set_location(tensor, str(data_path), offset, length)
 
 
+def node_bodies(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(attribute name, body) for each graph attribute of a node: ``then_branch``, ``body`` ...
+
+    The one place that knows where If/Loop/Scan keep their subgraphs (``g`` or ``graphs``).
+    """
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        for index, body in enumerate(attr.graphs):
+            yield f"{attr.name}_{index}", body
+
+
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of a graph and its subgraphs: initializers and tensor attributes."""
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _all_tensors(body)
+        yield from (attr.t for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR)
+        for _, body in node_bodies(node):
+            yield from _all_tensors(body)
 
 
 def opset_version(model: onnx.ModelProto) -> int:

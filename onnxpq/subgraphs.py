@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxpq.graph import display_name
+from onnxpq.graph import display_name, node_bodies
 
 __all__ = ["ScopedNode", "lift_subgraph_weights", "scoped_nodes", "subgraph_weight_count", "value_names"]
 
@@ -48,15 +48,6 @@ class ScopedNode:
     hidden: frozenset[str]
 
 
-def _bodies(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """(attribute name, body) for each graph attribute of a node: ``then_branch``, ``body`` ..."""
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.name, attr.g
-        for index, body in enumerate(attr.graphs):
-            yield f"{attr.name}_{index}", body
-
-
 def _own_names(graph: onnx.GraphProto) -> set[str]:
     """The names one graph defines itself (not those of its nested bodies)."""
     names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -70,7 +61,7 @@ def scoped_nodes(
     for index, node in enumerate(graph.node):
         name = prefix + display_name(node, index)
         yield ScopedNode(name, node, bool(prefix), hidden)
-        for attr_name, body in _bodies(node):
+        for attr_name, body in node_bodies(node):
             yield from scoped_nodes(body, f"{name}/{attr_name}/", hidden | _own_names(body))
 
 
@@ -78,7 +69,7 @@ def value_names(graph: onnx.GraphProto) -> Counter[str]:
     """How many times each value name is defined, over the graph and all its bodies."""
     counts = Counter(_own_names(graph))
     for node in graph.node:
-        for _, body in _bodies(node):
+        for _, body in node_bodies(node):
             counts.update(value_names(body))
     return counts
 
@@ -97,7 +88,7 @@ def subgraph_weight_count(graph: onnx.GraphProto) -> int:
     """Float constants of rank >= 2 still inside bodies: after lifting, only those a body returns as an output."""
     count = 0
     for node in graph.node:
-        for _, body in _bodies(node):
+        for _, body in node_bodies(node):
             consts = list(body.initializer) + [t for n in body.node if (t := _constant_value(n)) is not None]
             count += sum(_liftable(t) for t in consts) + subgraph_weight_count(body)
     return count
@@ -155,7 +146,7 @@ class _Lifter:
 
     def _nested(self, body: onnx.GraphProto, path: str) -> None:
         for index, node in enumerate(body.node):
-            for attr_name, inner in _bodies(node):
+            for attr_name, inner in node_bodies(node):
                 self.lift(inner, f"{path}/{display_name(node, index)}/{attr_name}")
 
     def _add(self, tensor: onnx.TensorProto, old: str, path: str) -> str:
@@ -172,7 +163,7 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
         for i, name in enumerate(node.input):
             if name == old:
                 node.input[i] = new
-        for _, body in _bodies(node):
+        for _, body in node_bodies(node):
             if old not in _own_names(body):
                 for out in body.output:
                     if out.name == old:
@@ -189,13 +180,13 @@ def lift_subgraph_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     body's reads follow it. A weight a body returns directly as an output stays.
     Returns ``model`` itself when it has no body, so such models pass unchanged.
     """
-    if not any(True for node in model.graph.node for _ in _bodies(node)):
+    if not any(True for node in model.graph.node for _ in node_bodies(node)):
         return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     counts = value_names(out.graph)
     lifter = _Lifter(out.graph, counts, set(counts))
     for index, node in enumerate(out.graph.node):
-        for attr_name, body in _bodies(node):
+        for attr_name, body in node_bodies(node):
             lifter.lift(body, f"{display_name(node, index)}/{attr_name}")
     return out
