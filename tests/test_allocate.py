@@ -111,7 +111,9 @@ def _compress_mlp(tmp_path, rng, samples: int = 64, **config):
     )
 
 
-@pytest.mark.parametrize("target", [2.5, 4.0, 6.0])
+@pytest.mark.parametrize(
+    "target", [pytest.param(2.5, marks=pytest.mark.slow), 4.0, pytest.param(6.0, marks=pytest.mark.slow)]
+)
 def test_target_bpw_is_never_exceeded(tmp_path, rng, target):
     """Six 4096-weight layers allow only coarse steps (the codebook is a third of each layer), so 10% here;
     the 2% promise is checked on the real models, which have enough layers to fill the budget."""
@@ -120,6 +122,7 @@ def test_target_bpw_is_never_exceeded(tmp_path, rng, target):
     assert target * 0.9 <= bpw <= target
 
 
+@pytest.mark.slow
 def test_target_size_in_mib_is_met(tmp_path, rng):
     result = _compress_mlp(tmp_path, rng, target_mib=0.008)
     assert 0.9 * 0.008 <= result.report["pqf"]["compressed_mib"] <= 0.008
@@ -213,14 +216,19 @@ def test_interpolation_is_exact_at_the_anchors_and_a_power_law_between():
 
 
 def test_report_lists_each_chosen_settings_output_error(tmp_path, rng):
-    result = _compress_mlp(tmp_path, rng, target_bpw=4.0)
+    """Every allocated layer is listed: a quantized one with the error its setting costs, a float one with none.
+
+    At 16 bits/weight the allocator keeps some layers in float and quantizes the others finely, so both
+    kinds of row are checked (at 4 bits/weight none is kept, which left the float case vacuous).
+    """
+    result = _compress_mlp(tmp_path, rng, target_bpw=16.0)
     errors = result.report["allocation"]["output_error"]
-    compressed = {row["weight"] for row in result.report["layers"] if row["skip_reason"] is None}
-    assert compressed and compressed <= set(errors)
-    assert all(np.isfinite(e) and e >= 0 for e in errors.values())
     rows = result.report["layers"]
-    kept = {row["weight"] for row in rows if row["skip_reason"] == "kept in float by the bit allocation"}
-    assert all(errors[name] == 0 for name in kept)
+    kept = {r["weight"] for r in rows if r["skip_reason"] == "kept in float by the bit allocation"}
+    compressed = {r["weight"] for r in rows if r["skip_reason"] is None}
+    assert kept and compressed and set(errors) == kept | compressed
+    assert all(errors[n] == 0 for n in kept)
+    assert all(np.isfinite(errors[n]) and errors[n] > 0 for n in compressed)
 
 
 @pytest.mark.parametrize("samples", [HOLD_OUT_FROM - 1, HOLD_OUT_FROM + 40])
@@ -234,7 +242,7 @@ def test_the_probe_samples_are_held_out_of_the_statistics_when_there_are_enough(
         np.testing.assert_array_equal(fit.arrays["x"], x[PROBE_SAMPLES:])
 
 
-@pytest.mark.parametrize("target", [None, 4.0])
+@pytest.mark.parametrize("target", [None, pytest.param(4.0, marks=pytest.mark.slow)])
 def test_the_report_says_how_many_samples_the_statistics_came_from(tmp_path, rng, target):
     result = _compress_mlp(tmp_path, rng, samples=HOLD_OUT_FROM, target_bpw=target, calibration_samples=HOLD_OUT_FROM)
     section = result.report["calibration"]
@@ -242,6 +250,7 @@ def test_the_report_says_how_many_samples_the_statistics_came_from(tmp_path, rng
     assert section["samples_fitted"] == (HOLD_OUT_FROM if target is None else HOLD_OUT_FROM - PROBE_SAMPLES)
 
 
+@pytest.mark.slow
 def test_a_layer_the_samples_never_reach_keeps_its_default_setting_and_is_named(tmp_path, rng):
     """A second input that is always zero on the calibration data (as a recurrent state fed as zeros) makes
     every setting of its weight look free: the allocator used to give it the fewest bits."""

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, conv_model
+from conftest import ROOT, conv_model, run
 
 from onnxpq import graph
 from onnxpq.cli import main
+from onnxpq.encode import pq_name
 
 
 @pytest.fixture
@@ -88,7 +89,12 @@ def test_refuses_to_overwrite_without_force(model_path, tmp_path, capsys):
     assert "pass --force" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
     assert cli("compress", model_path, out, "--no-validate", "--force", "--min-elements", "1") == 0
-    assert onnx.load(out).graph.node
+    # --force wrote the compressed model, not the input or a stub: a codebook instead of the weight, same outputs.
+    written = onnx.load(out)
+    names = {t.name for t in written.graph.initializer}
+    assert "w" not in names and pq_name("w", "codebook") in names
+    x = np.random.default_rng(0).standard_normal((1, 32, 12, 12)).astype(np.float32)  # conv_model(64, 32)
+    assert run(written, {"x": x})[0].shape == run(model_path, {"x": x})[0].shape
 
 
 def test_missing_or_unwritable_output_directory(model_path, tmp_path, capsys):
@@ -176,6 +182,7 @@ def test_console_script_runs_without_traceback(tmp_path):
     assert done.returncode == 2 and "no such file" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_bundled_mnist_passes_accuracy_gate(tmp_path, capsys):
     """The CI accuracy gate: at 1.5 bits/weight, calibrated on held-out training images, the bundled
     model keeps its test accuracy within one point on 2000 test images."""

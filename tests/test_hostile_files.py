@@ -600,7 +600,9 @@ def _wait_for_staging(tmp: Path, proc: subprocess.Popen, limit_s: float = 120.0)
     return False
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGHUP"]
+)
 def test_signal_during_the_write_leaves_nothing(signum, tmp_path):
     src = _big_float_model(tmp_path)
     before = _tree(tmp_path)

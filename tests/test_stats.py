@@ -10,7 +10,6 @@ import onnx
 import pytest
 from conftest import make_model, rand, run
 from onnx import helper
-from sklearn.covariance import oas
 
 from onnxpq import compress
 from onnxpq import stats as stats_module
@@ -57,15 +56,6 @@ def test_conv_patches_reproduce_onnxruntime_conv(case, rng):
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
-def _linear_energy(model, weight_name, feeds, rng):
-    """Σ over units of wᵀ H w must equal the mean squared output of the layer per input row."""
-    cands = [c for c in find_candidates(model, CompressConfig(min_elements=1, keep_first=False)) if c.compressed]
-    dataset = Dataset(feeds, "test")
-    stats = collect_stats(model, cands, dataset)[weight_name]
-    cand = next(c for c in cands if c.name == weight_name)
-    return stats, cand
-
-
 @pytest.mark.parametrize("op", ["MatMul", "Gemm_transB1", "Gemm_transB0", "Conv"])
 def test_hessian_measures_the_output_energy(op, rng):
     if op == "Conv":
@@ -94,6 +84,7 @@ def test_hessian_measures_the_output_energy(op, rng):
 
 @pytest.mark.parametrize("rows", [12, 40, 4000])
 def test_shrinkage_is_scikit_learns_oracle_approximating_estimator_applied_when_rank_deficient(rows, rng):
+    oas = pytest.importorskip("sklearn.covariance", reason="the reference estimator is scikit-learn's").oas
     w = rand(rng, 16, 24)
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["n", 16])], ["y"], {"w": w})
     mixing = rand(rng, 16, 16)
