@@ -11,7 +11,7 @@ picks the settings, then a greedy pass spends what is left of the budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -22,6 +22,7 @@ from onnxpq.calibration import Dataset, batches
 from onnxpq.config import CompressConfig
 from onnxpq.errors import ConfigError
 from onnxpq.graph import constant_tensors, constants_as_inputs, serialized
+from onnxpq.parallel import Workers, map_tasks
 from onnxpq.quantize import LayerResult, decoded_weight, quantize_layer
 from onnxpq.report import float_parameters, layer_bits
 from onnxpq.selection import Candidate, variants
@@ -298,25 +299,28 @@ def allocate_bits(
     calibration: Dataset | None,
     targets: Mapping[str, BiasTarget],
     progress: bool = False,
+    workers: Workers | None = None,
 ) -> Allocation:
     """Quantize every layer at each of its ``variants``, measure each setting's output error, fit the budget.
 
     The settings are only estimated here, with a cheaper quantizer (no error
-    feedback, fewer iterations); the caller quantizes the chosen ones for real.
+    feedback, fewer iterations, no shrinkage grid); the caller quantizes the chosen
+    ones for real. Layers are independent, so ``workers`` may estimate them anywhere.
     """
-    from tqdm.auto import tqdm
-
     constants = constant_tensors(model.graph)
     quick = replace(config, error_feedback=False, kmeans_iters=min(config.kmeans_iters, ESTIMATE_ITERS))
     todo = [c for c in candidates if c.compressed]
     by_name = {c.name: c for c in todo}
-    tried: dict[str, list[tuple[Candidate, LayerResult]]] = {}
-    for c in tqdm(todo, desc="estimate settings", unit="layer", disable=not progress, leave=False):
-        array = constants[c.name].to_array()
-        correct = config.bias_correction and c.name in targets and c.name in stats
-        tried[c.name] = [
-            (v, quantize_layer(array, v, quick, stats.get(c.name), correct_bias=correct)) for v in variants(c)
-        ]
+
+    def tasks() -> Iterator[tuple]:
+        for c in todo:  # read lazily: one weight per task in flight, not the whole model
+            correct = config.bias_correction and c.name in targets and c.name in stats
+            yield constants[c.name].to_array(), variants(c), quick, stats.get(c.name), correct
+
+    estimated = map_tasks(
+        _estimate_task, tasks(), workers or Workers(), total=len(todo), desc="estimate settings", progress=progress
+    )
+    tried = {c.name: list(zip(variants(c), rs, strict=True)) for c, rs in zip(todo, estimated, strict=True)}
     results = {n: [r for _, r in t] for n, t in tried.items()}
     if calibration is not None:
         costs = output_errors(model, results, calibration, targets, progress=progress)
@@ -337,6 +341,13 @@ def allocate_bits(
     chosen = choose(options, budget)
     final = [chosen[c.name].candidate if c.name in chosen else c for c in candidates]
     return Allocation(final, budget, {n: o.cost for n, o in chosen.items()}, unexercised)
+
+
+def _estimate_task(
+    array: np.ndarray, settings: Sequence[Candidate], quick: CompressConfig, stats: LayerStats | None, correct: bool
+) -> list[LayerResult]:
+    """One layer quantized at each of its settings by the allocator's cheaper quantizer."""
+    return [quantize_layer(array, v, quick, stats, correct_bias=correct, shrinkage=False) for v in settings]
 
 
 def _default_option(c: Candidate, options: Sequence[Option]) -> Option:

@@ -41,6 +41,16 @@ if TYPE_CHECKING:
 __all__ = ["Interrupted", "main"]
 
 
+def _jobs(text: str) -> int | None:
+    """``--jobs``: a positive count, or ``auto`` (None: ``Workers.resolved`` decides per model)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of processes nor 'auto'") from None
+
+
 def _add_compress(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compress", help="compress a model", description="Compress IN into OUT with product quantization."
@@ -94,7 +104,14 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     _add_calibration_options(p)
     _add_validation_options(p, data_flag="--validation-data")
     run = p.add_argument_group("where the per-layer work runs (same output bytes either way)")
-    run.add_argument("--jobs", type=int, default=1, metavar="N", help="local worker processes (default 1)")
+    run.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=None,
+        metavar="N",
+        help="local worker processes, or auto (the default: one per core on models over a million weights, "
+        "as many as the free memory holds)",
+    )
     run.add_argument(
         "--ray-address",
         default=None,

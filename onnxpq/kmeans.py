@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CONVERGED", "Codebook", "assign", "kmeans", "kmeans_plusplus"]
+__all__ = ["CONVERGED", "Codebook", "assign", "kmeans", "kmeans_plusplus", "nearest_scalar"]
 
 #: Rows per distance block: bounds memory at CHUNK * k floats whatever the layer size; blocks that
 #: stay in cache ran twice as fast as 65536-row ones (320k subvectors, k=256, 2 cores).
@@ -49,8 +49,29 @@ class Codebook:
         return self.centroids[self.codes]
 
 
+def nearest_scalar(x: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of the value nearest to each element of ``x`` (ties: the lowest index), by binary search.
+
+    Scalar codebooks (d = 1, the 8-to-1-bit settings) need no n x k distance
+    matrix: with the values sorted, the nearest one neighbours x's insertion point,
+    so assigning costs O(n log k) instead of O(n k). Exact, unlike the expanded
+    distance, whose float32 round-off can pick a codeword that is not the nearest.
+    """
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    above = np.clip(np.searchsorted(ordered, x), 0, len(values) - 1)
+    below = np.maximum(above - 1, 0)
+    nearer = np.where(np.abs(x - ordered[below]) <= np.abs(ordered[above] - x), below, above)
+    # Equal values sit together, the lowest original index first (stable sort): take that one.
+    first = np.searchsorted(ordered, ordered, side="left")
+    return order[first[nearer]]
+
+
 def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of every row of ``x`` and the squared distance to it, in bounded memory."""
+    if x.shape[1] == 1:
+        codes = nearest_scalar(x[:, 0], centroids[:, 0])
+        return codes, (x[:, 0].astype(np.float64) - centroids[codes, 0]) ** 2
     c_sq = np.einsum("ij,ij->i", centroids, centroids)
     codes = np.empty(len(x), dtype=np.int64)
     dist = np.empty(len(x), dtype=np.float64)

@@ -14,7 +14,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from multiprocessing import get_context
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from onnxpq.errors import ConfigError
 
-__all__ = ["Workers", "map_tasks"]
+__all__ = ["Workers", "available_memory", "map_tasks", "usable_cores"]
 
 T = TypeVar("T")
 
@@ -31,6 +31,33 @@ T = TypeVar("T")
 IN_FLIGHT_PER_WORKER = 2
 #: Environment variables that size the BLAS/OpenMP pools of worker processes.
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: With ``jobs=None`` ("auto"), models with fewer compressible weights run in one process: starting
+#: spawned workers costs about a second each, more than a small model's whole quantization.
+PARALLEL_FROM_WEIGHTS = 1 << 20
+#: What a worker process holds before its first task: the interpreter with numpy, scipy, onnx and onnxruntime.
+WORKER_BASE_BYTES = 300 << 20
+#: Assumed free memory where the platform does not report it.
+FALLBACK_AVAILABLE_BYTES = 4 << 30
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def available_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (``MemAvailable``), or a fallback."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return FALLBACK_AVAILABLE_BYTES
 
 
 @dataclass(frozen=True)
@@ -39,17 +66,29 @@ class Workers:
 
     Parameters
     ----------
-    jobs : local worker processes; 1 runs every task in this process.
+    jobs : local worker processes; 1 runs every task in this process; None ("auto", the default)
+        decides per run (``resolved``): one per usable core on models large enough to repay
+        starting them, as many as the available memory holds.
     ray_address : a Ray cluster to run the tasks on ("auto", "ray://host:10001", or "local" to
         start a single-machine cluster here); needs the ``distributed`` extra. Overrides ``jobs``.
     """
 
-    jobs: int = 1
+    jobs: int | None = None
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
-        if self.jobs < 1:
+        if self.jobs is not None and self.jobs < 1:
             raise ConfigError(f"--jobs {self.jobs} must be >= 1")
+
+    def resolved(self, weights: int, task_bytes: int) -> Workers:
+        """These workers with ``jobs`` decided, for tasks over ``weights`` compressible weights that each
+        hold at most ``task_bytes`` of arrays; an explicit ``jobs`` is kept as given."""
+        if self.jobs is not None or self.ray_address is not None:
+            return self
+        if weights < PARALLEL_FROM_WEIGHTS:
+            return replace(self, jobs=1)
+        fits = available_memory() // (WORKER_BASE_BYTES + IN_FLIGHT_PER_WORKER * task_bytes)
+        return replace(self, jobs=int(max(1, min(usable_cores(), fits))))
 
 
 def map_tasks(
@@ -69,7 +108,7 @@ def map_tasks(
     with bar:
         if workers.ray_address is not None:
             return _on_ray(fn, tasks, workers.ray_address, bar)
-        if workers.jobs > 1 and total > 1:
+        if (workers.jobs or 1) > 1 and total > 1:
             return _in_processes(fn, tasks, min(workers.jobs, total), bar)
         results = []
         for args in tasks:
@@ -95,7 +134,7 @@ def _thread_limit(threads: int) -> Iterator[None]:
 
 def _in_processes(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], jobs: int, bar: tqdm) -> list[T]:
     # spawn, not fork: the parent may hold onnxruntime or torch thread pools that fork would copy half-alive.
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, usable_cores() // jobs)
     with _thread_limit(threads), ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
 
         def first_done(pending: Iterable[Future]) -> list[tuple[Future, Any]]:

@@ -25,7 +25,6 @@ from onnxpq.errors import (
     UnsupportedGraphError,
     ValidationFailedError,
 )
-from onnxpq.finetune import finetune
 from onnxpq.graph import (
     Staging,
     check_distinct,
@@ -42,9 +41,9 @@ from onnxpq.graph import (
 from onnxpq.parallel import Workers
 from onnxpq.permute import consumer_distortion, permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
-from onnxpq.report import layer_rows, pqf_sizes, sha256_file, versions, write_json
+from onnxpq.report import Stopwatch, layer_rows, pqf_sizes, sha256_file, versions, write_json
 from onnxpq.selection import Candidate, find_candidates
-from onnxpq.stats import collect_stats
+from onnxpq.stats import LAYER_SHARE, collect_stats
 from onnxpq.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.validate import check_gate, default_metric, file_bytes, session, validate_compressed
 from onnxpq.version import __version__
@@ -330,6 +329,9 @@ def _finetune(
     progress: bool,
 ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
     """Distil, or keep the untuned model with a warning when the torch executor cannot run the graph."""
+    # Imported here: torch costs seconds to import, and every --jobs worker process imports this module.
+    from onnxpq.finetune import finetune
+
     if calib.source == "random":
         notes.append("fine-tuned on synthetic random inputs: the tuned model may fit noise, not your data")
     try:
@@ -412,6 +414,22 @@ class _Quantized:
     fitted_samples: int | None
 
 
+#: A layer task's working set in units of the largest weight: its settings' codes and decoded copies.
+TASK_WEIGHT_COPIES = 24
+#: ... and in units of the largest layer's statistics: H, its covariance, the damped metric and its factor.
+TASK_STATISTICS_COPIES = 4
+
+
+def _workers(workers: Workers, candidates: Sequence[Candidate], config: CompressConfig) -> Workers:
+    """``workers`` with ``jobs="auto"`` decided for this model: its compressible weights and the most one
+    layer task can hold (its weight's copies and, with data, statistics up to their per-layer cap)."""
+    todo = [c for c in candidates if c.compressed]
+    largest = max((c.size * onnx.helper.tensor_dtype_to_np_dtype(c.dtype).itemsize for c in todo), default=0)
+    statistics = config.statistics_memory_mib * 2**20 / LAYER_SHARE
+    task = TASK_WEIGHT_COPIES * largest + TASK_STATISTICS_COPIES * statistics
+    return workers.resolved(sum(c.size for c in todo), int(task))
+
+
 def _quantize(
     model: onnx.ModelProto,
     candidates: list[Candidate],
@@ -419,23 +437,33 @@ def _quantize(
     calib: Dataset | None,
     progress: bool,
     workers: Workers,
+    clock: Stopwatch,
 ) -> _Quantized:
     """Statistics -> per-layer quantization (or bit allocation) -> bias correction.
 
     When allocating, the samples the allocator measures on are kept out of the statistics (see ``probe_split``).
     """
     probe, fit = probe_split(calib) if config.has_budget and calib is not None else (calib, calib)
-    stats = (
-        collect_stats(model, candidates, fit, progress=progress, memory_mib=config.statistics_memory_mib)
-        if fit is not None
-        else {}
-    )
+    with clock.stage("statistics"):
+        stats = (
+            collect_stats(model, candidates, fit, progress=progress, memory_mib=config.statistics_memory_mib)
+            if fit is not None
+            else {}
+        )
     targets = bias_targets(model, candidates) if config.bias_correction and stats else {}
     allocation = None
     if config.has_budget:
-        found = allocate_bits(
-            model, candidates, config, stats=stats, calibration=probe, targets=targets, progress=progress
-        )
+        with clock.stage("allocation"):
+            found = allocate_bits(
+                model,
+                candidates,
+                config,
+                stats=stats,
+                calibration=probe,
+                targets=targets,
+                progress=progress,
+                workers=workers,
+            )
         candidates = found.candidates
         allocation = {
             "budget_bits": found.budget_bits,
@@ -443,18 +471,19 @@ def _quantize(
             "unexercised": found.unexercised,
         }
         targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
-    if config.sequential and fit is not None:
-        results = quantize_sequential(model, candidates, config, fit, targets, first_stats=stats, progress=progress)
-    else:
-        results = quantize_weights(
-            model,
-            candidates,
-            config,
-            stats=stats,
-            bias_weights=frozenset(targets),
-            progress=progress,
-            workers=workers,
-        )
+    with clock.stage("quantization"):
+        if config.sequential and fit is not None:
+            results = quantize_sequential(model, candidates, config, fit, targets, first_stats=stats, progress=progress)
+        else:
+            results = quantize_weights(
+                model,
+                candidates,
+                config,
+                stats=stats,
+                bias_weights=frozenset(targets),
+                progress=progress,
+                workers=workers,
+            )
     shifts = {n: r.shift for n, r in results.items() if r.shift is not None}
     fitted = fit.n_samples if fit is not None else None
     return _Quantized(candidates, results, corrected_biases(model, targets, shifts), stats, allocation, fitted)
@@ -493,6 +522,7 @@ def compress(
     ``workers`` runs the per-layer quantization and permutation search in local
     processes or on a Ray cluster; the output bytes are the same as a serial run's.
     """
+    clock = Stopwatch()
     config = config or CompressConfig()
     validation = validation or ValidationSettings()
     workers = workers or Workers()
@@ -520,23 +550,28 @@ def compress(
     # If/Loop/Scan bodies read their weights from the main graph from here on (same function).
     model = lift_subgraph_weights(model)
     candidates = find_candidates(model, config)
+    workers = _workers(workers, candidates, config)
     permutation = None
+    clock.seconds["prepare"] = clock.section()["total"]
     if config.permute:
         # Same names and shapes afterwards: the candidates stay valid, only the values move.
         unpermuted = model
-        model, permutation = permute_model(
-            model, candidates, iters=config.permute_iters, seed=config.seed, progress=progress, workers=workers
-        )
-        permutation["consumer_distortion"] = consumer_distortion(unpermuted, model, candidates, config)
-    q = _quantize(model, candidates, config, calib, progress, workers)
+        with clock.stage("permutation"):
+            model, permutation = permute_model(
+                model, candidates, iters=config.permute_iters, seed=config.seed, progress=progress, workers=workers
+            )
+            permutation["consumer_distortion"] = consumer_distortion(unpermuted, model, candidates, config)
+    q = _quantize(model, candidates, config, calib, progress, workers, clock)
     candidates = q.candidates
     metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
     quantized = [r.quantized for r in q.results.values()]
-    compressed = encode_weights(model, quantized, metadata=metadata, constants=q.biases)
+    with clock.stage("encode"):
+        compressed = encode_weights(model, quantized, metadata=metadata, constants=q.biases)
     notes = _selection_notes(model, candidates) + _fold_warnings(candidates) + _unexercised_notes(q.allocation)
     tuned = None
     if config.finetune is not None:
-        compressed, tuned = _finetune(model, compressed, calib, config, tune_labels, notes, progress)
+        with clock.stage("finetune"):
+            compressed, tuned = _finetune(model, compressed, calib, config, tune_labels, notes, progress)
     if calib is not None and calib.source == "random":
         notes.append("calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real")
     if validation.enabled and validation.data is not None and validation.data is calib:
@@ -551,16 +586,19 @@ def compress(
         "layers": layer_rows(candidates, {n: r.error for n, r in q.results.items()}),
     }
     with staging() as stage:
-        written = _save_checked(compressed, model, stage, target, notes)
-        left = subgraph_weight_count(model.graph)
-        if left:
-            notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
-        staged = stage.path(target)
-        _check_output_loads(staged)
-        report = _report(config, source, target, staged, sections, left, notes)
+        with clock.stage("save"):
+            written = _save_checked(compressed, model, stage, target, notes)
+            left = subgraph_weight_count(model.graph)
+            if left:
+                notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
+            staged = stage.path(target)
+            _check_output_loads(staged)
+            report = _report(config, source, target, staged, sections, left, notes)
         if data is not None:
-            report["validation"], more = run_validation(source, staged, data, validation)
+            with clock.stage("validation"):
+                report["validation"], more = run_validation(source, staged, data, validation)
             notes.extend(more)
+        report["seconds"] = clock.section()
         for note in notes:
             warnings.warn(note, stacklevel=2)
         try:

@@ -121,8 +121,11 @@ NO_METRIC = "fallback: H not finite or not positive definite"
 NO_FEEDBACK = "fallback: no error feedback (H not positive definite)"
 
 
-def _metrics(stats: LayerStats, centred: bool, cov: np.ndarray, definite: bool) -> Iterator[np.ndarray]:
-    """The damped output metrics H to refine with: one, or one per shrinkage weight when H is rank-deficient.
+def _metrics(
+    stats: LayerStats, centred: bool, cov: np.ndarray, definite: bool, shrinkage: bool
+) -> Iterator[np.ndarray]:
+    """The damped output metrics H to refine with: one, or with ``shrinkage`` one per shrinkage weight when H
+    is rank-deficient.
 
     Built one at a time (each is R x R float64 per group); none when the layer saw no
     signal, or when its statistics are not finite or, with ``definite`` (error feedback
@@ -130,7 +133,7 @@ def _metrics(stats: LayerStats, centred: bool, cov: np.ndarray, definite: bool) 
     Without error feedback (the allocator's estimates) the check, a Cholesky of every H,
     is skipped. ``cov``: the statistics' covariance, built once per layer by the caller.
     """
-    for rho in [None, *SHRINKAGE_GRID] if stats.rank_deficient else [None]:
+    for rho in [None, *SHRINKAGE_GRID] if shrinkage and stats.rank_deficient else [None]:
         h = stats.metric(centred, rho, cov)
         if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
             return
@@ -149,7 +152,7 @@ def _output_rel(units: np.ndarray, book: Codebook, h: np.ndarray, h_noise: np.nd
 
 
 def _refined(
-    units: np.ndarray, book: Codebook, stats: LayerStats, config: CompressConfig, centred: bool
+    units: np.ndarray, book: Codebook, stats: LayerStats, config: CompressConfig, centred: bool, shrinkage: bool
 ) -> tuple[Codebook, float | None, str | None]:
     """The refinement with the least output error on the calibration data, that error, and a fallback note.
 
@@ -160,12 +163,14 @@ def _refined(
     at 0.9), and on other photos from 7.6 % to 7.0-7.2 %. How much is best
     depends on the layer, so each weight of ``SHRINKAGE_GRID`` is tried and judged
     on the statistics themselves; OAS's weight is among them, so the choice is
-    never worse there than OAS's alone. No metric at all (non-finite statistics)
+    never worse there than OAS's alone. Without ``shrinkage`` only OAS's weight is
+    tried: the allocator's estimates, where the grid cost four refinements of the
+    largest layer for each of its settings. No metric at all (non-finite statistics)
     leaves the weight-space codebook, with the note ``NO_METRIC``.
     """
     cov = stats.covariance()
     best, best_error, note = book, None, NO_METRIC
-    for h in _metrics(stats, centred, cov, config.error_feedback):
+    for h in _metrics(stats, centred, cov, config.error_feedback, shrinkage):
         option, fed_back = _refine(units, book, h, config)
         error = _output_rel(units, option, stats.hessian, cov if centred else None)
         if best_error is None or error < best_error:
@@ -209,6 +214,7 @@ def quantize_layer(
     stats: LayerStats | None = None,
     *,
     correct_bias: bool = False,
+    shrinkage: bool = True,
 ) -> LayerResult:
     """Quantize one weight; with ``stats``, minimise its output error and measure its mean output shift.
 
@@ -227,7 +233,7 @@ def quantize_layer(
     if stats is not None:
         stats = stats.reordered(input_order(candidate))
     if stats is not None:
-        book, output_rel, form = _with_stats(units, book, stats, config, correct_bias)
+        book, output_rel, form = _with_stats(units, book, stats, config, correct_bias, shrinkage)
     # Kept until encoding: int64 codes of every layer would hold 8 bytes per subvector for the whole run.
     q = QuantizedWeight(candidate, replace(book, codes=book.codes.astype(np.min_scalar_type(k - 1))))
     decoded = _decoded_units(book).reshape(units.shape)
@@ -238,7 +244,7 @@ def quantize_layer(
 
 
 def _with_stats(
-    units: np.ndarray, book: Codebook, stats: LayerStats, config: CompressConfig, centred: bool
+    units: np.ndarray, book: Codebook, stats: LayerStats, config: CompressConfig, centred: bool, shrinkage: bool
 ) -> tuple[Codebook, float | None, str]:
     """``_refined`` in the statistics' block layout, codes mapped back; and the form of H used, with any fallback."""
     d = book.centroids.shape[1]
@@ -246,7 +252,7 @@ def _with_stats(
         return book, None, f"{stats.form}; fallback: subvectors of {d} straddle its blocks"
     n = len(units)
     local = replace(book, codes=_blocked(book.codes.reshape(n, -1), stats).ravel())
-    refined, output_rel, note = _refined(_blocked(units, stats), local, stats, config, centred)
+    refined, output_rel, note = _refined(_blocked(units, stats), local, stats, config, centred, shrinkage)
     codes = _unblocked(refined.codes.reshape(n * stats.blocks, -1), stats).ravel()
     form = stats.form if note is None else f"{stats.form}; {note}"
     return replace(refined, codes=codes), output_rel, form

@@ -13,7 +13,8 @@ import math
 import os
 import platform
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from onnxpq.selection import FLOAT_TYPES, Candidate
 from onnxpq.version import __version__
 
 __all__ = [
+    "Stopwatch",
     "float_parameters",
     "format_table",
     "layer_rows",
@@ -38,6 +40,32 @@ __all__ = [
 ]
 
 MIB = 1024.0 * 1024.0
+
+
+class Stopwatch:
+    """Wall seconds per stage of one run, in the order the stages ran: the report's ``seconds`` section.
+
+    Users asked where the minutes go (statistics, allocation, quantization ...); the
+    report says it for every run instead of only under a profiler.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the time the ``with`` body takes to stage ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def section(self) -> dict[str, float]:
+        """Each stage's seconds, rounded to milliseconds, and the run's ``total`` so far."""
+        total = time.perf_counter() - self._start
+        return {**{k: round(v, 3) for k, v in self.seconds.items()}, "total": round(total, 3)}
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -245,6 +273,8 @@ def format_table(report: Mapping[str, Any], *, max_layers: int = 25) -> str:
     if report.get("validation"):
         lines.append("")
         lines += validation_lines(report["validation"])
+    if report.get("seconds"):
+        lines.append("time: " + ", ".join(f"{stage} {s:.1f} s" for stage, s in report["seconds"].items()))
     for warning in report["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)

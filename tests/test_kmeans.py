@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from onnxpq.kmeans import assign, kmeans
+from onnxpq.kmeans import assign, kmeans, nearest_scalar
 
 
 def test_hand_worked_case():
@@ -60,3 +60,25 @@ def test_assign_matches_brute_force():
 def test_rejects_more_clusters_than_points():
     with pytest.raises(ValueError, match="n_samples=3 should be >= n_clusters=4"):
         kmeans(np.zeros((3, 2), np.float32), 4, n_iter=1, rng=np.random.default_rng(0))
+
+
+def test_nearest_scalar_is_the_exact_nearest_value_with_ties_to_the_lowest_index():
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal(64).astype(np.float32)
+    values[[7, 40]] = values[3]  # duplicates: index 3 must win
+    x = np.concatenate([rng.standard_normal(5000), values, [-1e6, 1e6]]).astype(np.float32)
+    codes = nearest_scalar(x, values)
+    distance = np.abs(x[:, None].astype(np.float64) - values[None, :])
+    np.testing.assert_array_equal(distance[np.arange(len(x)), codes], distance.min(axis=1))
+    assert not np.isin(codes, [7, 40]).any()
+    assert codes[5000 + 3] == 3
+
+
+def test_scalar_assign_matches_the_brute_force_nearest_centroid():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3000, 1)).astype(np.float32)
+    centroids = rng.standard_normal((16, 1)).astype(np.float32)
+    codes, dist = assign(x, centroids)
+    brute = (x - centroids.T).astype(np.float64) ** 2
+    np.testing.assert_allclose(dist, brute.min(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(brute[np.arange(len(x)), codes], brute.min(axis=1))

@@ -38,6 +38,21 @@ def test_assign_is_the_brute_force_argmin_in_each_block_metric(rng):
         assert code == int(np.argmin(costs))
 
 
+@pytest.mark.parametrize(("groups", "units", "r", "d", "k"), [(1, 40, 12, 1, 6), (24, 1, 9, 9, 8), (3, 5, 16, 4, 7)])
+def test_assign_matches_the_brute_force_on_scalar_depthwise_and_grouped_layouts(rng, groups, units, r, d, k):
+    """The scalar shortcut and the all-groups-at-once scores against a loop over every subvector."""
+    weights = rng.standard_normal((groups * units, r))
+    centroids = rng.standard_normal((k, d))
+    blocks = output_aware.block_diagonal(spd(rng, r, groups=groups), d)
+    codes = output_aware.assign(weights, centroids, blocks)
+    p = r // d
+    for s, code in enumerate(codes):
+        unit, pos = divmod(s, p)
+        u = weights[unit, pos * d : (pos + 1) * d]
+        costs = [(u - c) @ blocks[unit // units, pos] @ (u - c) for c in centroids]
+        assert costs[code] <= min(costs) * (1 + 1e-5) + 1e-9
+
+
 def test_update_is_the_weighted_least_squares_codeword(rng):
     units = rng.standard_normal((10, 6))
     h = spd(rng, 6)

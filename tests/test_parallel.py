@@ -8,7 +8,7 @@ import pytest
 from conftest import make_model
 from onnx import helper
 
-from onnxpq import CompressConfig, compress
+from onnxpq import CompressConfig, compress, parallel
 from onnxpq.cli import main
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.pipeline import ValidationSettings
@@ -31,8 +31,8 @@ def _mlp(tmp_path):
     return path
 
 
-def _compress(source, out, workers):
-    config = CompressConfig(permute=True, permute_iters=200, min_elements=1)
+def _compress(source, out, workers, **options):
+    config = CompressConfig(permute=True, permute_iters=200, min_elements=1, **options)
     compress(
         source,
         out,
@@ -50,17 +50,48 @@ def test_map_tasks_keeps_task_order_in_processes():
     assert map_tasks(abs, ((-n,) for (n,) in tasks), Workers(jobs=2), total=7, desc="t") == list(range(7))
 
 
+@pytest.mark.slow
 def test_jobs_give_the_serial_bytes(tmp_path):
     source = _mlp(tmp_path)
-    serial = _compress(source, tmp_path / "serial.onnx", Workers())
+    serial = _compress(source, tmp_path / "serial.onnx", Workers(jobs=1))
     assert _compress(source, tmp_path / "jobs.onnx", Workers(jobs=2)) == serial
 
 
+@pytest.mark.slow
+def test_bit_allocation_in_processes_gives_the_serial_bytes(tmp_path):
+    """The allocator's per-layer estimates run in the workers too; a result returned out of order or
+    attributed to the wrong layer would change the chosen settings."""
+    source = _mlp(tmp_path)
+    serial = _compress(source, tmp_path / "serial.onnx", Workers(jobs=1), target_bpw=3.0)
+    assert _compress(source, tmp_path / "jobs.onnx", Workers(jobs=2), target_bpw=3.0) == serial
+
+
+@pytest.mark.slow
 def test_ray_local_cluster_gives_the_serial_bytes(tmp_path):
     pytest.importorskip("ray")
     source = _mlp(tmp_path)
-    serial = _compress(source, tmp_path / "serial.onnx", Workers())
+    serial = _compress(source, tmp_path / "serial.onnx", Workers(jobs=1))
     assert _compress(source, tmp_path / "ray.onnx", Workers(ray_address="local")) == serial
+
+
+def test_auto_jobs_stay_serial_on_small_models_and_fit_memory_on_large_ones(monkeypatch):
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 8)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 4 << 30)
+    assert Workers().resolved(parallel.PARALLEL_FROM_WEIGHTS - 1, 0).jobs == 1
+    assert Workers().resolved(10**8, 0).jobs == 8
+    # 4 GiB hold three workers of 300 MiB each with two 512 MiB tasks in flight, not eight.
+    assert Workers().resolved(10**8, 512 << 20).jobs == 3
+    assert Workers().resolved(10**8, 64 << 30).jobs == 1
+    assert Workers(jobs=5).resolved(10, 64 << 30).jobs == 5
+
+
+def test_jobs_option_takes_a_count_or_auto(tmp_path, capsys):
+    source = _mlp(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", str(source), str(tmp_path / "o.onnx"), "--jobs", "many"])
+    assert exit_.value.code == 2
+    assert "'many' is neither a number of processes nor 'auto'" in capsys.readouterr().err
+    assert main(["compress", str(source), str(tmp_path / "o.onnx"), "--jobs", "auto", "--no-validate"]) == 0
 
 
 def test_bad_worker_options_are_named(tmp_path, capsys):
