@@ -55,20 +55,37 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compress", help="compress a model", description="Compress IN into OUT with product quantization."
     )
-    p.add_argument("input", type=Path, metavar="IN")
-    p.add_argument("output", type=Path, metavar="OUT")
+    p.add_argument("input", type=Path, nargs="?", metavar="IN")
+    p.add_argument("output", type=Path, nargs="?", metavar="OUT")
+    p.add_argument("--input_model", type=Path, default=None, metavar="IN", help="IN as onnxruntime's tools spell it")
+    p.add_argument("--output_model", type=Path, default=None, metavar="OUT", help="OUT as onnxruntime's tools spell it")
     sel = p.add_argument_group("what to compress")
     sel.add_argument(
         "--op-types",
+        "--op_types_to_quantize",
+        dest="op_types",
         nargs="+",
         default=list(OP_TYPES),
         metavar="OP",
         help=f"operator types to compress: {' '.join(OP_TYPES)} or 'all' (default: all of these)",
     )
     sel.add_argument(
-        "--nodes-to-exclude", nargs="+", default=[], metavar="REGEX", help="node-name patterns to keep in float"
+        "--nodes-to-exclude",
+        "--nodes_to_exclude",
+        dest="nodes_to_exclude",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="nodes to keep in float: a pattern equal to a node name matches that node only (as in "
+        "onnxruntime), any other is a regular expression searched in every node name",
     )
-    sel.add_argument("--nodes-to-include", nargs="+", default=[], metavar="REGEX", help="compress only matching nodes")
+    sel.add_argument(
+        "--nodes-to-include",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="compress only these nodes (patterns as for --nodes-to-exclude)",
+    )
     sel.add_argument(
         "--min-elements",
         type=int,
@@ -127,6 +144,8 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("calibration (data-aware quantization)")
     c.add_argument(
         "--calibration-data",
+        "--calibration_data_path",
+        dest="calibration_data",
         default=None,
         metavar="PATH",
         help=".npz keyed by input name, .npy, or a test_data_set_* folder: quantize to minimise each layer's "
@@ -135,9 +154,12 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     c.add_argument("--calibration-samples", type=int, default=512, help="use at most N samples (default 512)")
     c.add_argument(
         "--calibration-shapes",
+        "--calibration_shapes",
+        dest="calibration_shapes",
         default=None,
         metavar="SHAPES",
-        help="shapes for synthetic inputs, e.g. input:1x3x224x224,mask:1x128 (with 'random')",
+        help="shapes for synthetic inputs, e.g. input:1x3x224x224,mask:1x128 (with 'random'; real samples "
+        "already give every dim)",
     )
     for flag, default, text in (
         ("output-aware", True, "assign and update codewords in each subvector's output metric"),
@@ -312,10 +334,25 @@ def _finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
     )
 
 
+def _model_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """IN and OUT from ``--input_model``/``--output_model`` (onnxruntime's spelling) or the positionals, which
+    fill, in order, whichever of the two the options leave: ``--input_model a.onnx b.onnx`` writes b.onnx."""
+    given = [p for p in (args.input, args.output) if p is not None]
+    paths = []
+    for option, path in (("--input_model", args.input_model), ("--output_model", args.output_model)):
+        if path is None and not given:
+            raise ConfigError(f"give the {option.removeprefix('--').split('_')[0]} model: IN OUT, or {option}")
+        paths.append(path if path is not None else given.pop(0))
+    if given:
+        raise ConfigError(f"unexpected extra path {given[0]}: IN and OUT are already given")
+    return paths[0], paths[1]
+
+
 def _compress(args: argparse.Namespace) -> int:
     from onnxpq.pipeline import compress
     from onnxpq.report import format_table
 
+    args.input, args.output = _model_paths(args)  # error messages name the input (``_subject``)
     config = CompressConfig(
         op_types=tuple(args.op_types),
         nodes_to_exclude=tuple(args.nodes_to_exclude),
@@ -344,7 +381,10 @@ def _compress(args: argparse.Namespace) -> int:
     calibration = args.calibration_data
     if args.calibration_shapes:
         if calibration != "random":
-            raise ConfigError("--calibration-shapes only applies to --calibration-data random")
+            raise ConfigError(
+                "--calibration-shapes only applies to --calibration-data random: real samples already give "
+                "every dim, so save them at the shapes you want"
+            )
         calibration = RandomInputs(parse_shapes(args.calibration_shapes))
     try:
         result = compress(
@@ -359,9 +399,8 @@ def _compress(args: argparse.Namespace) -> int:
             progress=sys.stderr.isatty(),
             workers=Workers(jobs=args.jobs, ray_address=args.ray_address),
         )
-    except ValidationFailedError:
-        report_path = args.report or args.output.with_name(args.output.name + ".report.json")
-        print(format_table(json.loads(Path(report_path).read_text())))
+    except ValidationFailedError as failed:
+        print(format_table(failed.report))
         raise
     print(format_table(result.report))
     print(f"report: {result.report_path}")

@@ -111,8 +111,9 @@ class CompressConfig:
     ----------
     op_types : operator types to compress; ``("all",)`` adds every other large
         float initializer (e.g. LSTM weights).
-    nodes_to_exclude, nodes_to_include : regular expressions matched (``re.search``)
-        against node names; a pattern that matches no node is an error.
+    nodes_to_exclude, nodes_to_include : node names or regular expressions: a pattern equal to a
+        node name matches that node only (as onnxruntime's exact names), any other is searched
+        (``re.search``) in every node name; a pattern that matches no node is an error.
     min_elements : weights with fewer elements stay in float; None means 4096, or 1024 under a
         size budget (the allocator then keeps any of them in float that is not worth its codebook);
         codebooks would

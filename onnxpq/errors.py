@@ -33,4 +33,12 @@ class UnsupportedGraphError(OnnxpqError):
 
 
 class ValidationFailedError(OnnxpqError):
-    """The compressed model failed the user's accuracy gate; the CLI exits 1."""
+    """The compressed model failed the user's accuracy gate; the CLI exits 1.
+
+    ``report`` is the run's report when a compression failed the gate (None from ``validate``): a caller
+    prints or inspects it without reading back the file it was published to.
+    """
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CONVERGED", "Codebook", "assign", "kmeans", "kmeans_plusplus", "nearest_scalar"]
+__all__ = ["CONVERGED", "Codebook", "assign", "coarsened", "kmeans", "kmeans_plusplus", "nearest_scalar"]
 
 #: Rows per distance block: bounds memory at CHUNK * k floats whatever the layer size; blocks that
 #: stay in cache ran twice as fast as 65536-row ones (320k subvectors, k=256, 2 cores).
@@ -86,8 +86,11 @@ def assign(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return codes, dist
 
 
-def kmeans_plusplus(x: np.ndarray, n_clusters: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii): each new centre drawn with probability ~ D(x)^2.
+def kmeans_plusplus(
+    x: np.ndarray, n_clusters: int, rng: np.random.Generator, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii): each new centre drawn with probability ~ D(x)^2
+    (times the point's weight, when the points stand for several subvectors each).
 
     Prior validation of data is assumed: ``x`` is float32 (n, d) with n >= 1.
     """
@@ -95,18 +98,23 @@ def kmeans_plusplus(x: np.ndarray, n_clusters: int, rng: np.random.Generator) ->
     centers[0] = x[rng.integers(len(x))]
     closest = np.sum((x - centers[0]) ** 2, axis=1, dtype=np.float64)
     for i in range(1, n_clusters):
-        total = closest.sum()
+        mass = closest if weights is None else closest * weights
+        total = mass.sum()
         # All points already coincide with a centre: any point is as good as another.
-        pick = rng.integers(len(x)) if total <= 0 else rng.choice(len(x), p=closest / total)
+        pick = rng.integers(len(x)) if total <= 0 else rng.choice(len(x), p=mass / total)
         centers[i] = x[pick]
         np.minimum(closest, np.sum((x - centers[i]) ** 2, axis=1, dtype=np.float64), out=closest)
     return centers
 
 
-def _update(x: np.ndarray, codes: np.ndarray, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster means and sizes; loops over the d dimensions only, never over subvectors."""
-    counts = np.bincount(codes, minlength=n_clusters)
-    sums = np.stack([np.bincount(codes, weights=x[:, j], minlength=n_clusters) for j in range(x.shape[1])], 1)
+def _update(
+    x: np.ndarray, codes: np.ndarray, n_clusters: int, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster means and sizes (weighted, when each row stands for ``weights`` subvectors); loops over
+    the d dimensions only, never over subvectors."""
+    counts = np.bincount(codes, weights=weights, minlength=n_clusters)
+    columns = (x[:, j] if weights is None else weights * x[:, j] for j in range(x.shape[1]))
+    sums = np.stack([np.bincount(codes, weights=col, minlength=n_clusters) for col in columns], 1)
     means = sums / np.maximum(counts, 1)[:, None]
     return means.astype(x.dtype), counts
 
@@ -135,7 +143,32 @@ def _anneal(
     return (centroids + temperature * noise).astype(centroids.dtype)
 
 
-def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Generator, anneal: bool = False) -> Codebook:
+def coarsened(book: Codebook, n_clusters: int, rng: np.random.Generator, n_iter: int = 10) -> np.ndarray:
+    """``n_clusters`` codewords from a larger codebook: its codewords clustered, each weighted by how many
+    subvectors it codes.
+
+    A start for k-means with fewer codewords that is already near its fixed point,
+    so the bit allocator's settings k/2, k/4 ... skip the seeding and most Lloyd
+    iterations on the whole layer (the clustering here is over k points, not n).
+    """
+    counts = np.bincount(book.codes, minlength=len(book.centroids)).astype(np.float64)
+    points = book.centroids.astype(np.float32)
+    centres = kmeans_plusplus(points, n_clusters, rng, weights=counts)
+    for _ in range(n_iter):
+        means, mass = _update(points, assign(points, centres)[0], n_clusters, counts)
+        centres = np.where(mass[:, None] > 0, means, centres)
+    return centres
+
+
+def kmeans(
+    x: np.ndarray,
+    n_clusters: int,
+    *,
+    n_iter: int,
+    rng: np.random.Generator,
+    anneal: bool = False,
+    init: np.ndarray | None = None,
+) -> Codebook:
     """Cluster the rows of ``x`` into ``n_clusters`` codewords.
 
     Parameters
@@ -150,15 +183,15 @@ def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Genera
         The only source of randomness, so the same seed gives the same codebook.
     anneal : bool
         Stochastic relaxation (``_anneal``): noisy updates for all ``n_iter`` steps, then a noiseless one.
+    init : ndarray of shape (n_clusters, d), optional
+        Starting codewords instead of k-means++ seeding (``coarsened``).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"x of shape {x.shape} must be a non-empty 2-D array")
     if not 1 <= n_clusters <= len(x):
         raise ValueError(f"n_samples={len(x)} should be >= n_clusters={n_clusters} >= 1")
-    sample_size = n_clusters * SEED_SAMPLE_PER_CENTROID
-    sample = x if len(x) <= sample_size else x[np.sort(rng.choice(len(x), sample_size, replace=False))]
-    centroids = kmeans_plusplus(sample, n_clusters, rng)
+    centroids = _seeds(x, n_clusters, rng) if init is None else np.asarray(init, dtype=np.float32)
     codes, dist = assign(x, centroids)
     spread = x.std(axis=0) if anneal else None  # only the annealing noise needs it
     for step in range(n_iter):
@@ -176,6 +209,13 @@ def kmeans(x: np.ndarray, n_clusters: int, *, n_iter: int, rng: np.random.Genera
         centroids = _reseed_empty(x, means, counts, dist)
         codes, dist = assign(x, centroids)
     return Codebook(centroids=centroids, codes=codes, inertia=residual_energy(x, centroids, codes))
+
+
+def _seeds(x: np.ndarray, n_clusters: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ on a sample of at most ``SEED_SAMPLE_PER_CENTROID`` points per centroid."""
+    sample_size = n_clusters * SEED_SAMPLE_PER_CENTROID
+    sample = x if len(x) <= sample_size else x[np.sort(rng.choice(len(x), sample_size, replace=False))]
+    return kmeans_plusplus(sample, n_clusters, rng)
 
 
 def residual_energy(x: np.ndarray, centroids: np.ndarray, codes: np.ndarray) -> float:

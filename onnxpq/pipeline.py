@@ -42,7 +42,7 @@ from onnxpq.parallel import Workers
 from onnxpq.permute import consumer_distortion, permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import Stopwatch, layer_rows, pqf_sizes, sha256_file, versions, write_json
-from onnxpq.selection import Candidate, find_candidates
+from onnxpq.selection import Candidate, find_candidates, pattern_counts
 from onnxpq.stats import LAYER_SHARE, collect_stats
 from onnxpq.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.validate import check_gate, default_metric, file_bytes, session, validate_compressed
@@ -584,6 +584,7 @@ def compress(
         "allocation": q.allocation,
         "finetune": tuned,
         "layers": layer_rows(candidates, {n: r.error for n, r in q.results.items()}),
+        "selection": {"patterns": pattern_counts(model, config)},
     }
     with staging() as stage:
         with clock.stage("save"):
@@ -609,7 +610,7 @@ def compress(
         stage.publish(force=force)
     gate = (report["validation"] or {}).get("gate") or {}
     if gate.get("failure"):
-        raise ValidationFailedError(f"{gate['failure']} (model and report kept: {target}, {report_file})")
+        raise ValidationFailedError(f"{gate['failure']} (model and report kept: {target}, {report_file})", report)
     return CompressResult(written, report_file, report)
 
 

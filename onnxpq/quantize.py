@@ -9,6 +9,7 @@ caller can fold it into the bias.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
 from onnxpq.encode import QuantizedWeight, replace_constants
 from onnxpq.graph import constant_tensors, display_name
-from onnxpq.kmeans import CONVERGED, Codebook, kmeans, residual_energy
+from onnxpq.kmeans import CONVERGED, Codebook, assign, kmeans, residual_energy
 from onnxpq.layout import data_aware, input_order, unit_matrix, weight_from_units
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.selection import Candidate
@@ -215,6 +216,8 @@ def quantize_layer(
     *,
     correct_bias: bool = False,
     shrinkage: bool = True,
+    init: np.ndarray | None = None,
+    fit_units: int | None = None,
 ) -> LayerResult:
     """Quantize one weight; with ``stats``, minimise its output error and measure its mean output shift.
 
@@ -223,17 +226,25 @@ def quantize_layer(
     the quantizers, which already take one H per group, then run unchanged.
     Statistics that cannot be used (non-finite, not positive definite even after
     damping) leave the layer with the weight-space codes; ``LayerError.statistics`` says so.
+    ``init``: starting codewords for k-means instead of its seeding (``kmeans.coarsened``).
+    ``fit_units``: learn the codebook on about this many units only (``_sample_rows``), then code every
+    unit with it: the bit allocator's estimates of large layers.
     """
     units = unit_matrix(array, candidate)
     d = candidate.subvector_dim
     rng = layer_rng(config.seed, candidate.name)
     k, iters = candidate.n_codewords, config.kmeans_iters
-    book = kmeans(units.reshape(-1, d), k, n_iter=iters, rng=rng, anneal=config.anneal)
-    output_rel = shift = form = None
     if stats is not None:
         stats = stats.reordered(input_order(candidate))
+    groups = stats.groups // stats.blocks if stats is not None else 1  # unit groups; blocks cut columns
+    rows = _sample_rows(units.shape, d, k, groups, fit_units)
+    fitted = units if rows is None else units[rows]
+    book = kmeans(fitted.reshape(-1, d), k, n_iter=iters, rng=rng, anneal=config.anneal, init=init)
+    output_rel = shift = form = None
     if stats is not None:
-        book, output_rel, form = _with_stats(units, book, stats, config, correct_bias, shrinkage)
+        book, output_rel, form = _with_stats(fitted, book, stats, config, correct_bias, shrinkage)
+    if rows is not None:
+        book, output_rel = _coded_by(units, book, stats if output_rel is not None else None, correct_bias)
     # Kept until encoding: int64 codes of every layer would hold 8 bytes per subvector for the whole run.
     q = QuantizedWeight(candidate, replace(book, codes=book.codes.astype(np.min_scalar_type(k - 1))))
     decoded = _decoded_units(book).reshape(units.shape)
@@ -241,6 +252,47 @@ def quantize_layer(
         shift = _mean_shift(_blocked(units, stats), _blocked(decoded, stats), stats)
     error = weight_error(array, weight_from_units(decoded, candidate), output_rel, form)
     return LayerResult(q, error, shift)
+
+
+#: Subvectors per codeword a sampled fit keeps at least (faiss warns below 39 training points per centroid).
+SAMPLE_PER_CODEWORD = 64
+
+
+def _sample_rows(shape: tuple[int, int], d: int, k: int, groups: int, fit_units: int | None) -> np.ndarray | None:
+    """Evenly spaced units, as many from each group, at least ``fit_units`` of them and enough for
+    ``SAMPLE_PER_CODEWORD`` subvectors per codeword; None when that is (nearly) all of them."""
+    n, r = shape
+    if fit_units is None:
+        return None
+    per_group = n // groups
+    wanted = max(fit_units, math.ceil(SAMPLE_PER_CODEWORD * k * d / r))
+    take = math.ceil(wanted / groups)
+    if 2 * take > per_group:
+        return None
+    within = np.round(np.linspace(0, per_group - 1, take)).astype(np.int64)
+    return (np.arange(groups)[:, None] * per_group + within[None, :]).ravel()
+
+
+def _coded_by(
+    units: np.ndarray, book: Codebook, stats: LayerStats | None, centred: bool
+) -> tuple[Codebook, float | None]:
+    """Every unit coded with a codebook fitted on a sample of them, and the output error over all units.
+
+    With usable statistics the codes minimise each subvector's error in the block-diagonal
+    output metric (the E-step the sample's refinement ran); without, the nearest codeword.
+    """
+    d = book.centroids.shape[1]
+    centroids = book.centroids
+    if stats is None:
+        codes, _ = assign(units.reshape(-1, d), centroids)
+        return Codebook(centroids, codes, residual_energy(units.reshape(-1, d), centroids, codes)), None
+    cov = stats.covariance()
+    blocked = _blocked(units, stats)
+    metric = output_aware.damped(stats.metric(centred, None, cov))
+    local = output_aware.assign(blocked, centroids, output_aware.block_diagonal(metric, d))
+    output_rel = _output_rel(blocked, Codebook(centroids, local, 0.0), stats.hessian, cov if centred else None)
+    codes = _unblocked(local.reshape(len(blocked), -1), stats).ravel()
+    return Codebook(centroids, codes, residual_energy(units.reshape(-1, d), centroids, codes)), output_rel
 
 
 def _with_stats(

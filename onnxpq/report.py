@@ -262,12 +262,22 @@ def validation_lines(v: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _pattern_lines(patterns: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per node pattern with the nodes it matched, so a pattern that caught more than meant shows."""
+    return [
+        f"--{p['option'].replace('_', '-')} {p['pattern']!r}: {p['matched']} node(s) matched "
+        f"({'exact name' if p['exact'] else 'regex search'})"
+        for p in patterns
+    ]
+
+
 def format_table(report: Mapping[str, Any], *, max_layers: int = 25) -> str:
     """The human summary printed after a run."""
     lines = [f"onnxpq {report['versions']['onnxpq']}: {report['input']['path']} -> {report['output']['path']}"]
     lines += _size_lines(report)
     lines.append("")
     lines += _layer_lines(report["layers"], max_layers)
+    lines += _pattern_lines((report.get("selection") or {}).get("patterns", []))
     if report["subgraph_weights_left"]:
         lines.append(f"{report['subgraph_weights_left']} weights inside If/Loop/Scan subgraphs left in float")
     if report.get("validation"):

@@ -24,6 +24,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -33,7 +34,7 @@ from onnxpq.errors import ConfigError
 from onnxpq.graph import ConstantTensor, constant_tensors
 from onnxpq.subgraphs import scoped_nodes
 
-__all__ = ["Candidate", "Use", "find_candidates", "variants"]
+__all__ = ["Candidate", "NodePattern", "Use", "find_candidates", "node_patterns", "pattern_counts", "variants"]
 
 #: Which inputs of each operator hold its weights: an RNN's W [dirs, gates*hidden, input] and
 #: R [dirs, gates*hidden, hidden] are both cut like a Gemm's rows, along their last axis.
@@ -207,17 +208,64 @@ def _small_first_conv(shape: tuple[int, ...], share: float) -> bool:
     return len(shape) >= 2 and shape[1] <= FIRST_CONV_MAX_CHANNELS and share <= FIRST_CONV_MAX_SHARE
 
 
-def _check_patterns(patterns: Sequence[str], names: Sequence[str], option: str) -> None:
-    """A pattern matching no node is almost always a typo: fail and show the closest names."""
+@dataclass(frozen=True)
+class NodePattern:
+    """A ``nodes_to_exclude``/``nodes_to_include`` pattern as typed, resolved against the graph's node names.
+
+    1. A pattern equal to a node name matches that node only: onnxruntime's ``nodes_to_exclude`` takes
+       exact names, and ``Conv_1`` must not also catch ``Conv_10`` ... ``Conv_19``.
+    2. Any other pattern is a regular expression searched (``re.search``) in every node name.
+    """
+
+    pattern: str
+    option: str
+    exact: bool
+
+    @property
+    def flag(self) -> str:
+        """The command-line option the pattern came from, for messages."""
+        return "--" + self.option.replace("_", "-")
+
+    def matches(self, node: str) -> bool:
+        return node == self.pattern if self.exact else re.search(self.pattern, node) is not None
+
+
+def node_patterns(patterns: Sequence[str], names: Sequence[str], option: str) -> tuple[NodePattern, ...]:
+    """Resolve each pattern of ``option`` (rule 1 or 2 of ``NodePattern``); one matching no node is almost
+    always a typo, so it is an error that shows the closest names."""
+    known = set(names)
+    resolved = []
     for pattern in patterns:
+        node_pattern = NodePattern(pattern, option, pattern in known)
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ConfigError(f"{option} pattern {pattern!r} is not a valid regular expression: {err}") from None
-        if not any(re.search(pattern, n) for n in names):
+            raise ConfigError(
+                f"{node_pattern.flag} pattern {pattern!r} is not a valid regular expression: {err}"
+            ) from None
+        if not any(node_pattern.matches(n) for n in names):
             close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3)
             hint = f"; close names: {', '.join(close)}" if close else ""
-            raise ConfigError(f"{option} pattern {pattern!r} matches no node{hint}")
+            raise ConfigError(f"{node_pattern.flag} pattern {pattern!r} matches no node{hint}")
+        resolved.append(node_pattern)
+    return tuple(resolved)
+
+
+def _config_patterns(config: CompressConfig, names: Sequence[str]) -> tuple[NodePattern, ...]:
+    """Every node pattern of ``config``, include patterns first, resolved against the node names."""
+    return node_patterns(config.nodes_to_include, names, "nodes_to_include") + node_patterns(
+        config.nodes_to_exclude, names, "nodes_to_exclude"
+    )
+
+
+def pattern_counts(model: onnx.ModelProto, config: CompressConfig) -> list[dict[str, Any]]:
+    """How many nodes each node pattern matched, for the report's ``selection.patterns``: a pattern that
+    catches more nodes than meant (a regex ``Conv_1`` also catches ``Conv_10``) is otherwise invisible."""
+    names = [s.name for s in scoped_nodes(model.graph)]
+    return [
+        {"pattern": p.pattern, "option": p.option, "matched": sum(map(p.matches, names)), "exact": p.exact}
+        for p in _config_patterns(config, names)
+    ]
 
 
 def _first_conv_kept(
@@ -261,14 +309,17 @@ def _skip_reason(
     size: int,
     config: CompressConfig,
     first_conv: tuple[str, str] | None,
+    patterns: Sequence[NodePattern],
 ) -> tuple[str, str | None] | None:
     """(why a weight must stay in float, the option that changes it), checked in the order a user would ask."""
     nodes = [u.node for u in uses]
+    include = [p for p in patterns if p.option == "nodes_to_include"]
+    exclude = [p for p in patterns if p.option == "nodes_to_exclude"]
     if family is not None and family not in config.op_types and not config.all_op_types:
         return f"op type {family} not selected (--op-types)", "--op-types"
-    if config.nodes_to_include and not any(re.search(p, n) for p in config.nodes_to_include for n in nodes):
+    if include and not any(p.matches(n) for p in include for n in nodes):
         return "not matched by --nodes-to-include", "--nodes-to-include"
-    if any(re.search(p, n) for p in config.nodes_to_exclude for n in nodes):
+    if any(p.matches(n) for p in exclude for n in nodes):
         return "matched by --nodes-to-exclude", "--nodes-to-exclude"
     if first_conv is not None and first_conv[0] in nodes:
         return first_conv[1], "--no-keep-first"
@@ -286,13 +337,15 @@ def _candidate(
     owner: Use | None,
     config: CompressConfig,
     first_conv: tuple[str, str] | None,
+    patterns: Sequence[NodePattern],
 ) -> Candidate:
     tensor = constant.tensor
     shape = tuple(int(d) for d in tensor.dims)
     family = owner.op_type if owner else None
     kind = family or "other"
     strided = owner is not None and owner.inputs_first and len(shape) == 2
-    reason, fix = _skip_reason(family, uses, tensor.data_type, math.prod(shape), config, first_conv) or (None, None)
+    skipped = _skip_reason(family, uses, tensor.data_type, math.prod(shape), config, first_conv, patterns)
+    reason, fix = skipped or (None, None)
     row_axes, d, layout_reason = _layout(kind, shape, config, strided=strided)
     if reason is None and layout_reason is not None:
         reason, fix = layout_reason, "--subvector-dim" if config.subvector_dim is not None else None
@@ -389,9 +442,7 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
     """
     graph = model.graph
     constants = constant_tensors(graph)
-    names = [s.name for s in scoped_nodes(graph)]
-    _check_patterns(config.nodes_to_include, names, "--nodes-to-include")
-    _check_patterns(config.nodes_to_exclude, names, "--nodes-to-exclude")
+    patterns = _config_patterns(config, [s.name for s in scoped_nodes(graph)])
     uses_by_name = _uses(graph, constants)
     first_conv = _first_conv_kept(graph, uses_by_name, constants, config)
     readers = _readers_by_input(graph)
@@ -403,5 +454,5 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
             large_float = tensor.data_type in FLOAT_TYPES and math.prod(tensor.dims) >= config.min_size
             if not (large_float and (config.all_op_types or _reshaped_weight(name, tensor, uses, readers, config))):
                 continue
-        candidates.append(_candidate(name, constants[name], uses, owner, config, first_conv))
+        candidates.append(_candidate(name, constants[name], uses, owner, config, first_conv, patterns))
     return candidates

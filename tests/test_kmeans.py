@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from onnxpq.kmeans import assign, kmeans, nearest_scalar
+from onnxpq.kmeans import assign, coarsened, kmeans, nearest_scalar
 
 
 def test_hand_worked_case():
@@ -82,3 +82,17 @@ def test_scalar_assign_matches_the_brute_force_nearest_centroid():
     brute = (x - centroids.T).astype(np.float64) ** 2
     np.testing.assert_allclose(dist, brute.min(axis=1), rtol=1e-6)
     np.testing.assert_array_equal(brute[np.arange(len(x)), codes], brute.min(axis=1))
+
+
+def test_coarsened_codebook_starts_kmeans_as_well_as_a_fresh_seeding():
+    """The allocator's k/2, k/4 ... settings start from the larger codebook, coarsened: the result must
+    be as good as k-means from scratch (a start that ignored the codeword weights would not be)."""
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.standard_normal((4000, 4)), 6 + 0.3 * rng.standard_normal((200, 4))]).astype(np.float32)
+    big = kmeans(x, 64, n_iter=10, rng=np.random.default_rng(0))
+    start = coarsened(big, 16, np.random.default_rng(1))
+    assert start.shape == (16, 4) and np.isfinite(start).all()
+    warm = kmeans(x, 16, n_iter=10, rng=np.random.default_rng(2), init=start)
+    fresh = kmeans(x, 16, n_iter=10, rng=np.random.default_rng(2))
+    assert warm.inertia <= 1.05 * fresh.inertia
+    assert len(np.unique(warm.codes)) == 16

@@ -128,6 +128,34 @@ def test_a_full_rank_layer_is_refined_on_its_statistics_as_they_are(rng, monkeyp
     np.testing.assert_array_equal(plain.quantized.codebook.codes, tried.quantized.codebook.codes)
 
 
+def test_a_codebook_fitted_on_sampled_units_codes_every_unit_in_the_output_metric(rng):
+    """The allocator's estimates fit large layers on a sample of units: every unit must still get codes
+    (the ones the block metric's E-step picks for the fitted codebook), and the error must be measured
+    over all units and stay close to a fit on all of them."""
+    model = make_model(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], "fc", transB=1)],
+        [("x", ["n", 64])],
+        ["y"],
+        {"w": rand(rng, 1024, 64)},
+    )
+    config = CompressConfig(n_codewords=16, error_feedback=False, min_elements=1, keep_first=False)
+    cand = next(c for c in find_candidates(model, config) if c.compressed)
+    x = correlated_inputs(rng, 256, 64)
+    stats = collect_stats(model, [cand], Dataset({"x": x}, "test"))[cand.name]
+    weight = numpy_helper.to_array(model.graph.initializer[0])
+    full = quantize.quantize_layer(weight, cand, config, stats)
+    sampled = quantize.quantize_layer(weight, cand, config, stats, fit_units=8)
+    book = sampled.quantized.codebook
+    units = unit_matrix(weight, cand)
+    assert len(book.codes) == units.size // cand.subvector_dim
+    metric = output_aware.damped(stats.metric(False, None, stats.covariance()))
+    blocks = output_aware.block_diagonal(metric, cand.subvector_dim)
+    np.testing.assert_array_equal(book.codes, output_aware.assign(units, book.centroids, blocks))
+    assert full.error.output_rel <= sampled.error.output_rel < 1.2 * full.error.output_rel
+    decoded = quantize.decoded_weight(sampled.quantized)
+    assert sampled.error.rel_l2 == pytest.approx(np.linalg.norm(weight - decoded) / np.linalg.norm(weight), rel=1e-5)
+
+
 @pytest.mark.parametrize("build", [gemm_model, matmul_add_model, conv_bias_model])
 def test_bias_correction_restores_the_mean_output(tmp_path, rng, build):
     model = build(rng)

@@ -6,7 +6,7 @@ digits), runs ``compress`` with validation off, and writes the wall time, the st
 the report and the top functions by cumulative time to ``docs/profile/<model>-<label>.md``.
 
 Usage: python tools/profile_compress.py MODEL [--target-bpw 3] [--samples 256] [--label before]
-       [--top 15] [--jobs N]
+       [--top 15] [--jobs N|auto]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--label", default="run")
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--jobs", type=lambda t: None if t == "auto" else int(t), default=None)
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# Profile: {args.model}, --target-bpw {args.target_bpw}, {args.samples} samples ({args.label})",
         "",
         f"- command: `{command}`",
-        f"- commit: {_commit()}; validation off; jobs {args.jobs}",
+        f"- commit: {_commit()}; validation off; jobs {args.jobs or 'auto'}",
         f"- wall time under cProfile: {wall:.1f} s; bits/weight {bpw}",
         f"- stages (s): {', '.join(f'{k} {v:.1f}' for k, v in stages.items()) or 'not recorded by this version'}",
         "",
