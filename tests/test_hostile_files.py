@@ -604,12 +604,19 @@ def _wait_for_staging(tmp: Path, proc: subprocess.Popen, limit_s: float = 120.0)
     "signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGHUP"]
 )
 def test_signal_during_the_write_leaves_nothing(signum, tmp_path):
+    """On a loaded machine the run can publish between the staging folder being seen and the signal being
+    sent (the window is the write and load check of 16 MiB): such a try says nothing, so it is repeated."""
     src = _big_float_model(tmp_path)
     before = _tree(tmp_path)
-    proc = _start(tmp_path, src)
-    seen = _wait_for_staging(tmp_path, proc)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    for _ in range(3):
+        proc = _start(tmp_path, src)
+        seen = _wait_for_staging(tmp_path, proc)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            break
+        for published in ("o.onnx", "o.onnx.report.json"):
+            (tmp_path / published).unlink(missing_ok=True)
     assert seen, f"the run ended before its staging folder was seen: {err}"
     assert proc.returncode == 128 + signum, err
     assert f"interrupted by {signal.Signals(signum).name}" in err and "Traceback" not in out + err

@@ -121,6 +121,11 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
     return row
 
 
+def note(row: dict) -> str:
+    """A row's ``note`` (added by hand: what else ran, what the label means), in brackets."""
+    return f" ({row['note']})" if row.get("note") else ""
+
+
 def render(rows: list[dict]) -> str:
     lines = [
         "# Speed: data-aware `--target-bpw` compression, end to end",
@@ -138,7 +143,8 @@ def render(rows: list[dict]) -> str:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r.get("seconds", {}).items() if k != "total" and v >= 0.5)
         metrics = ", ".join(f"{k} {v}" for k, v in r.get("metrics", {}).items()) or r.get("error", "")[-80:]
         lines.append(
-            f"| {r['model']} | {r['target_bpw']} | {r['samples']} | {r['jobs']} | {r['label']} | {r['commit']} "
+            f"| {r['model']} | {r['target_bpw']} | {r['samples']} | {r['jobs']} | {r['label']}{note(r)} "
+            f"| {r['commit']} "
             f"| {r['wall_s']} | {stages} | {r['peak_rss_mib']} | {r['ort_session_peak_rss_mib']} "
             f"| {r.get('bits_per_weight', '')} | {metrics} |"
         )
