@@ -19,17 +19,26 @@ import onnx
 
 from onnxpq.bias import BiasTarget, corrected_biases
 from onnxpq.calibration import Dataset, batches
-from onnxpq.config import CompressConfig
+from onnxpq.config import OP_TYPES, CompressConfig
 from onnxpq.errors import ConfigError
 from onnxpq.graph import constant_tensors, constants_as_inputs, serialized
 from onnxpq.kmeans import coarsened
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.quantize import LayerResult, decoded_weight, layer_rng, quantize_layer
 from onnxpq.report import float_parameters, layer_bits
-from onnxpq.selection import Candidate, variants
+from onnxpq.selection import Candidate, find_candidates, variants
 from onnxpq.stats import LayerStats
 
-__all__ = ["Allocation", "Option", "allocate_bits", "budget_bits", "choose", "output_errors", "probe_split"]
+__all__ = [
+    "Allocation",
+    "Option",
+    "allocate_bits",
+    "budget_bits",
+    "budget_candidates",
+    "choose",
+    "output_errors",
+    "probe_split",
+]
 
 #: Samples on which each setting's output error is measured: enough for a stable mean, cheap per setting.
 PROBE_SAMPLES = 32
@@ -77,6 +86,54 @@ def budget_bits(
     budget = target_bpw * total if target_bpw is not None else float(target_mib) * 8 * 2**20
     fixed = 32 * (total - sum(c.size for c in candidates if c.compressed))
     return budget - fixed
+
+
+#: Smallest weights offered to the allocator, tried in turn while a budget is out of reach and the user
+#: set no ``--min-elements``: a small UNet (every conv 512-576 weights) could not reach 2.5 bits/weight
+#: at the default floor of 1024, although codebooks of its convs cost a tenth of their float bits.
+BUDGET_FLOORS = (256, 64, 1)
+
+
+def _least_bits(model: onnx.ModelProto, candidates: Sequence[Candidate], config: CompressConfig) -> float:
+    """The budget's shortfall at every layer's smallest setting (<= 0: reachable), known before any statistics."""
+    budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
+    return sum(min(layer_bits(v) for v in variants(c)) for c in candidates if c.compressed) - budget
+
+
+def _widened(config: CompressConfig) -> Iterator[tuple[CompressConfig, str]]:
+    """Wider selections for an unreachable budget, narrowest first, each with the note that says so.
+
+    1. Smaller weights (``BUDGET_FLOORS``), when ``min_elements`` was left to its default.
+    2. Then every float constant at the last floor (``--op-types all``: an Einsum's, a contrib operator's weights), when
+       ``op_types`` was left to its default; the allocator still keeps in float what costs too much error.
+    """
+    floor = config.min_size
+    if config.min_elements is None:
+        for floor in BUDGET_FLOORS:
+            yield replace(config, min_elements=floor), f"weights of {floor} elements and more (--min-elements {floor})"
+    if config.op_types == OP_TYPES:
+        every = f"every float constant of 2 or more axes and {floor} elements or more (--op-types all)"
+        yield replace(config, min_elements=floor, op_types=("all",)), every
+
+
+def budget_candidates(
+    model: onnx.ModelProto, config: CompressConfig
+) -> tuple[list[Candidate], CompressConfig, str | None]:
+    """The candidates for ``config``, with the selection widened when its size budget is otherwise out of reach.
+
+    Returns the candidates, the config that selected them (recorded in the output's metadata) and a note
+    naming the widening, or None. Only defaults are widened (``_widened``): an explicit ``--min-elements``
+    or ``--op-types`` is kept, and a budget that even the widest selection misses fails in ``allocate_bits``
+    with the layers kept in float.
+    """
+    candidates = find_candidates(model, config)
+    if not config.has_budget or _least_bits(model, candidates, config) <= 0:
+        return candidates, config, None
+    for wider, what in _widened(config):
+        candidates, config = find_candidates(model, wider), wider
+        if _least_bits(model, candidates, config) <= 0:
+            return candidates, config, f"the size budget is out of reach at the default selection: compressing {what}"
+    return candidates, config, None
 
 
 #: Layers named in the unreachable-budget message, largest first.

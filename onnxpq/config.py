@@ -11,7 +11,7 @@ from onnxpq.errors import ConfigError
 __all__ = ["DEFAULT_EMA", "DEFAULT_FINETUNE_STEPS", "LOSSES", "OP_TYPES", "CompressConfig", "FinetuneConfig"]
 
 #: Operator types whose weight input onnxpq knows how to compress.
-OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "LSTM", "GRU", "RNN")
+OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Einsum", "LSTM", "GRU", "RNN")
 
 BlockSize = Literal["small", "large"]
 #: Distillation losses; ``auto`` picks one per output from what the output is (see ``finetune``).

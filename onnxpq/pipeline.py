@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpq.allocate import allocate_bits, probe_split
+from onnxpq.allocate import allocate_bits, budget_candidates, probe_split
 from onnxpq.bias import bias_targets, corrected_biases
 from onnxpq.calibration import Dataset, RandomInputs, batches, check_synthetic, load_dataset, random_dataset
 from onnxpq.config import CompressConfig
@@ -42,7 +42,7 @@ from onnxpq.parallel import Workers
 from onnxpq.permute import consumer_distortion, permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import Stopwatch, layer_rows, pqf_sizes, sha256_file, versions, write_json
-from onnxpq.selection import Candidate, find_candidates, pattern_counts
+from onnxpq.selection import Candidate, pattern_counts
 from onnxpq.stats import LAYER_SHARE, collect_stats
 from onnxpq.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.validate import check_gate, default_metric, file_bytes, session, validate_compressed
@@ -549,7 +549,7 @@ def compress(
     check_runtime_loads(source, model, data[0] if data is not None else None)
     # If/Loop/Scan bodies read their weights from the main graph from here on (same function).
     model = lift_subgraph_weights(model)
-    candidates = find_candidates(model, config)
+    candidates, config, widened = budget_candidates(model, config)
     workers = _workers(workers, candidates, config)
     permutation = None
     clock.seconds["prepare"] = clock.section()["total"]
@@ -567,7 +567,8 @@ def compress(
     quantized = [r.quantized for r in q.results.values()]
     with clock.stage("encode"):
         compressed = encode_weights(model, quantized, metadata=metadata, constants=q.biases)
-    notes = _selection_notes(model, candidates) + _fold_warnings(candidates) + _unexercised_notes(q.allocation)
+    notes = [widened] if widened else []
+    notes += _selection_notes(model, candidates) + _fold_warnings(candidates) + _unexercised_notes(q.allocation)
     tuned = None
     if config.finetune is not None:
         with clock.stage("finetune"):

@@ -8,7 +8,7 @@ needed at decode time.
 
 Which weights are candidates:
 
-1. The weight inputs of Conv, ConvTranspose, Gemm, MatMul, Gather and of the
+1. The weight inputs of Conv, ConvTranspose, Gemm, MatMul, Gather, Einsum and of the
    recurrent LSTM, GRU and RNN (W and R), when the weight is a constant.
 2. Readers inside If/Loop/Scan bodies count like main-graph ones (a body's own
    weights are first lifted into the main graph, see ``subgraphs``).
@@ -37,13 +37,15 @@ from onnxpq.subgraphs import scoped_nodes
 __all__ = ["Candidate", "NodePattern", "Use", "find_candidates", "node_patterns", "pattern_counts", "variants"]
 
 #: Which inputs of each operator hold its weights: an RNN's W [dirs, gates*hidden, input] and
-#: R [dirs, gates*hidden, hidden] are both cut like a Gemm's rows, along their last axis.
+#: R [dirs, gates*hidden, hidden] are both cut like a Gemm's rows, along their last axis, and so is
+#: a constant operand of an Einsum (either one: ``"btd,hde->bhte"`` or ``"hde,btd->bhte"``).
 WEIGHT_INPUTS = {
     "Conv": (1,),
     "ConvTranspose": (1,),
     "Gemm": (1,),
     "MatMul": (1,),
     "Gather": (0,),
+    "Einsum": (0, 1),
     "LSTM": (1, 2),
     "GRU": (1, 2),
     "RNN": (1, 2),
@@ -386,7 +388,7 @@ def variants(c: Candidate) -> list[Candidate]:
 #: Operators that only cut, join or reshape a tensor: a weight read only through them is still a weight.
 RESHAPING_OPS = frozenset({"Slice", "Split", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity"})
 #: What such a weight must finally feed to count as one: operators that multiply it with their input.
-MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN"})
+MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN"})
 
 
 def _readers_by_input(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:

@@ -36,7 +36,7 @@ from onnxpq.calibration import Dataset, batches
 from onnxpq.config import STATISTICS_MEMORY_MIB
 from onnxpq.errors import ConfigError
 from onnxpq.graph import display_name, serialized
-from onnxpq.layout import data_aware, input_order
+from onnxpq.layout import RNN_OPS, data_aware, input_order
 from onnxpq.selection import Candidate, variants
 
 __all__ = ["LayerStats", "StatsShape", "collect_stats", "conv_patches", "plan_blocks"]
@@ -169,14 +169,18 @@ class _Reader:
 
     node: onnx.NodeProto
     weight_shape: tuple[int, ...]
+    recurrent: bool = False
 
     @property
     def activation(self) -> str:
-        return self.node.input[0]
+        """The tensor the weight multiplies: the node's input, or for an RNN's R the hidden states Y."""
+        return self.node.output[0] if self.recurrent else self.node.input[0]
 
     @property
     def groups(self) -> int:
-        """Input groups of the node: a grouped Conv's ``group``, else 1."""
+        """Input groups of the node: a grouped Conv's ``group``, an RNN's directions for R (each its own h), else 1."""
+        if self.recurrent:
+            return self.weight_shape[0]
         return int(self._attrs.get("group", 1)) if self.node.op_type == "Conv" else 1
 
     @property
@@ -191,7 +195,9 @@ class _Reader:
             return
         if self.node.op_type == "Gemm" and attrs.get("transA", 0):
             x = x.T
-        flat = x.reshape(-1, 1, x.shape[-1])
+        if self.recurrent:  # Y [steps, directions, batch, hidden]; onnxruntime runs no batch-first layout
+            x = x.transpose(0, 2, 1, 3)
+        flat = x.reshape(-1, self.groups, x.shape[-1])
         step = max(1, max_bytes // (flat.shape[-1] * max(flat.itemsize, 4)))
         for start in range(0, len(flat), step):
             yield flat[start : start + step]
@@ -388,14 +394,20 @@ def plan_blocks(shapes: Mapping[str, StatsShape], memory_bytes: float) -> dict[s
 
 
 def _readers(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[str, list[_Reader]]:
-    """For each data-aware weight, the nodes that read it as their weight input."""
+    """For each data-aware weight, the nodes that read it as their weight input.
+
+    An RNN's R is read through the node's output Y (the hidden states, h_1 ... h_T standing in
+    for h_0 ... h_{T-1}); a node that does not output Y leaves its R data-free.
+    """
     wanted = {c.name: c for c in candidates if data_aware(c)}
     nodes = {display_name(n, i): n for i, n in enumerate(model.graph.node)}
     readers: dict[str, list[_Reader]] = {}
     for c in wanted.values():
         for use in c.uses:
-            if use.input_index == 1 and use.op_type == c.kind:
-                readers.setdefault(c.name, []).append(_Reader(nodes[use.node], c.shape))
+            node = nodes[use.node]
+            recurrent = use.op_type in RNN_OPS and use.input_index == 2
+            if use.op_type == c.kind and (use.input_index == 1 or (recurrent and node.output[0])):
+                readers.setdefault(c.name, []).append(_Reader(node, c.shape, recurrent))
     return readers
 
 

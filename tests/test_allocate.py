@@ -21,6 +21,7 @@ from onnxpq.allocate import (
     _Probe,
     _through,
     budget_bits,
+    budget_candidates,
     choose,
     layer_error,
     output_errors,
@@ -272,3 +273,40 @@ def test_a_layer_the_samples_never_reach_keeps_its_default_setting_and_is_named(
     (row,) = [r for r in result.report["layers"] if r["weight"] == "ws"]
     assert (row["d"], row["k"]) == (default.subvector_dim, default.n_codewords)
     assert any("never moved the outputs" in w for w in result.report["warnings"])
+
+
+def _small_convs(rng: np.random.Generator) -> onnx.ModelProto:
+    """Four 8x8x3x3 convs (576 weights each, under the default floor of 1024) after a first conv."""
+    nodes, weights, x = [], {}, "x"
+    for i in range(5):
+        weights[f"w{i}"] = rand(rng, 8, 3 if i == 0 else 8, 3, 3) / 4
+        nodes.append(helper.make_node("Conv", [x, f"w{i}"], [f"h{i}"], f"conv{i}", pads=[1] * 4))
+        x = f"h{i}"
+    return make_model(nodes, [("x", ["n", 3, 8, 8])], [x], weights)
+
+
+def test_a_budget_out_of_reach_at_the_default_floor_lowers_it_and_says_so(tmp_path, rng):
+    """A small UNet (every conv 512-576 weights) was refused at 2.5 bits/weight: nothing reached the floor."""
+    onnx.save(_small_convs(rng), tmp_path / "in.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=rand(rng, 16, 3, 8, 8))
+    config = CompressConfig(target_bpw=2.5)
+    # 256 is not enough: the 216-weight first conv (8.6 % of the weights, so not kept by the first-conv rule)
+    # alone costs more than 2.5 bits/weight of the whole model in float.
+    with pytest.warns(UserWarning, match=r"out of reach at the default selection: .*--min-elements 64\)"):
+        result = compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, calibration=calib,
+                          validation=ValidationSettings(enabled=False))  # fmt: skip
+    assert result.report["pqf"]["bits_per_weight_all_parameters"] <= 2.5
+    assert result.report["config"]["min_elements"] == 64  # the metadata says which floor made these bytes
+    explicit = CompressConfig(target_bpw=2.5, min_elements=1024)  # a floor the user set is kept
+    with pytest.raises(ConfigError, match=r"576 elements < --min-elements 1024; change with --min-elements"):
+        compress(tmp_path / "in.onnx", tmp_path / "out2.onnx", explicit, calibration=calib,
+                 validation=ValidationSettings(enabled=False))  # fmt: skip
+
+
+def test_a_budget_within_reach_keeps_the_default_selection(rng):
+    model = _small_convs(rng)
+    config = CompressConfig(target_bpw=32.0)
+    candidates, used, note = budget_candidates(model, config)
+    assert used is config and note is None
+    assert not any(c.compressed for c in candidates)  # every conv is under the floor, and 32 bits need none

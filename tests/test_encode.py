@@ -14,6 +14,7 @@ from onnxpq import CompressConfig, compress
 from onnxpq.encode import pq_name
 from onnxpq.graph import constant_foldable_nodes
 from onnxpq.pipeline import ValidationSettings
+from onnxpq.selection import find_candidates
 from onnxpq.validate import decode_nodes_left
 
 NO_VALIDATION = ValidationSettings(enabled=False)
@@ -130,6 +131,25 @@ def test_convtranspose_matches_dense(tmp_path, rng):
     model = make_model([node], [("x", [1, 16, 6, 6])], ["y"], {"w": w})
     compressed = compress_model(model, tmp_path)
     assert_equivalent(model, compressed, {"x": rand(rng, 1, 16, 6, 6)})
+
+
+@pytest.mark.parametrize(
+    ("equation", "inputs"),
+    [("btd,shde->sbhte", ("x", "w")), ("hde,btd->bhte", ("w", "x"))],  # the weight first or second
+)
+def test_einsum_weight_matches_dense(equation, inputs, tmp_path, rng):
+    """An Einsum's constant operand is a candidate (einsum attention's fused QKV weight was left in float)."""
+    shape = (3, 2, 16, 8) if equation.startswith("btd,shde") else (2, 16, 8)
+    node = helper.make_node("Einsum", list(inputs), ["y"], "einsum", equation=equation)
+    model = make_model([node], [("x", [2, 5, 16])], ["y"], {"w": rand(rng, *shape)})
+    (cand,) = find_candidates(model, CompressConfig(min_elements=1))
+    assert cand.kind == "Einsum" and cand.compressed and cand.row_axes == len(shape) - 1
+    compressed = compress_model(model, tmp_path)
+    assert "w" not in {t.name for t in compressed.graph.initializer}
+    assert_decode_shape(compressed)
+    assert_equivalent(model, compressed, {"x": rand(rng, 2, 5, 16)})
+    gathers = [n.name for n in compressed.graph.node if n.op_type == "Gather"]
+    assert decode_nodes_left(tmp_path / "out.onnx", gathers) == []
 
 
 def test_gather_embedding_matches_dense(tmp_path, rng):

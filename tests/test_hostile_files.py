@@ -497,12 +497,12 @@ def test_unexpected_errors_are_one_line_exit_2(error, tmp_path, monkeypatch, cap
     def boom(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(pipeline, "find_candidates", boom)
+    monkeypatch.setattr(pipeline, "budget_candidates", boom)
     _run(tmp_path, Case([_model(tmp_path), tmp_path / "o.onnx", *FAST], 2, type(error).__name__), capsys)
 
 
 def test_verbose_shows_the_traceback_and_still_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(pipeline, "find_candidates", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(pipeline, "budget_candidates", lambda *a, **k: 1 / 0)
     assert main(["-v", "compress", str(_model(tmp_path)), str(tmp_path / "o.onnx"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.rstrip().endswith("(unexpected; -v shows where)")

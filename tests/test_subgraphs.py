@@ -10,8 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 from test_encode import NO_VALIDATION, assert_equivalent
 
 from onnxpq import CompressConfig, compress
+from onnxpq.calibration import Dataset
 from onnxpq.layout import data_aware
 from onnxpq.selection import find_candidates
+from onnxpq.stats import collect_stats
 from onnxpq.subgraphs import lift_subgraph_weights, scoped_nodes
 from onnxpq.validate import decode_nodes_left
 
@@ -162,7 +164,7 @@ def test_rnn_weights_are_candidates_cut_along_inputs(op, directions, tmp_path, r
     cands = {c.name: c for c in find_candidates(model, CompressConfig(min_elements=1))}
     assert set(cands) == {"W", "R"}  # B is not a weight input
     for c in cands.values():
-        assert c.kind == op and c.row_axes == 2 and c.subvector_dim == 4 and not data_aware(c)
+        assert c.kind == op and c.row_axes == 2 and c.subvector_dim == 4 and data_aware(c)
     compressed, _ = _compress(model, tmp_path)
     onnx.checker.check_model(compressed, full_check=True)
     ops = [n.op_type for n in compressed.graph.node]
@@ -186,3 +188,32 @@ def test_scan_body_weight(tmp_path, rng):
     onnx.checker.check_model(compressed, full_check=True)
     assert_equivalent(lift_subgraph_weights(model), compressed, {"h": rand(rng, 16), "x": rand(rng, 5, 16)})
     assert decode_nodes_left(tmp_path / "out.onnx", _decode_nodes(compressed)) == []
+
+
+@pytest.mark.parametrize(("op", "directions"), [("LSTM", 2), ("GRU", 1), ("RNN", 2)])
+def test_rnn_statistics_are_the_inputs_and_hidden_states(op, directions, rng):
+    """W's H is E[x xᵀ] over every (step, batch) input; R's is E[h hᵀ] over each direction's hidden states
+    in Y [T, dirs, B, H]. Reading Y in another axis order mixes directions or steps and fails here."""
+    model = rnn_model(rng, op, directions)
+    cands = find_candidates(model, CompressConfig(min_elements=1))
+    x = rand(rng, 3, 2, 16)
+    stats = collect_stats(model, cands, Dataset({"x": x}, source="test", shared=frozenset({"x"})))
+    y = run(model, {"x": x})[0].transpose(0, 2, 1, 3)  # [T, B, dirs, H]
+    hidden = y.reshape(-1, directions, 8)
+    inputs = x.reshape(-1, 16)
+    np.testing.assert_allclose(stats["W"].hessian[0], inputs.T @ inputs / len(inputs), rtol=1e-5, atol=1e-6)
+    for d in range(directions):
+        h = hidden[:, d]
+        np.testing.assert_allclose(stats["R"].hessian[d], h.T @ h / len(h), rtol=1e-5, atol=1e-6)
+    assert stats["R"].hessian.shape == (directions, 8, 8) and stats["R"].rows == len(hidden)
+
+
+def test_rnn_without_hidden_state_output_keeps_r_data_free(rng):
+    """A node that outputs only its last state (Y unnamed) gives R no statistics: it is quantized data-free."""
+    model = rnn_model(rng, "GRU", 1)
+    node = model.graph.node[0]
+    node.output[:] = ["", "h_last"]
+    model.graph.output[0].CopyFrom(_vi("h_last", [1, 2, 8]))
+    stats = collect_stats(model, find_candidates(model, CompressConfig(min_elements=1)),
+                          Dataset({"x": rand(rng, 3, 2, 16)}, source="test", shared=frozenset({"x"})))  # fmt: skip
+    assert set(stats) == {"W"}
