@@ -37,6 +37,7 @@ __all__ = [
     "MIN_OPSET",
     "ConstantTensor",
     "Staging",
+    "check_conv_channels",
     "check_distinct",
     "check_input_path",
     "check_output_path",
@@ -359,6 +360,45 @@ def _check_opset(model: onnx.ModelProto, path: Path) -> None:
         )
     if opset > newest:
         raise InputModelError(f"{path}: opset {opset} is newer than this onnx package knows ({newest}); upgrade onnx")
+
+
+def _static_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Each value's shape as onnx's shape inference finds it (unknown dims None); empty if inference fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # onnx raises several types; an unknown shape only skips the check it feeds
+        return {}
+    graph = inferred.graph
+    return {
+        v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+        for v in (*graph.input, *graph.value_info)
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
+    }
+
+
+def check_conv_channels(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a main-graph Conv whose input channels differ from what its constant weight expects.
+
+    onnxruntime 1.32 runs such a Conv without complaint (a [1, 8, 12, 12] input against a weight
+    of 16 input channels gave a [1, 32, 12, 12] output), so neither its outputs nor the layer
+    statistics computed from them would mean anything.
+    """
+    weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    convs = [(i, n) for i, n in enumerate(model.graph.node) if n.op_type == "Conv" and n.input[1] in weights]
+    if not convs:
+        return
+    dims = _static_dims(model)
+    for index, node in convs:
+        shape = dims.get(node.input[0])
+        group = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+        w = weights[node.input[1]]
+        if shape is None or len(shape) < 2 or shape[1] is None or len(w) < 2 or shape[1] == w[1] * group:
+            continue
+        raise InputModelError(
+            f"{path}: Conv {display_name(node, index)!r} reads {shape[1]} input channels from "
+            f"{node.input[0]!r}, but its weight {node.input[1]!r} {list(w)} expects {w[1] * group} "
+            f"({w[1]} per group x {group} groups)"
+        )
 
 
 def constant_tensors(graph: onnx.GraphProto) -> dict[str, ConstantTensor]:

@@ -27,6 +27,7 @@ from onnxpq.errors import (
 )
 from onnxpq.graph import (
     Staging,
+    check_conv_channels,
     check_distinct,
     check_input_path,
     check_output_path,
@@ -42,9 +43,9 @@ from onnxpq.parallel import Workers
 from onnxpq.permute import consumer_distortion, permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import Stopwatch, layer_rows, pqf_sizes, sha256_file, versions, write_json
-from onnxpq.selection import Candidate, pattern_counts
-from onnxpq.stats import LAYER_SHARE, collect_stats
-from onnxpq.subgraphs import lift_subgraph_weights, subgraph_weight_count
+from onnxpq.selection import Candidate, pattern_counts, with_uses_in
+from onnxpq.stats import LAYER_SHARE, collect_stats, taken_branches
+from onnxpq.subgraphs import inline_branches, lift_subgraph_weights, subgraph_weight_count
 from onnxpq.validate import check_gate, default_metric, file_bytes, session, validate_compressed
 from onnxpq.version import __version__
 
@@ -226,7 +227,10 @@ def check_runtime_loads(path: Path, model: onnx.ModelProto | None = None, data: 
         sess = session(path)
     except Exception as err:  # onnxruntime raises its own exception types, not a common base
         raise InputModelError(f"{path}: onnxruntime cannot load this model: {_one_line(err)}") from None
-    if model is None or data is None:
+    if model is None:
+        return
+    check_conv_channels(model, path)
+    if data is None:
         return
     try:
         sess.run(None, next(batches(data, model, batch_size=1)))
@@ -399,6 +403,7 @@ def _calibration_section(dataset: Dataset | None, quantized: _Quantized) -> dict
         "samples_fitted": quantized.fitted_samples,
         "sha256": dataset.sha256(),
         "layers_with_statistics": len(quantized.stats),
+        "branches": quantized.branches,
     }
 
 
@@ -412,6 +417,7 @@ class _Quantized:
     stats: dict[str, Any]
     allocation: dict[str, Any] | None
     fitted_samples: int | None
+    branches: dict[str, str]
 
 
 #: A layer task's working set in units of the largest weight: its settings' codes and decoded copies.
@@ -445,8 +451,13 @@ def _quantize(
     """
     probe, fit = probe_split(calib) if config.has_budget and calib is not None else (calib, calib)
     with clock.stage("statistics"):
+        # Statistics run on the graph with the If branches the samples take inlined (their weights get data).
+        taken = taken_branches(model, fit) if fit is not None else {}
+        seen = inline_branches(model, taken)
         stats = (
-            collect_stats(model, candidates, fit, progress=progress, memory_mib=config.statistics_memory_mib)
+            collect_stats(
+                seen, with_uses_in(seen, candidates), fit, progress=progress, memory_mib=config.statistics_memory_mib
+            )
             if fit is not None
             else {}
         )
@@ -473,7 +484,10 @@ def _quantize(
         targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
     with clock.stage("quantization"):
         if config.sequential and fit is not None:
-            results = quantize_sequential(model, candidates, config, fit, targets, first_stats=stats, progress=progress)
+            seen_candidates = with_uses_in(seen, candidates)
+            results = quantize_sequential(
+                seen, seen_candidates, config, fit, targets, first_stats=stats, progress=progress
+            )
         else:
             results = quantize_weights(
                 model,
@@ -486,7 +500,8 @@ def _quantize(
             )
     shifts = {n: r.shift for n, r in results.items() if r.shift is not None}
     fitted = fit.n_samples if fit is not None else None
-    return _Quantized(candidates, results, corrected_biases(model, targets, shifts), stats, allocation, fitted)
+    biases = corrected_biases(model, targets, shifts)
+    return _Quantized(candidates, results, biases, stats, allocation, fitted, taken)
 
 
 def compress(

@@ -34,7 +34,16 @@ from onnxpq.errors import ConfigError
 from onnxpq.graph import ConstantTensor, constant_tensors
 from onnxpq.subgraphs import scoped_nodes
 
-__all__ = ["Candidate", "NodePattern", "Use", "find_candidates", "node_patterns", "pattern_counts", "variants"]
+__all__ = [
+    "Candidate",
+    "NodePattern",
+    "Use",
+    "find_candidates",
+    "node_patterns",
+    "pattern_counts",
+    "variants",
+    "with_uses_in",
+]
 
 #: Which inputs of each operator hold its weights: an RNN's W [dirs, gates*hidden, input] and
 #: R [dirs, gates*hidden, hidden] are both cut like a Gemm's rows, along their last axis, and so is
@@ -458,3 +467,19 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
                 continue
         candidates.append(_candidate(name, constants[name], uses, owner, config, first_conv, patterns))
     return candidates
+
+
+def with_uses_in(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> list[Candidate]:
+    """``candidates`` with the uses they have in ``model``, a variant of the graph they were found in.
+
+    For the graph the statistics run on (``subgraphs.inline_branches``): a weight that a taken branch
+    reads is read there by main-graph nodes, so it gets statistics; a weight only an untaken branch
+    reads is absent there and keeps its uses, and stays data-free. The layout is unchanged.
+    """
+    uses = _uses(model.graph, constant_tensors(model.graph))
+    out = []
+    for c in candidates:
+        found = uses.get(c.name)
+        owner = _owner(found) if found else None
+        out.append(replace(c, uses=tuple(found)) if owner is not None and owner.op_type == c.kind else c)
+    return out

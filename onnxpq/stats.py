@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper
+from onnx import helper, numpy_helper
 from tqdm.auto import tqdm
 
 from onnxpq.calibration import Dataset, batches
@@ -39,7 +39,7 @@ from onnxpq.graph import display_name, serialized
 from onnxpq.layout import RNN_OPS, data_aware, input_order
 from onnxpq.selection import Candidate, variants
 
-__all__ = ["LayerStats", "StatsShape", "collect_stats", "conv_patches", "plan_blocks"]
+__all__ = ["LayerStats", "StatsShape", "collect_stats", "conv_patches", "plan_blocks", "taken_branches"]
 
 #: Samples per onnxruntime call: bounds the activations held at once.
 BATCH = 8
@@ -471,3 +471,25 @@ def collect_stats(
                 for rows in r.rows(np.asarray(values[r.activation]), ROW_CHUNK_BYTES):
                     acc[name].add(rows)
     return {name: a.result() for name, a in acc.items()}
+
+
+def taken_branches(model: onnx.ModelProto, dataset: Dataset) -> dict[str, str]:
+    """For each main-graph ``If`` whose condition is the same on every calibration batch, the branch it takes.
+
+    Silero VAD keeps its whole 16 kHz and 8 kHz networks in the two branches of an ``If`` on its
+    ``sr`` input: with these, ``subgraphs.inline_branches`` gives the statistics the branch that runs.
+    An ``If`` whose condition changes between batches is left out (its weights stay data-free), and
+    so are the bodies of ``Loop``/``Scan`` and ``If`` nodes nested in a body.
+    """
+    conditions = {display_name(n, i): n.input[0] for i, n in enumerate(model.graph.node) if n.op_type == "If"}
+    if not conditions:
+        return {}
+    initial = {t.name: t for t in model.graph.initializer}
+    probe = _Probe(model, sorted({c for c in conditions.values() if c not in initial}))
+    seen: dict[str, set[bool]] = {name: set() for name in conditions}
+    for feed in batches(dataset, model, batch_size=BATCH):
+        values = probe.run(feed)
+        for name, cond in conditions.items():
+            value = numpy_helper.to_array(initial[cond]) if cond in initial else values[cond]
+            seen[name].add(bool(np.asarray(value).reshape(-1)[0]))
+    return {name: "then_branch" if True in taken else "else_branch" for name, taken in seen.items() if len(taken) == 1}

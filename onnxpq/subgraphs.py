@@ -21,10 +21,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
+from onnx import helper
 
 from onnxpq.graph import display_name, node_bodies
 
-__all__ = ["ScopedNode", "lift_subgraph_weights", "scoped_nodes", "subgraph_weight_count", "value_names"]
+__all__ = [
+    "ScopedNode",
+    "inline_branches",
+    "lift_subgraph_weights",
+    "scoped_nodes",
+    "subgraph_weight_count",
+    "value_names",
+]
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
@@ -189,4 +197,61 @@ def lift_subgraph_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     for index, node in enumerate(out.graph.node):
         for attr_name, body in node_bodies(node):
             lifter.lift(body, f"{display_name(node, index)}/{attr_name}")
+    return out
+
+
+def _inlined(node: onnx.NodeProto, name: str, branch: str, counts: Counter[str]) -> list[onnx.NodeProto]:
+    """The nodes of one ``If``'s ``branch`` as main-graph nodes that define the ``If``'s outputs.
+
+    Each node is named by its scoped path (``If_0/then_branch/Conv_3``, as ``scoped_nodes`` names
+    it), and each value the branch defines that another scope defines too becomes ``<path>/<name>``,
+    so nothing in the main graph is redefined; Identity nodes hand the branch outputs to the ``If``'s.
+    """
+    body = onnx.GraphProto()
+    body.CopyFrom(next(g for attr, g in node_bodies(node) if attr == branch))
+    path = f"{name}/{branch}"
+    for value in sorted(_own_names(body)):
+        if counts[value] > 1:
+            renamed = f"{path}/{value}"
+            for n in body.node:
+                n.output[:] = [renamed if o == value else o for o in n.output]
+            for t in body.initializer:
+                t.name = renamed if t.name == value else t.name
+            for o in body.output:
+                o.name = renamed if o.name == value else o.name
+            _rename_reads(body, value, renamed)
+    nodes = [helper.make_node("Constant", [], [t.name], f"{path}/{t.name}", value=t) for t in body.initializer]
+    for index, inner in enumerate(body.node):
+        copy = onnx.NodeProto()
+        copy.CopyFrom(inner)
+        copy.name = f"{path}/{display_name(inner, index)}"
+        nodes.append(copy)
+    for out, value in zip(node.output, body.output, strict=True):
+        nodes.append(helper.make_node("Identity", [value.name], [out], f"{path}/output/{out}"))
+    return nodes
+
+
+def inline_branches(model: onnx.ModelProto, taken: dict[str, str]) -> onnx.ModelProto:
+    """A copy of ``model`` in which each main-graph ``If`` named in ``taken`` is replaced by its branch there.
+
+    ``taken`` maps an ``If``'s display name to ``then_branch`` or ``else_branch``: the branch its
+    condition chose on every calibration sample. The copy computes the same outputs on those samples,
+    and the weights that branch reads (lifted into the main graph first) are read by main-graph nodes,
+    whose inputs onnxruntime can expose: this is the graph layer statistics are collected on, never
+    the one written out, which keeps both branches.
+    """
+    if not taken:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    counts = value_names(out.graph)
+    nodes = []
+    for index, node in enumerate(out.graph.node):
+        name = display_name(node, index)
+        if node.op_type == "If" and name in taken:
+            nodes.extend(_inlined(node, name, taken[name], counts))
+        else:
+            nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
     return out

@@ -13,8 +13,8 @@ from onnxpq import CompressConfig, compress
 from onnxpq.calibration import Dataset
 from onnxpq.layout import data_aware
 from onnxpq.selection import find_candidates
-from onnxpq.stats import collect_stats
-from onnxpq.subgraphs import lift_subgraph_weights, scoped_nodes
+from onnxpq.stats import collect_stats, taken_branches
+from onnxpq.subgraphs import inline_branches, lift_subgraph_weights, scoped_nodes
 from onnxpq.validate import decode_nodes_left
 
 
@@ -217,3 +217,49 @@ def test_rnn_without_hidden_state_output_keeps_r_data_free(rng):
     stats = collect_stats(model, find_candidates(model, CompressConfig(min_elements=1)),
                           Dataset({"x": rand(rng, 3, 2, 16)}, source="test", shared=frozenset({"x"})))  # fmt: skip
     assert set(stats) == {"W"}
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_inlined_branch_computes_the_if_on_that_condition(cond, rng):
+    """The graph statistics run on: the ``If`` replaced by the branch its condition takes, nothing redefined."""
+    lifted = lift_subgraph_weights(if_model(rng))
+    branch = "then_branch" if cond else "else_branch"
+    inlined = inline_branches(lifted, {"branch": branch})
+    assert "If" not in {n.op_type for n in inlined.graph.node}
+    onnx.checker.check_model(inlined, full_check=True)
+    feeds = {"x": rand(rng, 1, 8, 6, 6), "c": np.array(cond)}
+    expected, got = run(lifted, feeds)[0], run(inlined, feeds)[0]
+    assert np.abs(expected - got).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_taken_branch_weights_get_statistics_and_the_other_stays_data_free(tmp_path, rng):
+    """A scalar condition that is the same on every sample (Silero VAD's ``sr``) gives that branch's weights
+    output-aware statistics; the untaken branch has no samples, is quantized data-free, and both still decode."""
+    model = if_model(rng)
+    onnx.save(model, tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", x=rand(rng, 16, 8, 6, 6), c=np.array(True))
+    config = CompressConfig(min_elements=1, keep_first=False, n_codewords=16)
+    result = compress(
+        tmp_path / "in.onnx",
+        tmp_path / "out.onnx",
+        config,
+        calibration=tmp_path / "calib.npz",
+        validation=NO_VALIDATION,
+    )
+    report = result.report
+    assert report["calibration"]["branches"] == {"branch": "then_branch"}
+    forms = {r["nodes"][0]: r["statistics"] for r in report["layers"]}
+    assert forms["pre"] == forms["branch/then_branch/conv_t"] == "full"
+    assert forms["branch/else_branch/conv_e"] is None
+    compressed = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(compressed, full_check=True)
+    lifted = lift_subgraph_weights(model)
+    for cond in (True, False):
+        assert_equivalent(lifted, compressed, {"x": rand(rng, 1, 8, 6, 6), "c": np.array(cond)})
+
+
+def test_a_condition_that_changes_between_samples_inlines_nothing(rng):
+    lifted = lift_subgraph_weights(if_model(rng))
+    data = Dataset({"x": rand(rng, 16, 8, 6, 6), "c": np.array([True] * 8 + [False] * 8)}, source="test")
+    assert taken_branches(lifted, data) == {}
+    assert taken_branches(lifted, data.head(8)) == {"branch": "then_branch"}
