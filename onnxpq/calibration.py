@@ -19,6 +19,12 @@ What a sample is, per input, decided from its declared shape and the data given:
    inputs whose fixed leading dim is not the smallest one, and every scalar.
 3. *Per-sample scalar*: a rank-0 input given as a 1-D array, one value per sample;
    each run then holds one sample and feeds the value as a scalar.
+4. *Batched on another axis*: a fixed-leading-dim input whose batch is a later axis,
+   named like the batched inputs' leading dim (Silero VAD's ``state[2,batch,128]``),
+   given with one slice per sample on that axis (``(2, n, 128)`` beside ``input (n, 576)``):
+   the recurrent state each sample saw in a stream. Stored with that axis first, fed
+   back in the model's order (``Dataset.sample_axes``). A reader's feed dicts of
+   such an input are joined along that axis too.
 
 All batched inputs must agree on the number of samples; those with a fixed
 leading dim must agree on ``d`` (a per-sample scalar forces ``d = 1``, and a shared
@@ -64,7 +70,9 @@ __all__ = [
     "input_specs",
     "load_dataset",
     "parse_shapes",
+    "per_sample_scalars",
     "random_dataset",
+    "run_size",
 ]
 
 #: Share of physical memory one dataset may take. The samples sit in memory beside the model,
@@ -116,12 +124,15 @@ class Dataset:
     """Samples for every model input (first axis = sample), with where they came from.
 
     ``shared`` names the inputs fed whole in every run (see the module docstring);
-    0-d arrays are always shared.
+    0-d arrays are always shared. ``sample_axes`` gives, for an input whose samples
+    sit on a later axis in the model's feeds, that axis: its array here has the
+    samples first like every other, and ``feed`` puts them back.
     """
 
     arrays: dict[str, np.ndarray]
     source: str
     shared: frozenset[str] = field(default_factory=frozenset)
+    sample_axes: Mapping[str, int] = field(default_factory=dict)
 
     def is_shared(self, name: str) -> bool:
         return name in self.shared or np.ndim(self.arrays[name]) == 0
@@ -138,11 +149,21 @@ class Dataset:
         return digest.hexdigest()
 
     def head(self, n: int) -> Dataset:
-        return Dataset({k: v if self.is_shared(k) else v[:n] for k, v in self.arrays.items()}, self.source, self.shared)
+        return self.rows(slice(None, n))
 
     def skip(self, n: int) -> Dataset:
         """The samples after the first ``n`` (``head``'s complement)."""
-        return Dataset({k: v if self.is_shared(k) else v[n:] for k, v in self.arrays.items()}, self.source, self.shared)
+        return self.rows(slice(n, None))
+
+    def rows(self, index: slice | np.ndarray) -> Dataset:
+        """The samples at ``index`` (a slice or an index array); shared inputs stay whole."""
+        arrays = {k: v if self.is_shared(k) else v[index] for k, v in self.arrays.items()}
+        return Dataset(arrays, self.source, self.shared, self.sample_axes)
+
+    def feed(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """``rows`` of input ``name`` (samples first) in the layout the model reads."""
+        axis = self.sample_axes.get(name)
+        return np.moveaxis(rows, 0, axis) if axis else rows
 
 
 def _np_dtype(elem_type: int) -> np.dtype:
@@ -240,9 +261,45 @@ def _check(arrays: Mapping[str, Any], specs: list[InputSpec], source: str) -> Da
     checked = {s.name: _conform(s, arrays[s.name], source) for s in specs}
     exact = {s.name for s in specs if _at_declared_shape(s, checked[s.name])}
     batched = {n for n, a in checked.items() if a.ndim} - exact
-    dataset = Dataset(checked, source, frozenset(exact) if batched else frozenset())
+    axes = _later_sample_axes(specs, checked, exact, batched)
+    for name, axis in axes.items():
+        checked[name] = np.moveaxis(checked[name], axis, 0)
+    exact -= set(axes)
+    dataset = Dataset(checked, source, frozenset(exact) if batched else frozenset(), axes)
     _run_size(dataset, specs, 1)
     return dataset
+
+
+def _leading_names(batched: Iterable[InputSpec]) -> set[str | None]:
+    """The names of the batched inputs' symbolic leading dims (None for an unnamed one)."""
+    return {s.shape[0] for s in batched if s.shape and not isinstance(s.shape[0], int)}
+
+
+def _later_sample_axes(
+    specs: list[InputSpec], arrays: Mapping[str, np.ndarray], exact: set[str], batched: set[str]
+) -> dict[str, int]:
+    """Inputs at their declared shape whose batch is a later axis holding one slice per sample (rule 4).
+
+    The axis must be the input's only symbolic dim named like the batched inputs' leading dim (two
+    unnamed dims count as the same) and hold as many slices as they hold samples, more than one:
+    a state given once (size 1 there) stays shared.
+    """
+    counts = {len(arrays[n]) for n in batched}
+    if len(counts) != 1 or (n := counts.pop()) < 2:
+        return {}
+    leading = _leading_names(s for s in specs if s.name in batched)
+    axes = {}
+    for s in specs:
+        axis = _batch_axis(s, leading) if s.name in exact else None
+        if axis is not None and arrays[s.name].shape[axis] == n:
+            axes[s.name] = axis
+    return axes
+
+
+def _batch_axis(spec: InputSpec, leading: set[str | None]) -> int | None:
+    """The axis past the first that is ``spec``'s only symbolic dim named like a batched input's leading dim."""
+    found = [a for a, d in enumerate(spec.shape or (), start=0) if a and not isinstance(d, int) and d in leading]
+    return found[0] if len(found) == 1 else None
 
 
 def _at_declared_shape(spec: InputSpec, arr: np.ndarray) -> bool:
@@ -258,7 +315,7 @@ def _at_declared_shape(spec: InputSpec, arr: np.ndarray) -> bool:
 def _shared_batch(dataset: Dataset, specs: list[InputSpec], batched: list[InputSpec]) -> set[int]:
     """Sizes a shared input fixes for every run: its dim named like the batched inputs' leading dim
     (two unnamed dims count as the same) is the batch, so runs hold that many samples."""
-    leading = {s.shape[0] for s in batched if s.shape and not isinstance(s.shape[0], int)}
+    leading = _leading_names(batched)
     return {
         dataset.arrays[s.name].shape[axis]
         for s in specs
@@ -278,7 +335,8 @@ def _run_size(dataset: Dataset, specs: list[InputSpec], batch_size: int) -> int:
         raise ConfigError(f"{dataset.source}: inputs disagree on the number of samples ({listed})")
     if 0 in counts.values():
         raise ConfigError(f"{dataset.source}: input(s) [{_names(counts)}] hold 0 samples")
-    sizes = {s.shape[0] for s in batched if s.fixed_batch} | ({1} if any(s.shape == () for s in batched) else set())
+    fixed = {s.shape[0] for s in batched if s.fixed_batch and s.name not in dataset.sample_axes}
+    sizes = fixed | ({1} if any(s.shape == () for s in batched) else set())
     sizes |= _shared_batch(dataset, specs, batched)
     if len(sizes) > 1:
         raise ConfigError(
@@ -316,17 +374,19 @@ def _refuse_nonfinite(dataset: Dataset) -> None:
 def _merge(parts: Mapping[str, list[np.ndarray]], specs: list[InputSpec], source: str) -> dict[str, np.ndarray]:
     """Join per-sample pieces along the sample axis. A scalar, or a value at exactly its fixed declared
     shape, that is the same in every piece while another input varies, is kept once (shared)."""
-    declared = {s.name: s.shape for s in specs}
+    declared = {s.name: s for s in specs}
+    leading = _leading_names(s for s in specs if not s.fixed_batch)
     same = {k: all(v.shape == vs[0].shape and np.array_equal(v, vs[0]) for v in vs[1:]) for k, vs in parts.items()}
     varies = not all(same.values())
     out = {}
     for key, values in parts.items():
-        first = values[0]
-        if varies and same[key] and (first.ndim == 0 or first.shape == declared.get(key)):
+        first, spec = values[0], declared.get(key)
+        if varies and same[key] and (first.ndim == 0 or (spec is not None and first.shape == spec.shape)):
             out[key] = first
             continue
+        later = _batch_axis(spec, leading) if spec and all(_at_declared_shape(spec, v) for v in values) else None
         try:
-            out[key] = np.concatenate(values) if first.ndim else np.stack(values)
+            out[key] = np.concatenate(values, axis=later or 0) if first.ndim else np.stack(values)
         except ValueError as err:
             raise ConfigError(f"{source}: the pieces of input {key!r} do not fit together: {err}") from None
     return out
@@ -633,16 +693,31 @@ def _draw(spec: InputSpec, shape: list[int], rng: np.random.Generator) -> np.nda
     return np.asarray(rng.integers(0, 2, size=shape).astype(spec.dtype))
 
 
+def run_size(dataset: Dataset, model: onnx.ModelProto, batch_size: int) -> int:
+    """Samples per onnxruntime run of ``model`` on ``dataset``: a fixed batch, 1 with per-sample scalars, else
+    ``batch_size`` (see the module docstring)."""
+    return _run_size(dataset, [s for s in input_specs(model) if s.name in dataset.arrays], batch_size)
+
+
+def per_sample_scalars(dataset: Dataset, model: onnx.ModelProto) -> frozenset[str]:
+    """The rank-0 inputs given one value per sample: each run holds one sample and feeds it as a 0-d array."""
+    return frozenset(s.name for s in input_specs(model) if s.shape == () and not dataset.is_shared(s.name))
+
+
 def batches(dataset: Dataset, model: onnx.ModelProto, batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
     """Feed dicts for onnxruntime, one per run (see the module docstring for what a sample is)."""
-    specs = [s for s in input_specs(model) if s.name in dataset.arrays]
-    step = _run_size(dataset, specs, batch_size)
-    scalars = {s.name for s in specs if s.shape == () and not dataset.is_shared(s.name)}
+    step = run_size(dataset, model, batch_size)
+    scalars = per_sample_scalars(dataset, model)
     for start in range(0, dataset.n_samples, step):
-        yield {
-            k: v if dataset.is_shared(k) else v[start, ...] if k in scalars else v[start : start + step]
-            for k, v in dataset.arrays.items()
-        }
+        feed = {}
+        for name, value in dataset.arrays.items():
+            if dataset.is_shared(name):
+                feed[name] = value
+            elif name in scalars:
+                feed[name] = value[start, ...]
+            else:
+                feed[name] = dataset.feed(name, value[start : start + step])
+        yield feed
 
 
 def check_synthetic(model: onnx.ModelProto, dataset: Dataset, fix: str) -> None:

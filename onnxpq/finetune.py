@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpq.calibration import Dataset, input_specs
+from onnxpq.calibration import Dataset, per_sample_scalars, run_size
 from onnxpq.config import FinetuneConfig
 from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError, UnsupportedGraphError
@@ -221,24 +221,46 @@ def _targets(
     return _Targets(outputs, kinds, scales, tensor_labels)
 
 
-def _micro_batch(model: onnx.ModelProto, batch_size: int) -> int:
-    """Samples per forward pass: the declared batch when the model fixes it, else the whole step."""
-    fixed = [s.shape[0] for s in input_specs(model) if s.fixed_batch]
-    return min(fixed) if fixed else batch_size
-
-
 class _Runner:
-    """Runs a module over index sets of the dataset in micro-batches."""
+    """Runs a module over index sets of the dataset in micro-batches of ``micro`` samples (``run_size``).
 
-    def __init__(self, module: OnnxModule, dataset: Dataset, micro: int, device: torch.device) -> None:
+    Its feeds follow ``calibration.batches``: shared inputs whole, a per-sample scalar as a scalar,
+    an input batched on a later axis (a recurrent state) with its samples put back on that axis.
+    """
+
+    def __init__(
+        self,
+        module: OnnxModule,
+        dataset: Dataset,
+        micro: int,
+        device: torch.device,
+        scalars: frozenset[str] = frozenset(),
+    ) -> None:
         self.module, self.micro, self.device = module, micro, device
+        self.dataset, self.scalars = dataset, scalars
         self.inputs = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in dataset.arrays.items()}
 
     def chunks(self, index: np.ndarray) -> list[torch.Tensor]:
         return [torch.from_numpy(index[i : i + self.micro]) for i in range(0, len(index), self.micro)]
 
+    def sampled(self, name: str) -> bool:
+        """Whether input ``name`` has one value per sample (not shared by every run)."""
+        return not self.dataset.is_shared(name)
+
+    def laid_out(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rows of each sampled input (samples first) in the layout the model reads; shared inputs whole."""
+        out = {}
+        for name, whole in self.inputs.items():
+            value = rows[name] if self.sampled(name) else whole
+            if name in self.scalars:
+                value = value.reshape(())
+            elif name in self.dataset.sample_axes:
+                value = value.movedim(0, self.dataset.sample_axes[name])
+            out[name] = value
+        return out
+
     def feeds(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: a[index] for n, a in self.inputs.items()}
+        return self.laid_out({n: a[index] for n, a in self.inputs.items() if self.sampled(n)})
 
     def forward(self, feeds: dict[str, torch.Tensor], outputs: Sequence[str] | None = None) -> list[torch.Tensor]:
         used = {n: a.to(self.device) for n, a in feeds.items() if n in self.module.input_names}
@@ -274,10 +296,12 @@ class _Mixup:
 
     def batch(self, runner: _Runner, targets: _Targets, index: torch.Tensor, partner: torch.Tensor) -> _Batch:
         lam = torch.from_numpy(self.rng.uniform(size=len(index)).astype(np.float32))
-        feeds = {}
+        rows = {}
         for name, a in runner.inputs.items():
-            weight = _per_sample(lam, a)
-            feeds[name] = weight * a[index] + (1 - weight) * a[partner]
+            if runner.sampled(name):
+                weight = _per_sample(lam, a)
+                rows[name] = weight * a[index] + (1 - weight) * a[partner]
+        feeds = runner.laid_out(rows)
         outputs = self.teacher.run(None, {n: v.numpy() for n, v in feeds.items()})
         teacher = _teacher_tensors(outputs, targets.kinds)
         labels = None
@@ -316,9 +340,7 @@ def _layer_outputs(model: onnx.ModelProto) -> list[str]:
 def _check_executor(runner: _Runner, model: onnx.ModelProto, dataset: Dataset) -> None:
     """Refuse to train a graph the executor computes differently from onnxruntime (first micro-batch)."""
     first = np.arange(min(runner.micro, dataset.n_samples))
-    expected = run_session(
-        session(serialized(model)), Dataset({k: v[first] for k, v in dataset.arrays.items()}, "check"), model
-    )
+    expected = run_session(session(serialized(model)), dataset.rows(first), model)
     with torch.no_grad():
         got = runner.forward(runner.feeds(torch.from_numpy(first)))
     for name, want, have in zip(runner.module.output_names, expected, got, strict=True):
@@ -441,18 +463,21 @@ def finetune(
     device = _device()
     names = trainable_constants(compressed)
     student = OnnxModule(compressed, names).to(device)
-    micro = _micro_batch(compressed, config.batch_size)
+    micro = run_size(dataset, compressed, config.batch_size)
     teacher_session = session(serialized(original))
     teacher_out = run_session(teacher_session, dataset, original)
     train, held = _split(dataset.n_samples, config.holdout, rng)
     targets = _targets(compressed, teacher_out, config.loss, labels, train)
-    runner = _Runner(student, dataset, micro, device)
+    scalars = per_sample_scalars(dataset, compressed)
+    runner = _Runner(student, dataset, micro, device, scalars)
     _check_executor(runner, compressed, dataset)
     statistics = {}
     recalibrate = config.recalibrate_bn and bool(_batchnorms(compressed))
     # The original as a torch module costs a second copy of the weights: only when something reads it.
     teacher = (
-        _Runner(OnnxModule(original).to(device), dataset, micro, device) if recalibrate or config.features else None
+        _Runner(OnnxModule(original).to(device), dataset, micro, device, scalars)
+        if recalibrate or config.features
+        else None
     )
     features = _FeatureMatch(teacher, _layer_outputs(compressed), config.features) if config.features else None
     if recalibrate:

@@ -1,6 +1,7 @@
 import numpy as np
+import onnx
 import pytest
-from conftest import conv_model, make_model, rand
+from conftest import conv_model, make_model, rand, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxpq import ConfigError
@@ -76,3 +77,54 @@ def test_random_dataset_follows_declared_shapes_and_types(rng):
     ds = random_dataset(m, 3, rng, dims={"seq": 7})
     assert ds.arrays["ids"].shape == (3, 7) and ds.arrays["ids"].dtype == np.int64
     assert set(np.unique(ds.arrays["ids"])) <= {0, 1}
+
+
+def _stateful_model(rng) -> onnx.ModelProto:
+    """y = x @ w + state[0] * gain: a streaming cell whose recurrent state is batched on axis 1, as Silero VAD's."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"], "mm"),
+        helper.make_node("Gather", ["state", "zero"], ["h"], "first", axis=0),
+        helper.make_node("Mul", ["h", "gain"], ["hg"], "scale"),
+        helper.make_node("Add", ["xw", "hg"], ["y"], "add"),
+    ]
+    weights = {"w": rand(rng, 6, 4), "zero": np.array(0, np.int64)}
+    model = make_model(nodes, [("x", ["batch", 6]), ("state", [2, "batch", 4]), ("gain", [])], ["y"], weights)
+    return model
+
+
+def _expected(model, x, state, gain) -> np.ndarray:
+    """Each sample run alone, with its own state: what the batched runs must reproduce."""
+    return np.concatenate([run(model, {"x": x[i : i + 1], "state": state[:, i : i + 1], "gain": gain})[0]
+                           for i in range(len(x))])  # fmt: skip
+
+
+def test_state_batched_on_a_later_axis_is_sliced_with_its_samples(tmp_path, rng):
+    """state (2, n, 4) beside x (n, 6): sample i's state is state[:, i]; heads and runs keep the pairs."""
+    model = _stateful_model(rng)
+    x, state, gain = rand(rng, 10, 6), rand(rng, 2, 10, 4), np.array(0.5, np.float32)
+    np.savez(tmp_path / "d.npz", x=x, state=state, gain=gain)
+    data = load_dataset(tmp_path / "d.npz", model)
+    assert data.sample_axes == {"state": 1} and data.n_samples == 10
+    got = np.concatenate([run(model, feed)[0] for feed in batches(data.skip(3), model, batch_size=4)])
+    np.testing.assert_allclose(got, _expected(model, x[3:], state[:, 3:], gain), rtol=1e-6)
+
+
+def test_reader_feeds_of_a_later_axis_state_join_on_that_axis(rng):
+    """An onnxruntime CalibrationDataReader yields each run's feed as the model takes it: state (2, 1, 4)."""
+    model = _stateful_model(rng)
+    x, state, gain = rand(rng, 5, 6), rand(rng, 2, 5, 4), np.array(2.0, np.float32)
+    feeds = [{"x": x[i : i + 1], "state": state[:, i : i + 1], "gain": gain} for i in range(5)]
+    data = load_dataset(feeds, model)
+    assert data.sample_axes == {"state": 1}
+    got = np.concatenate([run(model, feed)[0] for feed in batches(data, model, batch_size=2)])
+    np.testing.assert_allclose(got, _expected(model, x, state, gain), rtol=1e-6)
+
+
+def test_state_given_once_stays_shared(tmp_path, rng):
+    model = _stateful_model(rng)
+    x, state = rand(rng, 4, 6), rand(rng, 2, 1, 4)
+    np.savez(tmp_path / "d.npz", x=x, state=state, gain=np.array(1.0, np.float32))
+    data = load_dataset(tmp_path / "d.npz", model)
+    assert data.sample_axes == {} and data.is_shared("state")
+    runs = list(batches(data, model, batch_size=4))
+    assert len(runs) == 4 and all(feed["state"] is data.arrays["state"] for feed in runs)

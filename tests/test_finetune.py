@@ -13,7 +13,7 @@ from onnx import helper
 torch = pytest.importorskip("torch")
 
 from onnxpq import CompressConfig, compress  # noqa: E402
-from onnxpq.calibration import Dataset  # noqa: E402
+from onnxpq.calibration import Dataset, load_dataset  # noqa: E402
 from onnxpq.cli import main  # noqa: E402
 from onnxpq.config import FinetuneConfig  # noqa: E402
 from onnxpq.errors import ConfigError  # noqa: E402
@@ -316,3 +316,30 @@ def test_cli_finetune_without_mixup_or_average(tmp_path):
     assert main([*args, "--finetune-ema", "0"]) == 0
     tuned = json.loads(out.with_name(out.name + ".report.json").read_text())["finetune"]
     assert tuned["mixup"] is False and tuned["ema"] == 0 and tuned["steps"] == 3
+
+
+def test_a_state_batched_on_axis_1_and_a_scalar_input_train(tmp_path, rng):
+    """Silero VAD's inputs: a recurrent state [2, batch, 128] with one slice per sample and a scalar.
+    Every micro-batch must carry each sample's own state on axis 1 (the executor check compares the
+    first one with onnxruntime's), the scalar as a 0-d tensor, and mixup must blend states too."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"], "mm"),
+        helper.make_node("Gather", ["state", "zero"], ["h"], "first", axis=0),
+        helper.make_node("MatMul", ["h", "r"], ["hr"], "rec"),
+        helper.make_node("Mul", ["hr", "gain"], ["hg"], "scale"),
+        helper.make_node("Add", ["xw", "hg"], ["y"], "add"),
+    ]
+    weights = {"w": rand(rng, 32, 16), "r": rand(rng, 16, 16), "zero": np.array(0, np.int64)}
+    model = make_model(nodes, [("x", ["batch", 32]), ("state", [2, "batch", 16]), ("gain", [])], ["y"], weights)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    compress(src, tmp_path / "c.onnx", CompressConfig(min_elements=256, n_codewords=8), validation=OFF)
+    np.savez(tmp_path / "d.npz", x=rand(rng, 24, 32), state=rand(rng, 2, 24, 16), gain=np.array(0.5, np.float32))
+    data = load_dataset(tmp_path / "d.npz", model)
+    assert data.sample_axes == {"state": 1}
+    config = FinetuneConfig(steps=6, lr=1e-3, eval_every=3, batch_size=8)
+    result = finetune(model, load_model(tmp_path / "c.onnx"), data, config)
+    assert result.report["mixup"] is True
+    assert sum(result.report["samples"].values()) == 24
+    tuned = run_session(session(result.model.SerializeToString()), data, result.model)[0]
+    assert tuned.shape == (24, 16) and np.isfinite(tuned).all()

@@ -126,32 +126,12 @@ def fill_from_report(row: Row, report_path: Path) -> None:
     row.decode_folded = validation.get("decode_folded")
 
 
-def silero_probs(path: Path, frames: np.ndarray) -> np.ndarray:
-    """Speech probabilities of a Silero variant over a stream of frames, the LSTM state carried as its wrapper does."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = {i.name for i in sess.get_inputs()}
-    if "h" in names:  # the sequence variant takes the whole stream in one call
-        zeros = np.zeros((1, 1, 128), np.float32)
-        return sess.run(None, {"input": frames, "h": zeros, "c": zeros})[0].reshape(-1)
-    state = np.zeros((2, 1, 128), np.float32)
-    probs = []
-    for frame in frames:
-        feed = {"input": frame[None], "state": state}
-        if "sr" in names:
-            feed["sr"] = np.array(zoo.SR, dtype=np.int64)
-        out, state = sess.run(None, feed)
-        probs.append(float(np.asarray(out).reshape(-1)[0]))
-    return np.array(probs)
-
-
 def silero_max_dp(original: Path, compressed: Path) -> float:
     """max |p_compressed - p_original| over the held-out speech and noise streams (issue 19: within 0.02)."""
     audio = dict(np.load(zoo.out_dir(False) / "silero_audio.npz"))
     worst = 0.0
     for key in ("eval_speech", "eval_noise"):
-        a, b = silero_probs(original, audio[key]), silero_probs(compressed, audio[key])
+        a, b = zoo.silero_stream(original, audio[key])[0], zoo.silero_stream(compressed, audio[key])[0]
         worst = max(worst, float(np.abs(a - b).max()))
     return worst
 
@@ -250,8 +230,10 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "(~146 µs/parameter, so the bound is ~440 µs/parameter).",
         "",
         "Data: inputs with a fixed shape that is not a sample axis are stored once at that shape (Silero's",
-        "zero LSTM `state`/`h`/`c`, its rank-0 `sr` = 16000, `scalar_input`'s rank-0 `gain`, `multi_input`'s",
-        "`s[64]`); everything else has its samples on axis 0.",
+        "rank-0 `sr` = 16000, the sequence variant's zero `h`/`c`, the OpenVINO variant's zero `state`,",
+        "`scalar_input`'s rank-0 `gain`, `multi_input`'s `s[64]`). Silero's `state` [2, batch, 128] holds, on",
+        "its batch axis, the state each frame met when its stream was run frame by frame (rows at 0.4.0 on;",
+        "before, a zero state); everything else has its samples on axis 0.",
         "",
         "Rows are merged across runs: `commit` says which code measured each (`< 806bbc5` for rows measured",
         "before rows recorded it, on the tree of that morning: rerun them before quoting them).",

@@ -701,24 +701,65 @@ def silero_audio(split: str) -> dict[str, np.ndarray]:
     return {"speech": chunks(spoken), "noise": chunks(hiss)}
 
 
-def silero_feed(model: onnx.ModelProto, frames_: np.ndarray) -> Data:
-    """Calibration feed for one Silero variant: frames on axis 0, a zero state at its declared shape, sr=16000."""
+def silero_stream(path: Path, frames_: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run a Silero variant over a stream of frames as its wrapper does, the LSTM state carried.
+
+    Returns the speech probability of each frame and, for the variants with a ``state`` input, the
+    state each frame met, (2, n, 128): samples on the state's batch axis (onnxpq's calibration rule 4).
+    The sequence variant takes the whole stream in one call from a zero h and c.
+    """
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    if "state" not in names:
+        zeros = np.zeros((1, 1, 128), np.float32)
+        return sess.run(None, {"input": frames_, "h": zeros, "c": zeros})[0].reshape(-1), None
+    state = np.zeros((2, 1, 128), np.float32)
+    probs, met = [], []
+    for frame in frames_:
+        met.append(state)
+        feed = {"input": frame[None], "state": state}
+        if "sr" in names:
+            feed["sr"] = np.array(SR, dtype=np.int64)
+        out, state = sess.run(None, feed)
+        probs.append(float(np.asarray(out).reshape(-1)[0]))
+    return np.array(probs), np.concatenate(met, axis=1)
+
+
+def silero_feed(model: onnx.ModelProto, frames_: np.ndarray, states: np.ndarray | None) -> Data:
+    """One Silero variant's feed: frames on axis 0, each frame's carried state (given once as zeros where the
+    variant fixes the state's batch at 1), sr = 16000 as a scalar, zero h and c for the sequence variant."""
     feed: Data = {}
     for value in model.graph.input:
+        batch = value.type.tensor_type.shape.dim[1] if value.name == "state" else None
         if value.name == "input":
             feed["input"] = frames_
         elif value.name == "sr":
             feed["sr"] = np.array(SR, dtype=np.int64)
         elif value.name == "state":
-            feed["state"] = np.zeros((2, 1, 128), dtype=np.float32)
+            fixed = batch is not None and batch.HasField("dim_value")
+            feed["state"] = np.zeros((2, 1, 128), np.float32) if states is None or fixed else states
         else:  # h, c of the sequence variant
             feed[value.name] = np.zeros((1, 1, 128), dtype=np.float32)
     return feed
 
 
-def _spread(frames_: np.ndarray, n: int) -> np.ndarray:
-    """At most ``n`` frames, evenly spaced, so speech and noise keep their shares."""
-    return frames_[np.linspace(0, len(frames_) - 1, min(n, len(frames_))).astype(int)]
+def _spread(n_frames: int, n: int) -> np.ndarray:
+    """Indices of at most ``n`` of ``n_frames`` frames, evenly spaced, so speech and noise keep their shares."""
+    return np.linspace(0, n_frames - 1, min(n, n_frames)).astype(int)
+
+
+def _silero_split(path: Path, audio: dict[str, np.ndarray], split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` frames of a split's speech and noise streams, with the state each met in its own stream."""
+    frames_, states = [], []
+    for kind in ("speech", "noise"):
+        stream = audio[f"{split}_{kind}"]
+        _, met = silero_stream(path, stream)
+        frames_.append(stream)
+        states.append(met if met is not None else np.zeros((2, len(stream), 128), np.float32))
+    index = _spread(sum(len(f) for f in frames_), n)
+    return np.concatenate(frames_)[index], np.concatenate(states, axis=1)[:, index]
 
 
 def build_silero(variant: str, path: Path) -> tuple[Data, Data]:
@@ -732,9 +773,9 @@ def build_silero(variant: str, path: Path) -> tuple[Data, Data]:
         audio = {f"{s}_{k}": v for s in ("calib", "eval") for k, v in silero_audio(s).items()}
         np.savez(cache, **audio)
     audio = dict(np.load(cache))
-    calib = _spread(np.concatenate([audio["calib_speech"], audio["calib_noise"]]), 384)
-    held = _spread(np.concatenate([audio["eval_speech"], audio["eval_noise"]]), 256)
-    return silero_feed(model, calib), silero_feed(model, held)
+    calib = _silero_split(path, audio, "calib", 384)
+    held = _silero_split(path, audio, "eval", 256)
+    return silero_feed(model, *calib), silero_feed(model, *held)
 
 
 def reactions(n: int, length: int, seed: int) -> Data:
