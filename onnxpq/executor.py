@@ -630,6 +630,10 @@ class OnnxModule(torch.nn.Module):
             # Buffers (not a dict) so ``.to(device)`` moves them; not persistent: the ONNX file holds them.
             self.register_buffer(f"fixed{i}", _from_numpy(constants[name].to_array()), persistent=False)
         self._dtypes = {n: _DTYPES[constants[n].tensor.data_type] for n in self.parameter_names}
+        # Whether the graph computes in a reduced float type: its fp16 codebooks and biases must then be fed as
+        # fp16. A float32 graph casts its fp16 codebooks itself, and trains them unrounded as it always has.
+        reduced = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+        self._reduced = any(v.type.tensor_type.elem_type in reduced for v in (*graph.input, *graph.output))
         self._nodes = [
             _Node(_bind(n.op_type, opset, len(n.output)), _attrs(n), tuple(n.input), tuple(n.output), n.name)
             for n in graph.node
@@ -648,7 +652,10 @@ class OnnxModule(torch.nn.Module):
     def forward(self, outputs: Sequence[str] | None = None, **feeds: Tensor) -> list[Tensor]:
         """Run the graph on ``feeds``; ``outputs`` may name any tensors (default: the graph outputs)."""
         env: dict[str, Tensor | None] = dict(zip(self.fixed_names, self.buffers(), strict=True))
-        env.update(zip(self.parameter_names, self.params, strict=True))
+        if self._reduced:  # an fp16 graph: its constants enter in their own type, beside fp16 activations
+            env.update((n, p.to(self._dtypes[n])) for n, p in zip(self.parameter_names, self.params, strict=True))
+        else:
+            env.update(zip(self.parameter_names, self.params, strict=True))
         env[""] = None
         for name in self.input_names:
             if name not in feeds:

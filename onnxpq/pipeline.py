@@ -147,7 +147,8 @@ def _unexercised_notes(allocation: dict[str, Any] | None) -> list[str]:
     return [
         f"{len(names)} layer(s) never moved the outputs on the calibration samples ({shown}): an If branch "
         "that did not run, or an input that is always zero (a recurrent state?); they keep the default "
-        "setting instead of one priced by the data. Calibrate with inputs that exercise them"
+        "setting (or, where those defaults alone would break the size budget, one priced like a typical layer's) "
+        "instead of one priced by the data. Calibrate with inputs that exercise them"
     ]
 
 

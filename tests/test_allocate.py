@@ -275,6 +275,30 @@ def test_a_layer_the_samples_never_reach_keeps_its_default_setting_and_is_named(
     assert any("never moved the outputs" in w for w in result.report["warnings"])
 
 
+@pytest.mark.slow
+def test_unexercised_defaults_that_break_the_budget_are_priced_like_a_typical_layer(tmp_path, rng):
+    """At 1.2 bits/weight the unexercised weight's default setting (about 2.25 bits/weight with its codebook)
+    leaves too little for the other: the run used to fail as unreachable although smaller settings fit."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "wx"], ["hx"]),
+        helper.make_node("MatMul", ["s", "ws"], ["hs"]),
+        helper.make_node("Add", ["hx", "hs"], ["y"]),
+    ]
+    model = make_model(
+        nodes, [("x", ["n", 256]), ("s", ["n", 256])], ["y"], {"wx": rand(rng, 256, 256), "ws": rand(rng, 256, 256)}
+    )
+    onnx.save(model, tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", x=rand(rng, 64, 256), s=np.zeros((64, 256), np.float32))
+    config = CompressConfig(min_elements=1024, target_bpw=1.2)
+    result = compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, calibration=tmp_path / "calib.npz",
+                      validation=ValidationSettings(enabled=False))  # fmt: skip
+    assert result.report["allocation"]["unexercised"] == ["ws"]
+    assert result.report["pqf"]["bits_per_weight_all_parameters"] <= 1.2
+    (default,) = [c for c in find_candidates(model, CompressConfig(min_elements=1024)) if c.name == "ws"]
+    (row,) = [r for r in result.report["layers"] if r["weight"] == "ws"]
+    assert (row["d"], row["k"]) != (default.subvector_dim, default.n_codewords)
+
+
 def _small_convs(rng: np.random.Generator) -> onnx.ModelProto:
     """Four 8x8x3x3 convs (576 weights each, under the default floor of 1024) after a first conv."""
     nodes, weights, x = [], {}, "x"

@@ -105,7 +105,8 @@ def test_random_permutations_of_free_groups_leave_outputs_unchanged(blocks, head
     groups = find_groups(model)
     free = [g for g in groups if not g.frozen]
     assert free, [g.frozen for g in groups]
-    assert verify_groups(model, groups, _dataset(rng), rng) <= 1e-5
+    # float32 sums in another order: 1.04e-5 of the output's range was seen (seed 236); a wrong permutation is O(1).
+    assert verify_groups(model, groups, _dataset(rng), rng) <= 1e-4
 
 
 def _groups(blocks, head="pool", seed=0):

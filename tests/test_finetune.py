@@ -343,3 +343,27 @@ def test_a_state_batched_on_axis_1_and_a_scalar_input_train(tmp_path, rng):
     assert sum(result.report["samples"].values()) == 24
     tuned = run_session(session(result.model.SerializeToString()), data, result.model)[0]
     assert tuned.shape == (24, 16) and np.isfinite(tuned).all()
+
+
+def test_an_fp16_model_is_tuned_not_skipped(tmp_path, rng):
+    """fp16 codebooks train as float32 but must enter the graph as fp16: a float32 bias beside fp16
+    activations made the executor fail, and fine-tuning was skipped with a warning."""
+    weights = {
+        "w": (rand(rng, 16, 8, 3, 3) / 4).astype(np.float16),
+        "b": (rand(rng, 16) / 10).astype(np.float16),
+        "fc": (rand(rng, 16, 10) / 4).astype(np.float16),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], "conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"], "pool"),
+        helper.make_node("Flatten", ["p"], ["f"], "flat"),
+        helper.make_node("MatMul", ["f", "fc"], ["logits"], "head"),
+    ]
+    model = make_model(nodes, [("x", ["n", 8, 6, 6])], ["logits"], weights, elem_type=onnx.TensorProto.FLOAT16)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rand(rng, 24, 8, 6, 6).astype(np.float16))
+    config = CompressConfig(min_elements=64, n_codewords=8, finetune=FinetuneConfig(steps=4, eval_every=2))
+    result = compress(tmp_path / "m.onnx", tmp_path / "c.onnx", config, calibration=tmp_path / "d.npz", validation=OFF)
+    assert not [w for w in result.report["warnings"] if "fine-tuning skipped" in w]
+    assert result.report["finetune"]["trainable"]["tensors"] > 0
