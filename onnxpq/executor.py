@@ -227,6 +227,74 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+#: Gates per recurrent operator, in ONNX's order within W, R and B.
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+#: Attributes whose non-default values change the recurrence; the executor runs only the defaults.
+_RECURRENT_DEFAULTS = {"activations": None, "activation_alpha": None, "activation_beta": None, "clip": None,
+                       "input_forget": 0, "layout": 0}  # fmt: skip
+
+
+def _recurrent(op: str) -> Op:
+    """ONNX's LSTM, GRU or RNN, default activations, time-major layout: outputs Y [T, dirs, B, H], Y_h (and Y_c).
+
+    A Python loop over time steps: fine-tuning runs the small recurrent layers of audio and sequence models.
+    """
+
+    def run(attrs: dict, x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, *rest: Tensor | None) -> tuple:
+        odd = [k for k, v in _RECURRENT_DEFAULTS.items() if k in attrs and attrs[k] != v]
+        lens, h0, c0, peep = (list(rest) + [None] * 4)[:4]
+        if odd or lens is not None or peep is not None:
+            raise UnsupportedGraphError(f"{op} with {', '.join(odd) or 'sequence_lens or peepholes'} is not supported")
+        dirs, hidden = w.shape[0], r.shape[-1]
+        steps, batch = x.shape[0], x.shape[1]
+        bias = b if b is not None else x.new_zeros(dirs, 2 * _GATES[op] * hidden)
+        zeros = x.new_zeros(dirs, batch, hidden)
+        h0 = zeros if h0 is None else h0
+        c0 = zeros if c0 is None else c0
+        reverse = attrs.get("direction", "forward") == "reverse"
+        ys, hs, cs = [], [], []
+        for d in range(dirs):
+            order = range(steps - 1, -1, -1) if reverse or d == 1 else range(steps)
+            h, c, out = h0[d], c0[d], [None] * steps
+            wb, rb = bias[d].chunk(2)
+            for t in order:
+                h, c = _CELLS[op](x[t] @ w[d].T + wb, h, c, r[d], rb, attrs)
+                out[t] = h
+            ys.append(torch.stack(out))
+            hs.append(h)
+            cs.append(c)
+        y = torch.stack(ys, dim=1)
+        return (y, torch.stack(hs), torch.stack(cs)) if op == "LSTM" else (y, torch.stack(hs))
+
+    return run
+
+
+def _lstm_cell(xw: Tensor, h: Tensor, c: Tensor, r: Tensor, rb: Tensor, attrs: dict) -> tuple[Tensor, Tensor]:
+    i, o, f, g = (xw + h @ r.T + rb).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def _gru_cell(xw: Tensor, h: Tensor, c: Tensor, r: Tensor, rb: Tensor, attrs: dict) -> tuple[Tensor, Tensor]:
+    xz, xr, xh = xw.chunk(3, dim=-1)
+    rz, rr, rh = r.chunk(3, dim=0)
+    bz, br, bh = rb.chunk(3)
+    z = torch.sigmoid(xz + h @ rz.T + bz)
+    reset = torch.sigmoid(xr + h @ rr.T + br)
+    if attrs.get("linear_before_reset", 0):
+        candidate = torch.tanh(xh + reset * (h @ rh.T + bh))
+    else:
+        candidate = torch.tanh(xh + (reset * h) @ rh.T + bh)
+    return (1 - z) * candidate + z * h, c
+
+
+def _rnn_cell(xw: Tensor, h: Tensor, c: Tensor, r: Tensor, rb: Tensor, attrs: dict) -> tuple[Tensor, Tensor]:
+    return torch.tanh(xw + h @ r.T + rb), c
+
+
+_CELLS = {"LSTM": _lstm_cell, "GRU": _gru_cell, "RNN": _rnn_cell}
+
+
 def _conv(attrs: dict, x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     n = w.dim() - 2
     if n == 2:  # oneDNN's 2-D convolutions (backward most of all) are faster on channels-last activations.
@@ -531,6 +599,9 @@ TORCH_OPS: dict[str, Op] = {
     "Dropout": _dropout,
     "MatMul": _binary(torch.matmul),
     "Gemm": _gemm,
+    "LSTM": _recurrent("LSTM"),
+    "GRU": _recurrent("GRU"),
+    "RNN": _recurrent("RNN"),
     "Einsum": _einsum,
     "BatchNormalization": _batch_norm,
     "InstanceNormalization": _instance_norm,
@@ -670,7 +741,7 @@ class OnnxModule(torch.nn.Module):
                 where = node.name or node.outputs[0]
                 raise UnsupportedGraphError(f"torch executor failed at node {where!r}: {err}") from err
             results = result if isinstance(result, tuple) else (result,)
-            env.update(zip(node.outputs, results, strict=False))
+            env.update((n, v) for n, v in zip(node.outputs, results, strict=False) if n)  # '' is a skipped output
         return [env[name] for name in (outputs or self.output_names)]
 
     def set_constant(self, name: str, value: np.ndarray) -> None:

@@ -62,10 +62,11 @@ _SUM_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """The tuned model and what the tuning did, for the report."""
+    """The tuned model, the values it tuned or re-estimated by constant name, and what the tuning did."""
 
     model: onnx.ModelProto
     report: dict[str, Any]
+    constants: dict[str, np.ndarray]
 
 
 def _require_torch() -> None:
@@ -109,8 +110,12 @@ def _is_unit_norm(teacher: np.ndarray) -> bool:
     return bool(np.all(np.abs(norms - 1) < _SUM_TOLERANCE))
 
 
-def loss_kinds(model: onnx.ModelProto, teacher: Sequence[np.ndarray], choice: str = "auto") -> list[str | None]:
-    """Per graph output: ``kl-probs``, ``kl-logits``, ``cosine``, ``mse`` or None (not float: ignored).
+def loss_kinds(
+    model: onnx.ModelProto, teacher: Sequence[np.ndarray], choice: str = "auto", samples: int | None = None
+) -> list[str | None]:
+    """Per graph output: ``kl-probs``, ``kl-logits``, ``cosine``, ``mse`` or None (ignored: not float, or,
+    given the number of ``samples``, without one row per sample on its first axis, as Silero VAD's next
+    state [2, batch, 128], whose rows the loss could not pair with the samples).
 
     ``auto`` reads the output: a Softmax (or rows of non-negative values summing
     to 1) is a distribution; unit-norm rows are an embedding; a [samples, classes]
@@ -120,7 +125,7 @@ def loss_kinds(model: onnx.ModelProto, teacher: Sequence[np.ndarray], choice: st
     for out, values in zip(model.graph.output, teacher, strict=True):
         floating = np.issubdtype(values.dtype, np.floating)
         distribution = floating and _is_distribution(model, out.name, values)
-        if not floating:
+        if not floating or (samples is not None and (values.ndim == 0 or len(values) != samples)):
             kinds.append(None)
         elif choice == "kl" or (choice == "auto" and distribution):
             kinds.append("kl-probs" if distribution else "kl-logits")
@@ -131,7 +136,9 @@ def loss_kinds(model: onnx.ModelProto, teacher: Sequence[np.ndarray], choice: st
         else:
             kinds.append("mse")
     if not any(kinds):
-        raise UnsupportedGraphError("no floating-point output to distil: fine-tuning has nothing to match")
+        raise UnsupportedGraphError(
+            "no floating-point output with one row per sample to distil: fine-tuning has nothing to match"
+        )
     return kinds
 
 
@@ -210,9 +217,14 @@ def _teacher_tensors(outputs: Sequence[np.ndarray], kinds: Sequence[str | None])
 
 
 def _targets(
-    model: onnx.ModelProto, teacher: list[np.ndarray], choice: str, labels: np.ndarray | None, train: np.ndarray
+    model: onnx.ModelProto,
+    teacher: list[np.ndarray],
+    choice: str,
+    labels: np.ndarray | None,
+    train: np.ndarray,
+    samples: int | None = None,
 ) -> _Targets:
-    kinds = loss_kinds(model, teacher, choice)
+    kinds = loss_kinds(model, teacher, choice, samples)
     if labels is not None and not any(k in ("kl-probs", "kl-logits") for k in kinds):
         raise ConfigError("labels given, but no output looks like class scores (logits or probabilities)")
     scales = [float(np.var(t[train])) or 1.0 if k == "mse" else 1.0 for t, k in zip(teacher, kinds, strict=True)]
@@ -467,7 +479,7 @@ def finetune(
     teacher_session = session(serialized(original))
     teacher_out = run_session(teacher_session, dataset, original)
     train, held = _split(dataset.n_samples, config.holdout, rng)
-    targets = _targets(compressed, teacher_out, config.loss, labels, train)
+    targets = _targets(compressed, teacher_out, config.loss, labels, train, dataset.n_samples)
     scalars = per_sample_scalars(dataset, compressed)
     runner = _Runner(student, dataset, micro, device, scalars)
     _check_executor(runner, compressed, dataset)
@@ -489,7 +501,8 @@ def finetune(
     tuned, history["loss_exported"] = _export(runner, history.pop("best_state"), targets, held if len(held) else train)
     out = onnx.ModelProto()
     out.CopyFrom(compressed)
-    replace_constants(out.graph, {**tuned, **statistics})
+    constants = {**tuned, **statistics}
+    replace_constants(out.graph, constants)
     report = {
         "device": str(device),
         "samples": {"train": len(train), "holdout": len(held)},
@@ -501,7 +514,7 @@ def finetune(
         "seconds": time.perf_counter() - started,
         **history,
     }
-    return FinetuneResult(out, report)
+    return FinetuneResult(out, report, constants)
 
 
 def _export(

@@ -17,7 +17,14 @@ from onnxpq.allocate import allocate_bits, budget_candidates, probe_split
 from onnxpq.bias import bias_targets, corrected_biases
 from onnxpq.calibration import Dataset, RandomInputs, batches, check_synthetic, load_dataset, random_dataset
 from onnxpq.config import CompressConfig
-from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
+from onnxpq.encode import (
+    FOLD_LIMIT_BYTES,
+    FOLD_LIMIT_KEY,
+    METADATA_CONFIG,
+    METADATA_VERSION,
+    encode_weights,
+    replace_constants,
+)
 from onnxpq.errors import (
     ConfigError,
     InputModelError,
@@ -44,8 +51,8 @@ from onnxpq.permute import consumer_distortion, permute_model
 from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
 from onnxpq.report import Stopwatch, layer_rows, pqf_sizes, sha256_file, versions, write_json
 from onnxpq.selection import Candidate, pattern_counts, with_uses_in
-from onnxpq.stats import LAYER_SHARE, collect_stats, taken_branches
-from onnxpq.subgraphs import inline_branches, lift_subgraph_weights, subgraph_weight_count
+from onnxpq.stats import LAYER_SHARE, collect_stats, inline_taken
+from onnxpq.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.validate import check_gate, default_metric, file_bytes, session, validate_compressed
 from onnxpq.version import __version__
 
@@ -333,20 +340,28 @@ def _finetune(
     notes: list[str],
     progress: bool,
 ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
-    """Distil, or keep the untuned model with a warning when the torch executor cannot run the graph."""
+    """Distil, or keep the untuned model with a warning when the torch executor cannot run the graph.
+
+    The executor runs no ``If``: both models are tuned with the branches every calibration sample takes
+    inlined (``stats.inline_taken``), and the tuned values are written into the model that keeps them all.
+    """
     # Imported here: torch costs seconds to import, and every --jobs worker process imports this module.
     from onnxpq.finetune import finetune
 
     if calib.source == "random":
         notes.append("fine-tuned on synthetic random inputs: the tuned model may fit noise, not your data")
+    teacher, student = inline_taken(original, calib)[0], inline_taken(compressed, calib)[0]
     try:
-        result = finetune(
-            original, compressed, calib, config.finetune, seed=config.seed, labels=labels, progress=progress
-        )
+        result = finetune(teacher, student, calib, config.finetune, seed=config.seed, labels=labels, progress=progress)
     except UnsupportedGraphError as err:
         notes.append(f"fine-tuning skipped, the model is saved untuned: {err}")
         return compressed, None
-    return result.model, result.report
+    if student is compressed:
+        return result.model, result.report
+    tuned = onnx.ModelProto()
+    tuned.CopyFrom(compressed)
+    replace_constants(tuned.graph, result.constants)
+    return tuned, result.report
 
 
 def prepare_validation(
@@ -453,8 +468,7 @@ def _quantize(
     probe, fit = probe_split(calib) if config.has_budget and calib is not None else (calib, calib)
     with clock.stage("statistics"):
         # Statistics run on the graph with the If branches the samples take inlined (their weights get data).
-        taken = taken_branches(model, fit) if fit is not None else {}
-        seen = inline_branches(model, taken)
+        seen, taken = inline_taken(model, fit) if fit is not None else (model, {})
         stats = (
             collect_stats(
                 seen, with_uses_in(seen, candidates), fit, progress=progress, memory_mib=config.statistics_memory_mib

@@ -38,8 +38,17 @@ from onnxpq.errors import ConfigError
 from onnxpq.graph import display_name, serialized
 from onnxpq.layout import RNN_OPS, data_aware, input_order
 from onnxpq.selection import Candidate, variants
+from onnxpq.subgraphs import inline_branches
 
-__all__ = ["LayerStats", "StatsShape", "collect_stats", "conv_patches", "plan_blocks", "taken_branches"]
+__all__ = [
+    "LayerStats",
+    "StatsShape",
+    "collect_stats",
+    "conv_patches",
+    "inline_taken",
+    "plan_blocks",
+    "taken_branches",
+]
 
 #: Samples per onnxruntime call: bounds the activations held at once.
 BATCH = 8
@@ -493,3 +502,24 @@ def taken_branches(model: onnx.ModelProto, dataset: Dataset) -> dict[str, str]:
             value = numpy_helper.to_array(initial[cond]) if cond in initial else values[cond]
             seen[name].add(bool(np.asarray(value).reshape(-1)[0]))
     return {name: "then_branch" if True in taken else "else_branch" for name, taken in seen.items() if len(taken) == 1}
+
+
+#: Rounds of ``inline_taken``: each inlines one more level of nested ``If`` (Silero VAD nests two).
+INLINE_DEPTH = 8
+
+
+def inline_taken(model: onnx.ModelProto, dataset: Dataset) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``model`` with every ``If`` whose condition is the same on all of ``dataset`` replaced by that branch,
+    nested ones too (up to ``INLINE_DEPTH`` levels), and the branches taken by ``If`` name.
+
+    The graph the statistics and the fine-tuning run on: onnxruntime exposes a main-graph node's
+    inputs, and the torch executor runs no ``If``. It computes the same outputs on ``dataset``;
+    the model written out keeps every branch.
+    """
+    taken: dict[str, str] = {}
+    for _ in range(INLINE_DEPTH):
+        found = taken_branches(model, dataset)
+        if not found:
+            break
+        model, taken = inline_branches(model, found), {**taken, **found}
+    return model, taken

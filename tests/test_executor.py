@@ -283,3 +283,41 @@ def test_real_models_match_onnxruntime(tmp_path, rng):
     minilm = make_minilm.main(["--out", str(tmp_path / "minilm.onnx")])
     ids = rng.integers(0, 30000, (2, 12))
     assert_matches_ort(load_model(minilm), {"input_ids": ids, "attention_mask": np.ones((2, 12), dtype=np.int64)})
+
+
+@pytest.mark.parametrize(
+    ("op", "direction", "attrs"),
+    [
+        ("LSTM", "forward", {}),
+        ("LSTM", "bidirectional", {}),
+        ("GRU", "reverse", {}),
+        ("GRU", "bidirectional", {"linear_before_reset": 1}),
+        ("RNN", "forward", {}),
+    ],
+)
+def test_recurrent_ops(rng, op, direction, attrs):
+    """LSTM/GRU/RNN with biases and an initial state; the node's Y, and its last states as the graph outputs."""
+    gates, hidden, dirs = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 5, 2 if direction == "bidirectional" else 1
+    weights = {
+        "w": rand(rng, dirs, gates * hidden, 3) / 2,
+        "r": rand(rng, dirs, gates * hidden, hidden) / 2,
+        "b": rand(rng, dirs, 2 * gates * hidden) / 4,
+        "h0": rand(rng, dirs, 2, hidden) / 2,
+    }
+    outputs = ["y", "y_h", "y_c"] if op == "LSTM" else ["y", "y_h"]
+    node = helper.make_node(
+        op, ["x", "w", "r", "b", "", "h0"], outputs, "rnn", hidden_size=hidden, direction=direction, **attrs
+    )
+    model = make_model([node], [("x", [4, 2, 3])], outputs, weights)
+    assert_matches_ort(model, {"x": rand(rng, 4, 2, 3)})
+
+
+def test_recurrent_op_with_only_its_last_state(rng):
+    """Y unnamed (''), only Y_h used: a skipped output must not become the value of a missing optional input."""
+    weights = {"w": rand(rng, 1, 12, 3), "r": rand(rng, 1, 12, 4)}
+    nodes = [
+        helper.make_node("GRU", ["x", "w", "r"], ["", "h"], "gru", hidden_size=4),
+        helper.make_node("Clip", ["h", "", ""], ["y"], "clip"),
+    ]
+    model = make_model(nodes, [("x", [5, 2, 3])], ["y"], weights, opset=17)
+    assert_matches_ort(model, {"x": rand(rng, 5, 2, 3)})

@@ -319,18 +319,22 @@ def test_cli_finetune_without_mixup_or_average(tmp_path):
 
 
 def test_a_state_batched_on_axis_1_and_a_scalar_input_train(tmp_path, rng):
-    """Silero VAD's inputs: a recurrent state [2, batch, 128] with one slice per sample and a scalar.
-    Every micro-batch must carry each sample's own state on axis 1 (the executor check compares the
-    first one with onnxruntime's), the scalar as a 0-d tensor, and mixup must blend states too."""
+    """Silero VAD's inputs and outputs: a recurrent state [2, batch, 128] with one slice per sample, a scalar,
+    and the next state as an output. Every micro-batch must carry each sample's own state on axis 1 (the
+    executor check compares the first one with onnxruntime's), the scalar as a 0-d tensor, and mixup must
+    blend states too; the next state, with no row per sample on its first axis, stays out of the loss (it
+    raised IndexError)."""
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["xw"], "mm"),
         helper.make_node("Gather", ["state", "zero"], ["h"], "first", axis=0),
         helper.make_node("MatMul", ["h", "r"], ["hr"], "rec"),
         helper.make_node("Mul", ["hr", "gain"], ["hg"], "scale"),
         helper.make_node("Add", ["xw", "hg"], ["y"], "add"),
+        helper.make_node("Mul", ["state", "gain"], ["next_state"], "decay"),
     ]
     weights = {"w": rand(rng, 32, 16), "r": rand(rng, 16, 16), "zero": np.array(0, np.int64)}
-    model = make_model(nodes, [("x", ["batch", 32]), ("state", [2, "batch", 16]), ("gain", [])], ["y"], weights)
+    inputs = [("x", ["batch", 32]), ("state", [2, "batch", 16]), ("gain", [])]
+    model = make_model(nodes, inputs, ["y", "next_state"], weights)
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     compress(src, tmp_path / "c.onnx", CompressConfig(min_elements=256, n_codewords=8), validation=OFF)
@@ -340,6 +344,7 @@ def test_a_state_batched_on_axis_1_and_a_scalar_input_train(tmp_path, rng):
     config = FinetuneConfig(steps=6, lr=1e-3, eval_every=3, batch_size=8)
     result = finetune(model, load_model(tmp_path / "c.onnx"), data, config)
     assert result.report["mixup"] is True
+    assert result.report["loss_kinds"] == {"y": "kl-logits", "next_state": None}
     assert sum(result.report["samples"].values()) == 24
     tuned = run_session(session(result.model.SerializeToString()), data, result.model)[0]
     assert tuned.shape == (24, 16) and np.isfinite(tuned).all()

@@ -263,3 +263,25 @@ def test_a_condition_that_changes_between_samples_inlines_nothing(rng):
     data = Dataset({"x": rand(rng, 16, 8, 6, 6), "c": np.array([True] * 8 + [False] * 8)}, source="test")
     assert taken_branches(lifted, data) == {}
     assert taken_branches(lifted, data.head(8)) == {"branch": "then_branch"}
+
+
+def test_fine_tuning_runs_on_the_taken_branch_and_keeps_both(tmp_path, rng):
+    """The torch executor runs no If: the model is tuned with the taken branch inlined, and the tuned values
+    land in the written model, which still holds both branches and runs either way."""
+    pytest.importorskip("torch")
+    from onnxpq.config import FinetuneConfig
+
+    model = if_model(rng)
+    onnx.save(model, tmp_path / "in.onnx")
+    np.savez(tmp_path / "calib.npz", x=rand(rng, 24, 8, 6, 6), c=np.array(True))
+    tune = FinetuneConfig(steps=4, eval_every=2, lr=1e-2, ema=0.0)
+    config = CompressConfig(min_elements=1, keep_first=False, n_codewords=16, finetune=tune)
+    calib = tmp_path / "calib.npz"
+    result = compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, calibration=calib, validation=NO_VALIDATION)
+    assert result.report["finetune"] is not None
+    assert not [w for w in result.report["warnings"] if "fine-tuning skipped" in w]
+    compressed = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in compressed.graph.node].count("If") == 1
+    for cond in (True, False):
+        (y,) = run(compressed, {"x": rand(rng, 1, 8, 6, 6), "c": np.array(cond)})
+        assert np.isfinite(y).all()
