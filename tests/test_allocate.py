@@ -251,10 +251,9 @@ def test_the_report_says_how_many_samples_the_statistics_came_from(tmp_path, rng
     assert section["samples_fitted"] == (HOLD_OUT_FROM if target is None else HOLD_OUT_FROM - PROBE_SAMPLES)
 
 
-@pytest.mark.slow
-def test_a_layer_the_samples_never_reach_keeps_its_default_setting_and_is_named(tmp_path, rng):
-    """A second input that is always zero on the calibration data (as a recurrent state fed as zeros) makes
-    every setting of its weight look free: the allocator used to give it the fewest bits."""
+def _zero_state_model(tmp_path, rng) -> onnx.ModelProto:
+    """y = x @ wx + s @ ws, saved with calibration samples whose ``s`` is always zero (as a recurrent state
+    fed as zeros): no setting of ``ws`` moves the outputs."""
     nodes = [
         helper.make_node("MatMul", ["x", "wx"], ["hx"]),
         helper.make_node("MatMul", ["s", "ws"], ["hs"]),
@@ -265,6 +264,14 @@ def test_a_layer_the_samples_never_reach_keeps_its_default_setting_and_is_named(
     )
     onnx.save(model, tmp_path / "in.onnx")
     np.savez(tmp_path / "calib.npz", x=rand(rng, 64, 256), s=np.zeros((64, 256), np.float32))
+    return model
+
+
+@pytest.mark.slow
+def test_a_layer_the_samples_never_reach_keeps_its_default_setting_and_is_named(tmp_path, rng):
+    """A second input that is always zero on the calibration data (as a recurrent state fed as zeros) makes
+    every setting of its weight look free: the allocator used to give it the fewest bits."""
+    model = _zero_state_model(tmp_path, rng)
     config = CompressConfig(min_elements=1024, target_bpw=2.5)
     result = compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, calibration=tmp_path / "calib.npz",
                       validation=ValidationSettings(enabled=False))  # fmt: skip
@@ -279,16 +286,7 @@ def test_a_layer_the_samples_never_reach_keeps_its_default_setting_and_is_named(
 def test_unexercised_defaults_that_break_the_budget_are_priced_like_a_typical_layer(tmp_path, rng):
     """At 1.2 bits/weight the unexercised weight's default setting (about 2.25 bits/weight with its codebook)
     leaves too little for the other: the run used to fail as unreachable although smaller settings fit."""
-    nodes = [
-        helper.make_node("MatMul", ["x", "wx"], ["hx"]),
-        helper.make_node("MatMul", ["s", "ws"], ["hs"]),
-        helper.make_node("Add", ["hx", "hs"], ["y"]),
-    ]
-    model = make_model(
-        nodes, [("x", ["n", 256]), ("s", ["n", 256])], ["y"], {"wx": rand(rng, 256, 256), "ws": rand(rng, 256, 256)}
-    )
-    onnx.save(model, tmp_path / "in.onnx")
-    np.savez(tmp_path / "calib.npz", x=rand(rng, 64, 256), s=np.zeros((64, 256), np.float32))
+    model = _zero_state_model(tmp_path, rng)
     config = CompressConfig(min_elements=1024, target_bpw=1.2)
     result = compress(tmp_path / "in.onnx", tmp_path / "out.onnx", config, calibration=tmp_path / "calib.npz",
                       validation=ValidationSettings(enabled=False))  # fmt: skip
