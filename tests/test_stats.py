@@ -139,6 +139,35 @@ def test_rows_in_small_chunks_give_the_same_statistics(rng, monkeypatch):
     assert chunked.rows == whole.rows
 
 
+@pytest.mark.parametrize("op", ["Conv", "MatMul"])
+def test_a_layer_over_the_row_cap_uses_a_reproducible_random_share_of_its_rows(op, rng, monkeypatch):
+    """720 patches (or 720 token rows) over a cap of 180: a quarter of each batch's rows, real ones (their H
+    averages the same patches'), the same on every run, and each chunk of them taken from the kept rows."""
+    if op == "Conv":  # depthwise: 16 groups of R = 9, so 180 rows estimate each H well
+        node = helper.make_node("Conv", ["x", "w"], ["y"], "conv", pads=[1, 1, 1, 1], group=16)
+        model = make_model([node], [("x", ["n", 16, 6, 6])], ["y"], {"w": rand(rng, 16, 1, 3, 3)})
+        cands = [c for c in find_candidates(model, CompressConfig(min_elements=1, keep_first=False)) if c.compressed]
+        dataset = Dataset({"x": rand(rng, 20, 16, 6, 6)}, "test")
+    else:
+        node = helper.make_node("MatMul", ["x", "w"], ["y"], "mm")
+        model = make_model([node], [("x", ["n", 36, 16])], ["y"], {"w": rand(rng, 16, 8)})
+        cands = [c for c in find_candidates(model, CompressConfig(min_elements=1)) if c.compressed]
+        dataset = Dataset({"x": rand(rng, 20, 36, 16)}, "test")
+    full = collect_stats(model, cands, dataset)[cands[0].name]
+    assert full.rows == 720
+    monkeypatch.setattr(stats_module, "MAX_ROWS", 180)
+    monkeypatch.setattr(stats_module, "ROWS_PER_INPUT", 1)
+    sampled = collect_stats(model, cands, dataset)[cands[0].name]
+    assert 170 <= sampled.rows <= 190
+    again = collect_stats(model, cands, dataset)[cands[0].name]
+    np.testing.assert_array_equal(again.hessian, sampled.hessian)
+    error = np.linalg.norm(sampled.hessian - full.hessian) / np.linalg.norm(full.hessian)
+    assert 0 < error < 0.3
+    monkeypatch.setattr(stats_module, "ROW_CHUNK_BYTES", 4096)
+    chunked = collect_stats(model, cands, dataset)[cands[0].name]
+    np.testing.assert_allclose(chunked.hessian, sampled.hessian, rtol=1e-5, atol=1e-6)
+
+
 def test_the_budget_shrinks_the_largest_layers_first_and_refuses_what_cannot_fit():
     shapes = {"big": StatsShape(1, 4096, 4), "small": StatsShape(1, 512, 4)}
     mib = 2**20

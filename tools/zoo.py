@@ -412,6 +412,39 @@ def tied_lm(small: bool):
     return LM(), vocab
 
 
+def bert_base(small: bool):
+    """A BERT-base-shaped encoder (110 M parameters: 30 522 x 768 token table, 12 post-norm blocks of 12 heads,
+    3072-wide GELU MLPs, mean-pooled output): issue 21's 100 M-parameter transformer."""
+    torch, nn = _torch()
+    vocab, dim, depth, heads, length = (512, 64, 2, 2, 32) if small else (30522, 768, 12, 12, 128)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-1, -2) / (dim // heads) ** 0.5, dim=-1)
+            x = self.n1(x + self.proj((att @ v).transpose(1, 2).reshape(b, t, dim)))
+            return self.n2(x + self.mlp(x))
+
+    class Bert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Parameter(torch.randn(length, dim) * 0.02)
+            self.norm = nn.LayerNorm(dim)
+            self.blocks = nn.Sequential(*[Block() for _ in range(depth)])
+
+        def forward(self, ids):
+            return self.blocks(self.norm(self.tokens(ids) + self.positions)).mean(dim=1)
+
+    return Bert(), vocab, length
+
+
 def fp16_cnn(small: bool):
     """A plain image CNN, exported in float16 (weights, activations and I/O)."""
     _, nn = _torch()
@@ -595,6 +628,11 @@ def build_torch(name: str, small: bool, path: Path) -> tuple[Data, Data]:
     if name == "byte_cnn":
         calib, held = text_bytes(n_calib, 256, 0), text_bytes(n_eval, 256, 1)
         export(byte_cnn(small), (torch.from_numpy(calib[:1]),), ["input"], path)
+        return {"input": calib}, {"input": held}
+    if name == "bert_base":
+        model, vocab, length = bert_base(small)
+        calib, held = tokens(n_calib, length, vocab, 15), tokens(n_eval, length, vocab, 16)
+        export(model, (torch.from_numpy(calib[:1]),), ["input"], path)
         return {"input": calib}, {"input": held}
     if name in ("einsum_attn", "tied_lm"):
         model, vocab = einsum_attn(small) if name == "einsum_attn" else tied_lm(small)
@@ -824,7 +862,8 @@ def build_rxnmap(path: Path) -> tuple[Data, Data]:
 # ----------------------------------------------------------------------------- registry
 
 TORCH_MODELS = ("resnext", "convnext", "vit_tiny", "audio_cnn", "byte_cnn", "unet", "lstm", "gru", "conv3d",
-                "dilated", "einsum_attn", "tied_lm", "fp16", "multi_input", "scalar_input", "effnet_relu6")  # fmt: skip
+                "dilated", "einsum_attn", "tied_lm", "fp16", "multi_input", "scalar_input", "effnet_relu6",
+                "bert_base")  # fmt: skip
 WHEEL_MODELS = (*SILERO_VARIANTS, "rxnmap")
 MODELS = TORCH_MODELS + WHEEL_MODELS
 
