@@ -26,7 +26,7 @@ import zoo
 #: zoo, the wheel models and the second budget are tools/bench_zoo.py's, in docs/ZOO.md.
 QUICK = (("scalar_input", 4), ("lstm", 4), ("gru", 4), ("unet", 2.5), ("einsum_attn", 2.5))
 SLOW = (("byte_cnn", 4), ("multi_input", 4), ("fp16", 4), ("tied_lm", 4), ("conv3d", 4), ("dilated", 4),
-        ("convnext", 2.5), ("vit_tiny", 2.5), ("effnet_relu6", 2.5))  # fmt: skip
+        ("convnext", 2.5), ("vit_tiny", 2.5), ("effnet_relu6", 2.5), ("bert_base", 2.5))  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ closely the compressed model follows the original, not accuracy) are exported wi
 TorchScript exporter; real models come from pinned wheels (tools/wheels.py). Every model ``NAME``
 lands in build/zoo (``build/zoo/small`` with ``--small``) as ``NAME.onnx``, ``NAME_calib.npz`` and
 ``NAME_eval.npz`` (keyed by input name, samples on axis 0; an input with a fixed shape that is
-not a sample axis, such as Silero's LSTM state or a rank-0 gain, is stored once at its shape).
+not a sample axis, such as a rank-0 gain, is stored once at its shape; Silero's LSTM state holds
+the state each frame met in its stream, one slice per sample on its batch axis 1).
 
     python tools/zoo.py                      # every model, full size
     python tools/zoo.py --small resnext unet # reduced widths, for CI
