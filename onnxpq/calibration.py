@@ -255,15 +255,16 @@ def _conform(spec: InputSpec, value: Any, source: str) -> np.ndarray:
     return arr
 
 
-def _check(arrays: Mapping[str, Any], specs: list[InputSpec], source: str) -> Dataset:
+def _check(arrays: Mapping[str, Any], specs: list[InputSpec], source: str, cut: int | None = None) -> Dataset:
     """Names, dtypes and ranks must match the model; the batched inputs must agree on the samples."""
     _check_names(arrays, specs, source)
     checked = {s.name: _conform(s, arrays[s.name], source) for s in specs}
     exact = {s.name for s in specs if _at_declared_shape(s, checked[s.name])}
     batched = {n for n, a in checked.items() if a.ndim} - exact
-    axes = _later_sample_axes(specs, checked, exact, batched)
+    axes = _later_sample_axes(specs, checked, exact, batched, cut)
     for name, axis in axes.items():
-        checked[name] = np.moveaxis(checked[name], axis, 0)
+        samples = len(checked[next(iter(batched))])  # every batched input holds this many (checked there)
+        checked[name] = np.moveaxis(checked[name], axis, 0)[:samples]
     exact -= set(axes)
     dataset = Dataset(checked, source, frozenset(exact) if batched else frozenset(), axes)
     _run_size(dataset, specs, 1)
@@ -276,13 +277,15 @@ def _leading_names(batched: Iterable[InputSpec]) -> set[str | None]:
 
 
 def _later_sample_axes(
-    specs: list[InputSpec], arrays: Mapping[str, np.ndarray], exact: set[str], batched: set[str]
+    specs: list[InputSpec], arrays: Mapping[str, np.ndarray], exact: set[str], batched: set[str], cut: int | None
 ) -> dict[str, int]:
     """Inputs at their declared shape whose batch is a later axis holding one slice per sample (rule 4).
 
     The axis must be the input's only symbolic dim named like the batched inputs' leading dim (two
     unnamed dims count as the same) and hold as many slices as they hold samples, more than one:
-    a state given once (size 1 there) stays shared.
+    a state given once (size 1 there) stays shared. ``cut``: the samples the reader stopped at
+    (``max_samples``); when the batched inputs were cut there, such an input may hold more slices, and the
+    caller keeps the first ones.
     """
     counts = {len(arrays[n]) for n in batched}
     if len(counts) != 1 or (n := counts.pop()) < 2:
@@ -291,7 +294,8 @@ def _later_sample_axes(
     axes = {}
     for s in specs:
         axis = _batch_axis(s, leading) if s.name in exact else None
-        if axis is not None and arrays[s.name].shape[axis] == n:
+        size = arrays[s.name].shape[axis] if axis is not None else None
+        if size is not None and (size == n or (n == cut and size > n)):
             axes[s.name] = axis
     return axes
 
@@ -571,7 +575,7 @@ def load_dataset(
         arrays = _from_feeds(_reader_feeds(source) if hasattr(source, "get_next") else source, specs, max_samples)
     else:
         raise ConfigError(f"calibration data of type {type(source).__name__}: give a path, a reader or feed dicts")
-    dataset = _check(arrays, specs, label)
+    dataset = _check(arrays, specs, label, cut=max_samples)
     if max_samples:
         step = _run_size(dataset, specs, 1)
         dataset = dataset.head(max(step, max_samples - max_samples % step))

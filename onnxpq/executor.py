@@ -229,6 +229,8 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 #: Gates per recurrent operator, in ONNX's order within W, R and B.
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+#: The default activations of each, per direction, as the ``activations`` attribute spells them.
+_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
 #: Attributes whose non-default values change the recurrence; the executor runs only the defaults.
 _RECURRENT_DEFAULTS = {"activations": None, "activation_alpha": None, "activation_beta": None, "clip": None,
                        "input_forget": 0, "layout": 0}  # fmt: skip
@@ -241,11 +243,15 @@ def _recurrent(op: str) -> Op:
     """
 
     def run(attrs: dict, x: Tensor, w: Tensor, r: Tensor, b: Tensor | None = None, *rest: Tensor | None) -> tuple:
+        dirs = w.shape[0]
+        # Exporters may spell out the defaults (tf2onnx does); strings come as bytes.
+        spelled = [a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations") or []]
+        attrs = {**attrs, "activations": None} if spelled == _ACTIVATIONS[op] * dirs else attrs
         odd = [k for k, v in _RECURRENT_DEFAULTS.items() if k in attrs and attrs[k] != v]
         lens, h0, c0, peep = (list(rest) + [None] * 4)[:4]
         if odd or lens is not None or peep is not None:
             raise UnsupportedGraphError(f"{op} with {', '.join(odd) or 'sequence_lens or peepholes'} is not supported")
-        dirs, hidden = w.shape[0], r.shape[-1]
+        hidden = r.shape[-1]
         steps, batch = x.shape[0], x.shape[1]
         bias = b if b is not None else x.new_zeros(dirs, 2 * _GATES[op] * hidden)
         zeros = x.new_zeros(dirs, batch, hidden)

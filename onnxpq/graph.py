@@ -363,9 +363,15 @@ def _check_opset(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _static_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    """Each value's shape as onnx's shape inference finds it (unknown dims None); empty if inference fails."""
+    """Each value's shape as onnx's shape inference finds it from the inputs (unknown dims None); empty if it fails.
+
+    The model's own ``value_info`` annotations are left out: a stale one must not refuse a model that runs.
+    """
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    bare.graph.ClearField("value_info")
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(bare)
     except Exception:  # onnx raises several types; an unknown shape only skips the check it feeds
         return {}
     graph = inferred.graph

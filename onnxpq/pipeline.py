@@ -38,6 +38,7 @@ from onnxpq.graph import (
     check_distinct,
     check_input_path,
     check_output_path,
+    constant_tensors,
     data_file_path,
     external_data_files,
     load_model,
@@ -351,8 +352,11 @@ def _finetune(
     if calib.source == "random":
         notes.append("fine-tuned on synthetic random inputs: the tuned model may fit noise, not your data")
     teacher, student = inline_taken(original, calib)[0], inline_taken(compressed, calib)[0]
+    # Only what the written model holds in its main graph can be written back (codebooks, lifted weights).
+    tunable = set(constant_tensors(compressed.graph))
     try:
-        result = finetune(teacher, student, calib, config.finetune, seed=config.seed, labels=labels, progress=progress)
+        settings = {"seed": config.seed, "labels": labels, "progress": progress, "tunable": tunable}
+        result = finetune(teacher, student, calib, config.finetune, **settings)
     except UnsupportedGraphError as err:
         notes.append(f"fine-tuning skipped, the model is saved untuned: {err}")
         return compressed, None

@@ -507,37 +507,36 @@ def collect_stats(
     feeds = list(batches(dataset, model, batch_size=BATCH))
     # The first batch's rows times this estimate a layer's rows over the whole dataset.
     scale = dataset.n_samples / min(run_size(dataset, model, BATCH), dataset.n_samples)
-    samplers = {(name, i): _Sampler(name, i, scale, shapes[name].inputs) for name, rs in readers.items()
-                for i in range(len(rs))}  # fmt: skip
+    samplers = {name: _Sampler(name, scale * len(rs), shapes[name].inputs) for name, rs in readers.items()}
     for index, feed in enumerate(tqdm(feeds, desc="layer statistics", unit="batch", disable=not progress, leave=False)):
         values = probe.run(feed)
         for name, rs in readers.items():
             for i, r in enumerate(rs):
-                pick = functools.partial(samplers[name, i].pick, batch=index)
+                pick = functools.partial(samplers[name].pick, reader=i, batch=index)
                 for rows in r.rows(np.asarray(values[r.activation]), ROW_CHUNK_BYTES, pick):
                     acc[name].add(rows)
     return {name: a.result() for name, a in acc.items()}
 
 
 class _Sampler:
-    """Which input rows of one reader the statistics use: all, up to ``MAX_ROWS`` in the layer (or
-    ``ROWS_PER_INPUT`` per input R, if more); beyond, the same share of every batch, drawn without
-    replacement. The share is set at the first batch (its rows times ``scale``, the dataset's samples over
-    that batch's), and each batch's draw is seeded by the weight's name, the reader and the batch, so the
-    bytes are reproducible."""
+    """Which input rows of one weight the statistics use: all, up to ``MAX_ROWS`` (or ``ROWS_PER_INPUT`` per
+    input R, if more); beyond, the same share of every batch of every node reading it (so each keeps its
+    weight in H), drawn without replacement. The share is set at the first call (its rows times ``scale``:
+    the dataset's samples over that batch's, times the readers), and each draw is seeded by the weight's
+    name, the reader and the batch, so the bytes are reproducible."""
 
-    def __init__(self, name: str, reader: int, scale: float, inputs: int) -> None:
-        self.seed = (zlib.crc32(name.encode()), reader)
+    def __init__(self, name: str, scale: float, inputs: int) -> None:
+        self.seed = zlib.crc32(name.encode())
         self.scale, self.inputs = scale, inputs
         self.share: float | None = None
 
-    def pick(self, n: int, *, batch: int) -> np.ndarray | None:
+    def pick(self, n: int, *, reader: int, batch: int) -> np.ndarray | None:
         if self.share is None:
             self.share = min(1.0, max(MAX_ROWS, ROWS_PER_INPUT * self.inputs) / max(n * self.scale, 1))
-        if self.share >= 1:
+        if self.share >= 1 or n == 0:
             return None
         count = max(1, round(n * self.share))
-        return np.sort(np.random.default_rng((*self.seed, batch)).choice(n, size=count, replace=False))
+        return np.sort(np.random.default_rng((self.seed, reader, batch)).choice(n, size=count, replace=False))
 
 
 def taken_branches(model: onnx.ModelProto, dataset: Dataset) -> dict[str, str]:

@@ -128,3 +128,13 @@ def test_state_given_once_stays_shared(tmp_path, rng):
     assert data.sample_axes == {} and data.is_shared("state")
     runs = list(batches(data, model, batch_size=4))
     assert len(runs) == 4 and all(feed["state"] is data.arrays["state"] for feed in runs)
+
+
+def test_a_later_axis_state_is_cut_with_the_samples_it_goes_with(tmp_path, rng):
+    """--calibration-samples 4 on a file of 6: the reader keeps the first 4 rows of x and of state's axis 1."""
+    model = _stateful_model(rng)
+    x, state = rand(rng, 6, 6), rand(rng, 2, 6, 4)
+    np.savez(tmp_path / "d.npz", x=x, state=state, gain=np.array(1.0, np.float32))
+    data = load_dataset(tmp_path / "d.npz", model, max_samples=4)
+    assert data.n_samples == 4 and data.sample_axes == {"state": 1}
+    np.testing.assert_array_equal(np.moveaxis(data.arrays["state"], 0, 1), state[:, :4])

@@ -293,6 +293,7 @@ def test_real_models_match_onnxruntime(tmp_path, rng):
         ("GRU", "reverse", {}),
         ("GRU", "bidirectional", {"linear_before_reset": 1}),
         ("RNN", "forward", {}),
+        ("LSTM", "forward", {"activations": ["Sigmoid", "Tanh", "Tanh"]}),  # the defaults, spelled out
     ],
 )
 def test_recurrent_ops(rng, op, direction, attrs):

@@ -272,6 +272,10 @@ def test_fine_tuning_runs_on_the_taken_branch_and_keeps_both(tmp_path, rng):
     from onnxpq.config import FinetuneConfig
 
     model = if_model(rng)
+    then = next(a.g for a in model.graph.node[1].attribute if a.name == "then_branch")  # a bias inside the
+    # branch: rank 1, so not lifted into the main graph, where the tuned values are written back
+    then.node[0].input.append("bt")
+    then.initializer.append(numpy_helper.from_array(rand(rng, 8), "bt"))
     onnx.save(model, tmp_path / "in.onnx")
     np.savez(tmp_path / "calib.npz", x=rand(rng, 24, 8, 6, 6), c=np.array(True))
     tune = FinetuneConfig(steps=4, eval_every=2, lr=1e-2, ema=0.0)
@@ -282,6 +286,14 @@ def test_fine_tuning_runs_on_the_taken_branch_and_keeps_both(tmp_path, rng):
     assert not [w for w in result.report["warnings"] if "fine-tuning skipped" in w]
     compressed = onnx.load(tmp_path / "out.onnx")
     assert [n.op_type for n in compressed.graph.node].count("If") == 1
+    (branch,) = [n for n in compressed.graph.node if n.op_type == "If"]
+    body = next(a.g for a in branch.attribute if a.name == "then_branch")
+    kept = {t.name: t for t in body.initializer}["bt"]
+    np.testing.assert_array_equal(numpy_helper.to_array(kept), numpy_helper.to_array(then.initializer[-1]))
+    # Only what could be written back was tuned: the codebooks co-adapted with a bias that was then dropped.
+    from onnxpq.finetune import trainable_constants
+
+    assert result.report["finetune"]["trainable"]["tensors"] == len(trainable_constants(compressed))
     for cond in (True, False):
         (y,) = run(compressed, {"x": rand(rng, 1, 8, 6, 6), "c": np.array(cond)})
         assert np.isfinite(y).all()
