@@ -414,7 +414,7 @@ def tied_lm(small: bool):
 
 
 def bert_base(small: bool):
-    """A BERT-base-shaped encoder (110 M parameters: 30 522 x 768 token table, 12 post-norm blocks of 12 heads,
+    """A BERT-base-shaped encoder (108.6 M parameters: 30 522 x 768 token table, 12 post-norm blocks of 12 heads,
     3072-wide GELU MLPs, mean-pooled output): issue 21's 100 M-parameter transformer."""
     torch, nn = _torch()
     vocab, dim, depth, heads, length = (512, 64, 2, 2, 32) if small else (30522, 768, 12, 12, 128)
