@@ -208,6 +208,46 @@ def status(row: dict[str, Any]) -> str:
     return "ok" if row["exit_code"] == 0 else "gate"
 
 
+#: The speed benchmark's rows plotted beside the zoo's: the code they measured (docs/SPEED.md).
+SPEED_LABEL = "after (0.4.0, statistics rows capped)"
+PLOT = DOCS / "zoo_time_per_parameter.png"
+#: Float parameters of the speed benchmark's models, as the report counts them (``report.float_parameters``
+#: of tools/bench.py's task models, measured 2026-12-07): speed.json does not record them.
+SPEED_PARAMETERS = {"MobileNetV2": 3_487_886, "PP-OCRv4 rec": 2_690_352, "all-MiniLM-L6-v2": 22_565_426}
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Wall seconds per parameter against parameters (log-log): every zoo compression that ended with exit 0 and
+    the speed benchmark's models, with issue 21's bound, twice MobileNetV2's time per parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speed = [r for r in json.loads((DOCS / "speed.json").read_text()) if r["label"] == SPEED_LABEL]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for small, marker in ((True, "o"), (False, "s")):
+        done = [r for r in rows if r["exit_code"] == 0 and r["small"] == small and r["wall_s"]]
+        ax.scatter([r["parameters"] for r in done], [r["wall_s"] / r["parameters"] * 1e6 for r in done],
+                   marker=marker, label=f"zoo, {'small' if small else 'full size'}")  # fmt: skip
+        for r in done if not small else []:
+            ax.annotate(r["model"], (r["parameters"], r["wall_s"] / r["parameters"] * 1e6), fontsize=7)
+    params = SPEED_PARAMETERS
+    for r in speed:
+        x, y = params[r["model"]], r["wall_s"] / params[r["model"]] * 1e6
+        ax.scatter([x], [y], marker="^", color="black")
+        ax.annotate(r["model"], (x, y), fontsize=7)
+    mobilenet = next((r for r in speed if r["model"] == "MobileNetV2"), None)
+    if mobilenet:
+        bound = 2 * mobilenet["wall_s"] / params["MobileNetV2"] * 1e6
+        ax.axhline(bound, color="gray", linestyle="--", label="2x MobileNetV2 (issue 21)")
+    ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="wall µs per parameter (2 cores)",
+           title="Data-aware --target-bpw compression time per parameter")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """docs/ZOO.md: how the rows were produced, one table row per compression, then the failures in full."""
     lines = [
@@ -228,7 +268,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Reading the times: issue 21 bounds every model at 2x MobileNetV2's time per parameter. MobileNetV2",
         "`--target-bpw 3` (256 samples, docs/SPEED.md) took 58 s wall on this machine at f182b84 for 3.5 M",
         "parameters, ~17 µs of wall time per parameter. CPU s counts the child and its worker processes;",
-        "the small models' µs/parameter is mostly fixed per-run and per-layer cost.",
+        "the small models' µs/parameter is mostly fixed per-run and per-layer cost. zoo_time_per_parameter.png",
+        "plots wall µs per parameter against parameters for every row that ended with exit 0, with the speed",
+        "benchmark's models at the current code: PP-OCRv4 rec (2.7 M parameters, 112 s) is above the bound.",
         "",
         "Data: inputs with a fixed shape that is not a sample axis are stored once at that shape (Silero's",
         "rank-0 `sr` = 16000, the sequence variant's zero `h`/`c`, the OpenVINO variant's zero `state`,",
@@ -296,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
             (DOCS / "ZOO.md").write_text(render(rows, meta))
+            plot(rows, PLOT)
     return 0
 
 
