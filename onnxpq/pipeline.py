@@ -609,6 +609,12 @@ def compress(
             compressed, tuned = _finetune(model, compressed, calib, config, tune_labels, notes, progress)
     if calib is not None and calib.source == "random":
         notes.append("calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real")
+    if calib is None and any(c.compressed for c in candidates):
+        notes.append(
+            "quantized without data (no --calibration-data): the codebooks fit the weights, not the outputs, which "
+            "on real models costs far more accuracy at the same size (docs/BENCHMARKS.md); pass a few hundred "
+            "samples of the model's inputs with --calibration-data"
+        )
     if validation.enabled and validation.data is not None and validation.data is calib:
         notes.append("validated on the calibration samples: pass --validation-data for an unbiased measurement")
     sections = {

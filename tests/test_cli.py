@@ -132,7 +132,11 @@ def test_compress_writes_report_and_validate_gates(model_path, tmp_path, capsys)
     assert report["validation"]["inputs"] == "synthetic"
     assert report["validation"]["decode_folded"] is True
     assert report["layers"][0]["k"] == 256 and report["output"]["sha256"]
-    assert "synthetic" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "synthetic" in printed
+    # Data-free quantization is the silent default without data (issue 24): the run says so.
+    assert any(w.startswith("quantized without data (no --calibration-data)") for w in report["warnings"])
+    assert "quantized without data" in printed
     assert cli("validate", model_path, out, "--no-measure", "--metric", "cosine", "--max-degradation", "0.5") == 0
     assert cli("validate", model_path, out, "--no-measure", "--metric", "max_abs", "--max-degradation", "0") == 1
     assert "accuracy gate failed: output 'y' max_abs" in capsys.readouterr().err
