@@ -209,7 +209,7 @@ def status(row: dict[str, Any]) -> str:
 
 
 #: The speed benchmark's rows plotted beside the zoo's: the code they measured (docs/SPEED.md).
-SPEED_LABEL = "after (0.4.0, statistics rows capped)"
+SPEED_LABEL = "after (0.4.0, rows capped, probe 8 at a time)"
 PLOT = DOCS / "zoo_time_per_parameter.png"
 #: Float parameters of the speed benchmark's models, as the report counts them (``report.float_parameters``
 #: of tools/bench.py's task models, measured 2026-12-07): speed.json does not record them.
@@ -266,11 +266,11 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "space capped (`--memory-limit-gb`, default 12), while other jobs shared the two cores.",
         "",
         "Reading the times: issue 21 bounds every model at 2x MobileNetV2's time per parameter. MobileNetV2",
-        "`--target-bpw 3` (256 samples, docs/SPEED.md) took 58 s wall on this machine at f182b84 for 3.5 M",
+        "`--target-bpw 3` (256 samples, docs/SPEED.md) took 59 s wall on this machine at 6e0c7e7 for 3.5 M",
         "parameters, ~17 µs of wall time per parameter. CPU s counts the child and its worker processes;",
         "the small models' µs/parameter is mostly fixed per-run and per-layer cost. zoo_time_per_parameter.png",
         "plots wall µs per parameter against parameters for every row that ended with exit 0, with the speed",
-        "benchmark's models at the current code: PP-OCRv4 rec (2.7 M parameters, 112 s) is above the bound.",
+        "benchmark's models at the current code: PP-OCRv4 rec (2.7 M parameters, 96 s) is above the bound.",
         "",
         "Data: inputs with a fixed shape that is not a sample axis are stored once at that shape (Silero's",
         "rank-0 `sr` = 16000, the sequence variant's zero `h`/`c`, the OpenVINO variant's zero `state`,",
