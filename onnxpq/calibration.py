@@ -262,8 +262,8 @@ def _check(arrays: Mapping[str, Any], specs: list[InputSpec], source: str, cut: 
     exact = {s.name for s in specs if _at_declared_shape(s, checked[s.name])}
     batched = {n for n, a in checked.items() if a.ndim} - exact
     axes = _later_sample_axes(specs, checked, exact, batched, cut)
+    samples = len(checked[next(iter(batched))]) if axes else 0  # every batched input holds this many (checked)
     for name, axis in axes.items():
-        samples = len(checked[next(iter(batched))])  # every batched input holds this many (checked there)
         checked[name] = np.moveaxis(checked[name], axis, 0)[:samples]
     exact -= set(axes)
     dataset = Dataset(checked, source, frozenset(exact) if batched else frozenset(), axes)
@@ -302,7 +302,7 @@ def _later_sample_axes(
 
 def _batch_axis(spec: InputSpec, leading: set[str | None]) -> int | None:
     """The axis past the first that is ``spec``'s only symbolic dim named like a batched input's leading dim."""
-    found = [a for a, d in enumerate(spec.shape or (), start=0) if a and not isinstance(d, int) and d in leading]
+    found = [a for a, d in enumerate((spec.shape or ())[1:], start=1) if not isinstance(d, int) and d in leading]
     return found[0] if len(found) == 1 else None
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpq.graph import constant_tensors, display_name, node_bodies, readers
+from onnxpq.graph import constant_tensors, display_name, node_bodies, readers, value_dims
 
 __all__ = ["ChannelGroup", "Member", "Segment", "find_groups"]
 
@@ -174,11 +174,8 @@ def _rank(shapes: Mapping[str, tuple[int | None, ...]], name: str) -> int | None
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    out = {}
-    for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-            out[v.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    out = value_dims((*graph.value_info, *graph.input, *graph.output))
     for t in model.graph.initializer:
         out[t.name] = tuple(t.dims)
     return out

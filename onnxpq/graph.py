@@ -21,7 +21,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -59,6 +59,7 @@ __all__ = [
     "stage_model",
     "staging",
     "tensor_array",
+    "value_dims",
 ]
 
 MIN_OPSET = 11
@@ -362,6 +363,15 @@ def _check_opset(model: onnx.ModelProto, path: Path) -> None:
         raise InputModelError(f"{path}: opset {opset} is newer than this onnx package knows ({newest}); upgrade onnx")
 
 
+def value_dims(values: Iterable[onnx.ValueInfoProto]) -> dict[str, tuple[int | None, ...]]:
+    """The declared or inferred shape of each tensor value: a dim's size, or None where it is symbolic or unknown."""
+    return {
+        v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+        for v in values
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
+    }
+
+
 def _static_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
     """Each value's shape as onnx's shape inference finds it from the inputs (unknown dims None); empty if it fails.
 
@@ -374,12 +384,7 @@ def _static_dims(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
         inferred = onnx.shape_inference.infer_shapes(bare)
     except Exception:  # onnx raises several types; an unknown shape only skips the check it feeds
         return {}
-    graph = inferred.graph
-    return {
-        v.name: tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
-        for v in (*graph.input, *graph.value_info)
-        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
-    }
+    return value_dims((*inferred.graph.input, *inferred.graph.value_info))
 
 
 def check_conv_channels(model: onnx.ModelProto, path: Path) -> None:

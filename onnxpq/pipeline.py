@@ -473,10 +473,9 @@ def _quantize(
     with clock.stage("statistics"):
         # Statistics run on the graph with the If branches the samples take inlined (their weights get data).
         seen, taken = inline_taken(model, fit) if fit is not None else (model, {})
+        seen_candidates = with_uses_in(seen, candidates) if taken else candidates
         stats = (
-            collect_stats(
-                seen, with_uses_in(seen, candidates), fit, progress=progress, memory_mib=config.statistics_memory_mib
-            )
+            collect_stats(seen, seen_candidates, fit, progress=progress, memory_mib=config.statistics_memory_mib)
             if fit is not None
             else {}
         )
@@ -503,7 +502,6 @@ def _quantize(
         targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
     with clock.stage("quantization"):
         if config.sequential and fit is not None:
-            seen_candidates = with_uses_in(seen, candidates)
             results = quantize_sequential(
                 seen, seen_candidates, config, fit, targets, first_stats=stats, progress=progress
             )

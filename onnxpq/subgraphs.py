@@ -111,15 +111,7 @@ class _Lifter:
     taken: set[str]
 
     def new_name(self, old: str, path: str) -> str:
-        if self.counts[old] == 1:
-            return old
-        base = f"{path}/{old}"
-        name, suffix = base, 0
-        while name in self.taken:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self.taken.add(name)
-        return name
+        return old if self.counts[old] == 1 else _scoped_name(old, path, self.taken)
 
     def lift(self, body: onnx.GraphProto, path: str) -> None:
         """Lift ``body``'s own weights, then those of the bodies nested in it."""
@@ -165,6 +157,17 @@ class _Lifter:
         return lifted.name
 
 
+def _scoped_name(old: str, path: str, taken: set[str]) -> str:
+    """``<path>/<old>``, with a numeric suffix if that is taken too; the name is added to ``taken``."""
+    base = f"{path}/{old}"
+    name, suffix = base, 0
+    while name in taken:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    taken.add(name)
+    return name
+
+
 def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Point every read of ``old`` in ``graph`` and its bodies at ``new``, except where a body redefines ``old``."""
     for node in graph.node:
@@ -200,19 +203,22 @@ def lift_subgraph_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _inlined(node: onnx.NodeProto, name: str, branch: str, counts: Counter[str]) -> list[onnx.NodeProto]:
+def _inlined(
+    node: onnx.NodeProto, name: str, branch: str, counts: Counter[str], taken: set[str]
+) -> list[onnx.NodeProto]:
     """The nodes of one ``If``'s ``branch`` as main-graph nodes that define the ``If``'s outputs.
 
     Each node is named by its scoped path (``If_0/then_branch/Conv_3``, as ``scoped_nodes`` names
-    it), and each value the branch defines that another scope defines too becomes ``<path>/<name>``,
-    so nothing in the main graph is redefined; Identity nodes hand the branch outputs to the ``If``'s.
+    it), and each value the branch defines that another scope defines too becomes ``<path>/<name>``
+    (made unique, as lifted weights are), so nothing in the main graph is redefined; Identity nodes
+    hand the branch outputs to the ``If``'s.
     """
     body = onnx.GraphProto()
     body.CopyFrom(next(g for attr, g in node_bodies(node) if attr == branch))
     path = f"{name}/{branch}"
     for value in sorted(_own_names(body)):
         if counts[value] > 1:
-            renamed = f"{path}/{value}"
+            renamed = _scoped_name(value, path, taken)
             for n in body.node:
                 n.output[:] = [renamed if o == value else o for o in n.output]
             for t in body.initializer:
@@ -245,11 +251,12 @@ def inline_branches(model: onnx.ModelProto, taken: dict[str, str]) -> onnx.Model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     counts = value_names(out.graph)
+    names = set(counts)
     nodes = []
     for index, node in enumerate(out.graph.node):
         name = display_name(node, index)
         if node.op_type == "If" and name in taken:
-            nodes.extend(_inlined(node, name, taken[name], counts))
+            nodes.extend(_inlined(node, name, taken[name], counts, names))
         else:
             nodes.append(node)
     del out.graph.node[:]
