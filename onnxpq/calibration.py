@@ -24,7 +24,9 @@ What a sample is, per input, decided from its declared shape and the data given:
    given with one slice per sample on that axis (``(2, n, 128)`` beside ``input (n, 576)``):
    the recurrent state each sample saw in a stream. Stored with that axis first, fed
    back in the model's order (``Dataset.sample_axes``). A reader's feed dicts of
-   such an input are joined along that axis too.
+   such an input are joined along that axis too. A model that runs one sample per
+   call (every batched input's leading dim fixed at 1) may declare that axis as a
+   fixed 1 instead (Silero's OpenVINO export: ``state[2,1,128]``, ``input[1,576]``).
 
 All batched inputs must agree on the number of samples; those with a fixed
 leading dim must agree on ``d`` (a per-sample scalar forces ``d = 1``, and a shared
@@ -226,8 +228,9 @@ def _check_names(keys: Iterable[str], specs: list[InputSpec], source: str) -> No
         )
 
 
-def _conform(spec: InputSpec, value: Any, source: str) -> np.ndarray:
-    """One input's data with the model's dtype; rank and fixed sizes checked (see the module docstring)."""
+def _conform(spec: InputSpec, value: Any, source: str, free_axis: int | None = None) -> np.ndarray:
+    """One input's data with the model's dtype; rank and fixed sizes checked (see the module docstring),
+    except on ``free_axis``, a fixed 1 that may hold one slice per sample (rule 4)."""
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as err:
@@ -250,7 +253,7 @@ def _conform(spec: InputSpec, value: Any, source: str) -> np.ndarray:
             raise ConfigError(f"{source}: input {spec.name!r} is {arr.dtype}, the model expects {spec.dtype}")
         arr = arr.astype(spec.dtype)
     for axis, (got, want) in enumerate(zip(arr.shape[1:], (spec.shape or ())[1:], strict=False), start=1):
-        if isinstance(want, int) and got != want:
+        if isinstance(want, int) and got != want and axis != free_axis:
             raise ConfigError(f"{source}: input {spec.name!r} axis {axis} is {got}, the model expects {want}")
     return arr
 
@@ -258,10 +261,17 @@ def _conform(spec: InputSpec, value: Any, source: str) -> np.ndarray:
 def _check(arrays: Mapping[str, Any], specs: list[InputSpec], source: str, cut: int | None = None) -> Dataset:
     """Names, dtypes and ranks must match the model; the batched inputs must agree on the samples."""
     _check_names(arrays, specs, source)
-    checked = {s.name: _conform(s, arrays[s.name], source) for s in specs}
+    ones = _fixed_one_axes(specs, arrays)
+    checked = {s.name: _conform(s, arrays[s.name], source, ones.get(s.name)) for s in specs}
     exact = {s.name for s in specs if _at_declared_shape(s, checked[s.name])}
-    batched = {n for n, a in checked.items() if a.ndim} - exact
-    axes = _later_sample_axes(specs, checked, exact, batched, cut)
+    batched = {n for n, a in checked.items() if a.ndim} - exact - set(ones)
+    axes = _later_sample_axes(specs, checked, exact, batched, cut, ones)
+    for name in set(ones) - set(axes):
+        raise ConfigError(
+            f"{source}: input {name!r} holds {checked[name].shape[ones[name]]} slices on axis {ones[name]}, "
+            f"declared 1 there (one per sample for a model that runs one sample per call), but the other inputs "
+            f"hold {', '.join(str(c) for c in sorted({len(checked[n]) for n in batched})) or 'no'} samples"
+        )
     samples = len(checked[next(iter(batched))]) if axes else 0  # every batched input holds this many (checked)
     for name, axis in axes.items():
         checked[name] = np.moveaxis(checked[name], axis, 0)[:samples]
@@ -276,16 +286,46 @@ def _leading_names(batched: Iterable[InputSpec]) -> set[str | None]:
     return {s.shape[0] for s in batched if s.shape and not isinstance(s.shape[0], int)}
 
 
+def _single_sample_axis(spec: InputSpec, specs: list[InputSpec]) -> int | None:
+    """Where a model that runs one sample per call (every other fixed leading dim is 1) keeps the sample of
+    an input whose leading dim is fixed above 1: its only later axis declared 1 (rule 4)."""
+    if not spec.fixed_batch or spec.shape[0] == 1:
+        return None
+    if {s.shape[0] for s in specs if s.fixed_batch and s is not spec} != {1}:
+        return None
+    ones = [a for a, d in enumerate(spec.shape) if a and d == 1]
+    return ones[0] if len(ones) == 1 else None
+
+
+def _fixed_one_axes(specs: list[InputSpec], arrays: Mapping[str, Any]) -> dict[str, int]:
+    """Inputs whose data hold several slices on their ``_single_sample_axis``, every other fixed dim
+    matching: one slice per sample (rule 4)."""
+    found = {}
+    for s in specs:
+        axis, shape = _single_sample_axis(s, specs), getattr(arrays[s.name], "shape", None)
+        if axis is None or shape is None or len(shape) != len(s.shape) or shape[axis] < 2:
+            continue
+        dims = enumerate(zip(s.shape, shape, strict=True))
+        if all(not isinstance(d, int) or d == n for a, (d, n) in dims if a != axis):
+            found[s.name] = axis
+    return found
+
+
 def _later_sample_axes(
-    specs: list[InputSpec], arrays: Mapping[str, np.ndarray], exact: set[str], batched: set[str], cut: int | None
+    specs: list[InputSpec],
+    arrays: Mapping[str, np.ndarray],
+    exact: set[str],
+    batched: set[str],
+    cut: int | None,
+    ones: Mapping[str, int],
 ) -> dict[str, int]:
-    """Inputs at their declared shape whose batch is a later axis holding one slice per sample (rule 4).
+    """Inputs whose batch is a later axis holding one slice per sample (rule 4).
 
     The axis must be the input's only symbolic dim named like the batched inputs' leading dim (two
-    unnamed dims count as the same) and hold as many slices as they hold samples, more than one:
-    a state given once (size 1 there) stays shared. ``cut``: the samples the reader stopped at
-    (``max_samples``); when the batched inputs were cut there, such an input may hold more slices, and the
-    caller keeps the first ones.
+    unnamed dims count as the same), or a fixed 1 of a model that runs one sample per call (``ones``),
+    and hold as many slices as the batched inputs hold samples, more than one: a state given once (size 1
+    there) stays shared. ``cut``: the samples the reader stopped at (``max_samples``); when the batched
+    inputs were cut there, such an input may hold more slices, and the caller keeps the first ones.
     """
     counts = {len(arrays[n]) for n in batched}
     if len(counts) != 1 or (n := counts.pop()) < 2:
@@ -293,7 +333,7 @@ def _later_sample_axes(
     leading = _leading_names(s for s in specs if s.name in batched)
     axes = {}
     for s in specs:
-        axis = _batch_axis(s, leading) if s.name in exact else None
+        axis = _batch_axis(s, leading) if s.name in exact else ones.get(s.name)
         size = arrays[s.name].shape[axis] if axis is not None else None
         if size is not None and (size == n or (n == cut and size > n)):
             axes[s.name] = axis
@@ -388,7 +428,9 @@ def _merge(parts: Mapping[str, list[np.ndarray]], specs: list[InputSpec], source
         if varies and same[key] and (first.ndim == 0 or (spec is not None and first.shape == spec.shape)):
             out[key] = first
             continue
-        later = _batch_axis(spec, leading) if spec and all(_at_declared_shape(spec, v) for v in values) else None
+        later = None
+        if spec and all(_at_declared_shape(spec, v) for v in values):
+            later = _batch_axis(spec, leading) or _single_sample_axis(spec, specs)
         try:
             out[key] = np.concatenate(values, axis=later or 0) if first.ndim else np.stack(values)
         except ValueError as err:

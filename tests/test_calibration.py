@@ -92,6 +92,17 @@ def _stateful_model(rng) -> onnx.ModelProto:
     return model
 
 
+def _one_per_call_model(rng) -> onnx.ModelProto:
+    """The stateful cell as a model that runs one sample per call: x [1, 6], state [2, 1, 4] (Silero's
+    OpenVINO export fixes every batch dim at 1)."""
+    model = _stateful_model(rng)
+    for value in model.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == "batch":
+                dim.dim_value = 1
+    return model
+
+
 def _expected(model, x, state, gain) -> np.ndarray:
     """Each sample run alone, with its own state: what the batched runs must reproduce."""
     return np.concatenate([run(model, {"x": x[i : i + 1], "state": state[:, i : i + 1], "gain": gain})[0]
@@ -118,6 +129,35 @@ def test_reader_feeds_of_a_later_axis_state_join_on_that_axis(rng):
     assert data.sample_axes == {"state": 1}
     got = np.concatenate([run(model, feed)[0] for feed in batches(data, model, batch_size=2)])
     np.testing.assert_allclose(got, _expected(model, x, state, gain), rtol=1e-6)
+
+
+def test_a_fixed_one_state_axis_holds_one_slice_per_sample(tmp_path, rng):
+    """state (2, n, 4) for a declared [2, 1, 4] beside x (n, 6) for [1, 6]: without rule 4 for fixed-1 axes
+    this was refused ("axis 1 is 5, the model expects 1") and only a zero state could be given."""
+    model = _one_per_call_model(rng)
+    x, state, gain = rand(rng, 5, 6), rand(rng, 2, 5, 4), np.array(0.5, np.float32)
+    np.savez(tmp_path / "d.npz", x=x, state=state, gain=gain)
+    data = load_dataset(tmp_path / "d.npz", model)
+    assert data.sample_axes == {"state": 1} and data.n_samples == 5
+    got = np.concatenate([run(model, feed)[0] for feed in batches(data, model, batch_size=4)])
+    np.testing.assert_allclose(got, _expected(model, x, state, gain), rtol=1e-6)
+
+
+def test_reader_feeds_of_a_fixed_one_state_join_on_that_axis(rng):
+    """Per-call feeds of a one-sample-per-call model: state pieces (2, 1, 4) join to (2, n, 4), not (2n, 1, 4)."""
+    model = _one_per_call_model(rng)
+    x, state, gain = rand(rng, 4, 6), rand(rng, 2, 4, 4), np.array(2.0, np.float32)
+    data = load_dataset([{"x": x[i : i + 1], "state": state[:, i : i + 1], "gain": gain} for i in range(4)], model)
+    assert data.sample_axes == {"state": 1}
+    got = np.concatenate([run(model, feed)[0] for feed in batches(data, model, batch_size=2)])
+    np.testing.assert_allclose(got, _expected(model, x, state, gain), rtol=1e-6)
+
+
+def test_a_fixed_one_state_whose_slices_fit_no_sample_count_is_refused(tmp_path, rng):
+    model = _one_per_call_model(rng)
+    np.savez(tmp_path / "d.npz", x=rand(rng, 5, 6), state=rand(rng, 2, 3, 4), gain=np.array(1.0, np.float32))
+    with pytest.raises(ConfigError, match=r"'state' holds 3 slices on axis 1, declared 1 there .* hold 5 samples"):
+        load_dataset(tmp_path / "d.npz", model)
 
 
 def test_state_given_once_stays_shared(tmp_path, rng):

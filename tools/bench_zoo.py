@@ -62,6 +62,7 @@ class Row:
     decode_folded: bool | None = None
     checker: str | None = None
     silero_max_dp: float | None = None
+    silero_p99_dp: float | None = None
     #: The commit that measured the row (rows merge across runs; older rows may predate a fix).
     commit: str | None = None
     error: str | None = None
@@ -126,14 +127,42 @@ def fill_from_report(row: Row, report_path: Path) -> None:
     row.decode_folded = validation.get("decode_folded")
 
 
-def silero_max_dp(original: Path, compressed: Path) -> float:
-    """max |p_compressed - p_original| over the held-out speech and noise streams (issue 19: within 0.02)."""
+def silero_dp(original: Path, compressed: Path) -> np.ndarray:
+    """|p_compressed - p_original| of every held-out speech and noise frame, streamed with the state carried."""
     audio = dict(np.load(zoo.out_dir(False) / "silero_audio.npz"))
-    worst = 0.0
-    for key in ("eval_speech", "eval_noise"):
-        a, b = zoo.silero_stream(original, audio[key])[0], zoo.silero_stream(compressed, audio[key])[0]
-        worst = max(worst, float(np.abs(a - b).max()))
-    return worst
+    return np.concatenate(
+        [np.abs(zoo.silero_stream(original, audio[k])[0] - zoo.silero_stream(compressed, audio[k])[0]) for k in
+         ("eval_speech", "eval_noise")]
+    )  # fmt: skip
+
+
+def _float_weights(graph: onnx.GraphProto):
+    """Every float32 initializer and Constant tensor of a graph and its subgraphs (Silero keeps them in Ifs)."""
+    yield from (t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _float_weights(attr.g)
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == onnx.TensorProto.FLOAT:
+                yield attr.t
+
+
+def silero_anchors(name: str, built: zoo.Built) -> dict[str, float]:
+    """How sensitive a Silero variant is, without onnxpq: Δp (max, 99th percentile, mean) when every float
+    weight of at least 1024 elements is only rounded to float16, the precision of onnxpq's codebooks."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(built.model))
+    for tensor in _float_weights(model.graph):
+        w = numpy_helper.to_array(tensor)
+        if w.size >= 1024:
+            tensor.CopyFrom(numpy_helper.from_array(w.astype(np.float16).astype(np.float32), tensor.name))
+    rounded = zoo.out_dir(True) / "out" / f"{name}_fp16_rounded.onnx"
+    rounded.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(rounded))
+    dp = silero_dp(built.model, rounded)
+    return {"max": round(float(dp.max()), 5), "p99": round(float(np.quantile(dp, 0.99)), 5),
+            "mean": round(float(dp.mean()), 6)}  # fmt: skip
 
 
 def compress(built: zoo.Built, name: str, budget: float, args: argparse.Namespace) -> Row:
@@ -170,14 +199,16 @@ def compress(built: zoo.Built, name: str, budget: float, args: argparse.Namespac
     row.checker = checker(out)
     if name in zoo.SILERO_VARIANTS:
         try:
-            row.silero_max_dp = round(silero_max_dp(built.model, out), 5)
+            dp = silero_dp(built.model, out)
+            row.silero_max_dp, row.silero_p99_dp = round(float(dp.max()), 5), round(float(np.quantile(dp, 0.99)), 5)
         except Exception as exc:
             row.error = f"silero check: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return row
 
 
-def load_rows() -> list[dict[str, Any]]:
-    return json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+def load_results() -> dict[str, Any]:
+    """docs/zoo.json: the rows and the Silero anchors of every earlier run."""
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
 
 
 def merge(old: list[dict[str, Any]], new: list[Row]) -> list[dict[str, Any]]:
@@ -246,9 +277,34 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def _silero_cell(row: dict[str, Any]) -> str:
+    if row.get("silero_p99_dp") is None:
+        return _fmt(row["silero_max_dp"], ".4f")
+    return f"{row['silero_max_dp']:.4f} / {row['silero_p99_dp']:.4f}"
+
+
+def render_anchors(anchors: dict[str, dict[str, float]]) -> list[str]:
+    """The Silero sensitivity table: what float16 rounding alone costs, the floor under any codebook's Δp."""
+    if not anchors:
+        return []
+    lines = [
+        "",
+        "## Silero: how far from 0.02 float16 alone is",
+        "",
+        "Every float weight of 1024 elements or more rounded to float16 (what onnxpq's codebooks store),",
+        "nothing else changed: Δp over the same held-out streams (`--silero-anchors`).",
+        "",
+        "| variant | Δp max | Δp p99 | Δp mean |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {k} | {v['max']:.4f} | {v['p99']:.4f} | {v['mean']:.6f} |" for k, v in anchors.items()]
+    return lines
+
+
+def render(rows: list[dict[str, Any]], meta: dict[str, Any], anchors: dict[str, dict[str, float]]) -> str:
     """docs/ZOO.md: how the rows were produced, one table row per compression, then the failures in full."""
     lines = [
         "# The zoo: architectures onnxpq was not tuned on",
@@ -273,16 +329,17 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "benchmark's models at the current code: PP-OCRv4 rec (2.7 M parameters, 96 s) is above the bound.",
         "",
         "Data: inputs with a fixed shape that is not a sample axis are stored once at that shape (Silero's",
-        "rank-0 `sr` = 16000, the sequence variant's zero `h`/`c`, the OpenVINO variant's zero `state`,",
-        "`scalar_input`'s rank-0 `gain`, `multi_input`'s `s[64]`). Silero's `state` [2, batch, 128] holds, on",
-        "its batch axis, the state each frame met when its stream was run frame by frame (rows at 0.4.0 on;",
-        "before, a zero state); everything else has its samples on axis 0.",
+        "rank-0 `sr` = 16000, the sequence variant's zero `h`/`c`, `scalar_input`'s rank-0 `gain`,",
+        "`multi_input`'s `s[64]`). Silero's `state` [2, batch, 128] holds, on its batch axis, the state each",
+        "frame met when its stream was run frame by frame (rows at 0.4.0 on; before, a zero state); the",
+        "OpenVINO variant declares that axis as a fixed 1 and got a zero state until rule 4 took fixed-1 axes",
+        "(its rows before this change used the zero state); everything else has its samples on axis 0.",
         "",
         "Rows are merged across runs: `commit` says which code measured each (`< 806bbc5` for rows measured",
         "before rows recorded it, on the tree of that morning: rerun them before quoting them).",
         "",
         "| model | size | bpw target | extra | status | wall s | CPU s | CPU µs/param | peak RSS MiB | params "
-        "| bits/weight | cosine | top-1 | folded | checker | Silero Δp | commit |",
+        "| bits/weight | cosine | top-1 | folded | checker | Silero Δp max / p99 | commit |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -293,8 +350,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {_fmt(r['peak_rss_mib'], '.0f')} | {r['parameters']:,} | {_fmt(r['bits_per_weight'], '.3f')} "
             f"| {_fmt(r['cosine'], '.4f')} | {_fmt(r['top1_agreement'], '.3f')} | {_fmt(r['decode_folded'], '')} "
             f"| {'ok' if r['checker'] == 'ok' else _fmt(r['checker'] and 'FAIL', '')} "
-            f"| {_fmt(r['silero_max_dp'], '.4f')} | {r.get('commit') or '< 806bbc5'} |"
+            f"| {_silero_cell(r)} | {r.get('commit') or '< 806bbc5'} |"
         )
+    lines += render_anchors(anchors)
     failures = [r for r in rows if status(r) != "ok"]
     if failures:
         lines += ["", "## Failures", ""]
@@ -313,10 +371,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default="", help='extra compress flags, e.g. "--permute --sequential 2"')
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a child is killed")
     parser.add_argument("--memory-limit-gb", type=float, default=12, help="address-space cap of each child")
+    parser.add_argument("--silero-anchors", action="store_true", help="measure Silero's float16 floor, no compress")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models) - set(zoo.MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(zoo.MODELS)}")
+    results = load_results()
+    anchors = results.get("silero_anchors", {})
+    if args.silero_anchors:
+        for name in [m for m in args.models or zoo.MODELS if m in zoo.SILERO_VARIANTS]:
+            anchors[name] = silero_anchors(name, zoo.build(name, small=True))
+            print(name, anchors[name], flush=True)
+        save(results.get("rows", []), anchors, argv)
+        return 0
     new = []
     for budget in args.budgets:  # every model at the first budget before any at the second: coverage first
         for name in args.models or zoo.MODELS:
@@ -330,16 +397,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"top1 {_fmt(row.top1_agreement, '.3f')}  {row.error or row.checker}",
                 flush=True,
             )
-            rows = merge(load_rows(), new)
-            meta = {
-                "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "commit": git_commit(),
-                "command": "python tools/bench_zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-            }
-            RESULTS.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-            (DOCS / "ZOO.md").write_text(render(rows, meta))
-            plot(rows, PLOT)
+            save(merge(results.get("rows", []), new), anchors, argv)
     return 0
+
+
+def save(rows: list[dict[str, Any]], anchors: dict[str, dict[str, float]], argv: list[str] | None) -> None:
+    """Write docs/zoo.json and re-render docs/ZOO.md and the plot from it."""
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "command": "python tools/bench_zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+    }
+    RESULTS.write_text(json.dumps({"meta": meta, "rows": rows, "silero_anchors": anchors}, indent=1) + "\n")
+    (DOCS / "ZOO.md").write_text(render(rows, meta, anchors))
+    plot(rows, PLOT)
 
 
 if __name__ == "__main__":

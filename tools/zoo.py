@@ -767,18 +767,17 @@ def silero_stream(path: Path, frames_: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def silero_feed(model: onnx.ModelProto, frames_: np.ndarray, states: np.ndarray | None) -> Data:
-    """One Silero variant's feed: frames on axis 0, each frame's carried state (given once as zeros where the
-    variant fixes the state's batch at 1), sr = 16000 as a scalar, zero h and c for the sequence variant."""
+    """One Silero variant's feed: frames on axis 0, each frame's carried state on the state's batch axis (also
+    where the variant fixes it at 1: calibration rule 4), sr = 16000 as a scalar, zero h and c for the sequence
+    variant."""
     feed: Data = {}
     for value in model.graph.input:
-        batch = value.type.tensor_type.shape.dim[1] if value.name == "state" else None
         if value.name == "input":
             feed["input"] = frames_
         elif value.name == "sr":
             feed["sr"] = np.array(SR, dtype=np.int64)
         elif value.name == "state":
-            fixed = batch is not None and batch.HasField("dim_value")
-            feed["state"] = np.zeros((2, 1, 128), np.float32) if states is None or fixed else states
+            feed["state"] = np.zeros((2, 1, 128), np.float32) if states is None else states
         else:  # h, c of the sequence variant
             feed[value.name] = np.zeros((1, 1, 128), dtype=np.float32)
     return feed
