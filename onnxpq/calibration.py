@@ -58,7 +58,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxpq.errors import ConfigError, InputModelError
-from onnxpq.graph import check_tensor, serialized
+from onnxpq.model.graph import check_tensor, serialized
 
 __all__ = [
     "DATA_MEMORY_FRACTION",

@@ -411,8 +411,8 @@ def _inspect_groups(model) -> int:
     import numpy as np
 
     from onnxpq.calibration import random_dataset
-    from onnxpq.channels import find_groups
-    from onnxpq.permute import verify_groups
+    from onnxpq.permute.channels import find_groups
+    from onnxpq.permute.search import verify_groups
 
     groups = find_groups(model)
     print(f"{'group':>5} {'channels':>8} {'members':>7} {'consumers':>9}  origin / frozen because")
@@ -430,10 +430,10 @@ def _inspect_groups(model) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from onnxpq.graph import check_input_path, load_model
+    from onnxpq.model.graph import check_input_path, load_model
+    from onnxpq.model.subgraphs import lift_subgraph_weights
+    from onnxpq.quantize.selection import find_candidates
     from onnxpq.report import layer_rows
-    from onnxpq.selection import find_candidates
-    from onnxpq.subgraphs import lift_subgraph_weights
 
     check_input_path(args.input)
     if args.groups:
@@ -459,7 +459,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from onnxpq.graph import check_input_path, check_output_path, load_model
+    from onnxpq.model.graph import check_input_path, check_output_path, load_model
     from onnxpq.pipeline import check_runtime_loads, data_files, input_files, prepare_validation, run_validation
     from onnxpq.report import validation_lines, write_json
 

@@ -20,10 +20,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxpq.errors import UnsupportedGraphError
-from onnxpq.graph import opset_version
-from onnxpq.kmeans import Codebook
-from onnxpq.selection import Candidate
-from onnxpq.subgraphs import value_names
+from onnxpq.model.graph import opset_version
+from onnxpq.model.subgraphs import value_names
+from onnxpq.quantize.kmeans import Codebook
+from onnxpq.quantize.selection import Candidate
 
 __all__ = [
     "FOLD_LIMIT_BYTES",

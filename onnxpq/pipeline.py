@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpq.allocate import allocate_bits, budget_candidates, probe_split
-from onnxpq.bias import bias_targets, corrected_biases
 from onnxpq.calibration import Dataset, RandomInputs, batches, check_synthetic, load_dataset, random_dataset
 from onnxpq.config import CompressConfig
 from onnxpq.encode import (
@@ -32,7 +30,7 @@ from onnxpq.errors import (
     UnsupportedGraphError,
     ValidationFailedError,
 )
-from onnxpq.graph import (
+from onnxpq.model.graph import (
     Staging,
     check_conv_channels,
     check_distinct,
@@ -47,13 +45,15 @@ from onnxpq.graph import (
     stage_model,
     staging,
 )
+from onnxpq.model.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.parallel import Workers
-from onnxpq.permute import consumer_distortion, permute_model
-from onnxpq.quantize import LayerResult, quantize_sequential, quantize_weights
+from onnxpq.permute.search import consumer_distortion, permute_model
+from onnxpq.quantize.allocate import allocate_bits, budget_candidates, probe_split
+from onnxpq.quantize.bias import bias_targets, corrected_biases
+from onnxpq.quantize.layer import LayerResult, quantize_sequential, quantize_weights
+from onnxpq.quantize.selection import Candidate, pattern_counts, with_uses_in
+from onnxpq.quantize.stats import LAYER_SHARE, collect_stats, inline_taken
 from onnxpq.report import Stopwatch, layer_rows, pqf_sizes, sha256_file, versions, write_json
-from onnxpq.selection import Candidate, pattern_counts, with_uses_in
-from onnxpq.stats import LAYER_SHARE, collect_stats, inline_taken
-from onnxpq.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.validate import check_gate, default_metric, file_bytes, session, validate_compressed
 from onnxpq.version import __version__
 
@@ -347,7 +347,7 @@ def _finetune(
     inlined (``stats.inline_taken``), and the tuned values are written into the model that keeps them all.
     """
     # Imported here: torch costs seconds to import, and every --jobs worker process imports this module.
-    from onnxpq.finetune import finetune
+    from onnxpq.finetune.training import finetune
 
     if calib.source == "random":
         notes.append("fine-tuned on synthetic random inputs: the tuned model may fit noise, not your data")

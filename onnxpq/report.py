@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from onnxpq.graph import constant_tensors
-from onnxpq.quantize import LayerError
-from onnxpq.selection import FLOAT_TYPES, Candidate
+from onnxpq.model.graph import constant_tensors
+from onnxpq.quantize.layer import LayerError
+from onnxpq.quantize.selection import FLOAT_TYPES, Candidate
 from onnxpq.version import __version__
 
 __all__ = [

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from onnxpq.calibration import Dataset, batches
 from onnxpq.errors import ConfigError
-from onnxpq.graph import constant_foldable_nodes
+from onnxpq.model.graph import constant_foldable_nodes
 
 __all__ = [
     "METRICS",

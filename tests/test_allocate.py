@@ -11,7 +11,12 @@ from conftest import make_model, rand, run
 from onnx import helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
-from onnxpq.allocate import (
+from onnxpq.calibration import Dataset
+from onnxpq.encode import replace_constants
+from onnxpq.errors import ConfigError
+from onnxpq.model.graph import constant_tensors, constants_as_inputs
+from onnxpq.pipeline import ValidationSettings
+from onnxpq.quantize.allocate import (
     _NON_FINITE,
     HOLD_OUT_FROM,
     MEASURED_SETTINGS,
@@ -27,13 +32,8 @@ from onnxpq.allocate import (
     output_errors,
     probe_split,
 )
-from onnxpq.calibration import Dataset
-from onnxpq.encode import replace_constants
-from onnxpq.errors import ConfigError
-from onnxpq.graph import constant_tensors, constants_as_inputs
-from onnxpq.pipeline import ValidationSettings
-from onnxpq.quantize import decoded_weight, quantize_layer
-from onnxpq.selection import Candidate, find_candidates, variants
+from onnxpq.quantize.layer import decoded_weight, quantize_layer
+from onnxpq.quantize.selection import Candidate, find_candidates, variants
 
 
 def _options(rng: np.random.Generator, layers: int) -> dict[str, list[Option]]:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from onnxpq.calibration import Dataset
-from onnxpq.channels import find_groups
-from onnxpq.permute import apply_permutations, verify_groups
+from onnxpq.permute.channels import find_groups
+from onnxpq.permute.search import apply_permutations, verify_groups
 
 
 class Builder:
@@ -162,7 +162,7 @@ def test_a_frozen_group_cannot_be_permuted():
 def test_bundled_mnist_groups_verify():
     from conftest import ROOT
 
-    from onnxpq.graph import load_model
+    from onnxpq.model.graph import load_model
 
     model = load_model(ROOT / "models/mnist_cnn.onnx")
     groups = find_groups(model)

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from conftest import ROOT, conv_model, run
 
-from onnxpq import graph
 from onnxpq.cli import main
 from onnxpq.encode import pq_name
+from onnxpq.model import graph
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
 from onnxpq.encode import pq_name
-from onnxpq.graph import constant_foldable_nodes
+from onnxpq.model.graph import constant_foldable_nodes
 from onnxpq.pipeline import ValidationSettings
-from onnxpq.selection import find_candidates
+from onnxpq.quantize.selection import find_candidates
 from onnxpq.validate import decode_nodes_left
 
 NO_VALIDATION = ValidationSettings(enabled=False)

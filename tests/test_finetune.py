@@ -17,9 +17,9 @@ from onnxpq.calibration import Dataset, load_dataset  # noqa: E402
 from onnxpq.cli import main  # noqa: E402
 from onnxpq.config import FinetuneConfig  # noqa: E402
 from onnxpq.errors import ConfigError  # noqa: E402
-from onnxpq.executor import OnnxModule  # noqa: E402
-from onnxpq.finetune import _Average, _Mixup, _Runner, _targets, finetune, loss_kinds, trainable_constants  # noqa: E402
-from onnxpq.graph import load_model  # noqa: E402
+from onnxpq.finetune.executor import OnnxModule  # noqa: E402
+from onnxpq.finetune.training import _Average, _Mixup, _Runner, _targets, finetune, loss_kinds, trainable_constants  # noqa: E402
+from onnxpq.model.graph import load_model  # noqa: E402
 from onnxpq.pipeline import ValidationSettings  # noqa: E402
 from onnxpq.validate import run_session, session  # noqa: E402
 
@@ -299,8 +299,8 @@ def test_bad_finetune_settings(kwargs, message):
 
 def test_executor_disagreeing_with_onnxruntime_is_refused(case, monkeypatch):
     """A wrong operator in the table must not train the model towards a wrong function."""
-    from onnxpq import executor
     from onnxpq.errors import UnsupportedGraphError
+    from onnxpq.finetune import executor
 
     monkeypatch.setitem(executor.TORCH_OPS, "Relu", lambda attrs, x: x)
     original, compressed, data = case

@@ -13,7 +13,7 @@ from onnx import helper
 
 from onnxpq.cli import main
 from onnxpq.config import CompressConfig
-from onnxpq.selection import find_candidates, pattern_counts
+from onnxpq.quantize.selection import find_candidates, pattern_counts
 
 #: Conv_1 is a prefix of Conv_10 and Conv_11: a regex search for it would catch all three.
 NODES = ("Conv_1", "Conv_10", "Conv_11")

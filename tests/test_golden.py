@@ -314,7 +314,7 @@ def test_golden_records_every_case() -> None:
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="onnxpq/stats.py _moment sums x xᵀ with float32 np.matmul, whose OpenBLAS kernel rounds "
+    reason="onnxpq/quantize/stats.py _moment sums x xᵀ with float32 np.matmul, whose OpenBLAS kernel rounds "
     "differently on 1 and 2 threads, so the codebooks follow the machine's core count",
 )
 def test_golden_bytes_do_not_depend_on_blas_threads(tmp_path: Path) -> None:

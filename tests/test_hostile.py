@@ -137,7 +137,7 @@ def test_bad_output_paths_are_refused(make_out, message, tmp_path, capsys):
 
 def test_unwritable_output_directory_is_refused(tmp_path, monkeypatch, capsys):
     """Simulated: this suite may run as root, which writes anywhere."""
-    from onnxpq import graph
+    from onnxpq.model import graph
 
     source = _save(_two_convs(), tmp_path / "m.onnx")
     monkeypatch.setattr(graph.os, "access", lambda path, mode: False)
@@ -413,7 +413,7 @@ def _external_model(tmp: Path) -> Path:
 
 
 def test_external_data_is_not_loaded_with_the_graph(tmp_path):
-    from onnxpq.graph import constant_tensors, load_model, materialized
+    from onnxpq.model.graph import constant_tensors, load_model, materialized
 
     source = _external_model(tmp_path)
     model = load_model(source)
@@ -430,7 +430,7 @@ def test_bf16_external_tensor_reads_back(tmp_path):
     """bf16 has no plain numpy storage: it takes the byte path of ``tensor_array``."""
     import ml_dtypes
 
-    from onnxpq.graph import tensor_array
+    from onnxpq.model.graph import tensor_array
 
     values = np.random.default_rng(0).standard_normal((8, 8)).astype(ml_dtypes.bfloat16)
     tensor = numpy_helper.from_array(values, "w")
@@ -443,7 +443,7 @@ def test_bf16_external_tensor_reads_back(tmp_path):
 
 def test_large_output_streams_untouched_tensors_to_its_data_file(tmp_path, monkeypatch):
     """With the limit lowered, the output takes the >2 GB path: external data, aligned, checked, runnable."""
-    from onnxpq import graph
+    from onnxpq.model import graph
 
     monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 10_000)
     source = _external_model(tmp_path)

@@ -29,8 +29,9 @@ import pytest
 from conftest import ROOT, conv_model, make_model
 from onnx import TensorProto, helper
 
-from onnxpq import graph, pipeline
+from onnxpq import pipeline
 from onnxpq.cli import main
+from onnxpq.model import graph
 from onnxpq.report import write_json
 
 #: Keeps path cases fast: nothing is compressed (the only Conv is the first one) and nothing measured.

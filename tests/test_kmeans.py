@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from onnxpq.kmeans import assign, coarsened, kmeans, nearest_scalar
+from onnxpq.quantize.kmeans import assign, coarsened, kmeans, nearest_scalar
 
 
 def test_hand_worked_case():

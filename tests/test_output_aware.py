@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from onnxpq import output_aware
-from onnxpq.kmeans import kmeans
+from onnxpq.quantize import output_aware
+from onnxpq.quantize.kmeans import kmeans
 
 
 def spd(rng: np.random.Generator, r: int, groups: int = 1, correlated: bool = True) -> np.ndarray:

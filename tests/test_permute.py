@@ -9,11 +9,11 @@ from conftest import make_model, run
 from onnx import helper
 
 from onnxpq import CompressConfig, compress
-from onnxpq.graph import constant_tensors
-from onnxpq.layout import unit_matrix
-from onnxpq.permute import permute_model
+from onnxpq.model.graph import constant_tensors
+from onnxpq.permute.search import permute_model
 from onnxpq.pipeline import ValidationSettings
-from onnxpq.selection import Candidate, find_candidates
+from onnxpq.quantize.layout import unit_matrix
+from onnxpq.quantize.selection import Candidate, find_candidates
 
 
 def two_layer(rng: np.random.Generator, scales: np.ndarray, *, twins: bool = False) -> onnx.ModelProto:

@@ -13,14 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from onnxpq import CompressConfig, compress, output_aware, quantize
-from onnxpq import stats as stats_module
-from onnxpq.bias import bias_targets
+from onnxpq import CompressConfig, compress
 from onnxpq.calibration import Dataset
-from onnxpq.layout import unit_matrix
 from onnxpq.pipeline import ValidationSettings
-from onnxpq.selection import Candidate, find_candidates
-from onnxpq.stats import LayerStats, collect_stats
+from onnxpq.quantize import layer, output_aware
+from onnxpq.quantize import stats as stats_module
+from onnxpq.quantize.bias import bias_targets
+from onnxpq.quantize.layout import unit_matrix
+from onnxpq.quantize.selection import Candidate, find_candidates
+from onnxpq.quantize.stats import LayerStats, collect_stats
 
 NO_VALIDATION = ValidationSettings(enabled=False)
 
@@ -90,7 +91,7 @@ def test_shrinking_a_covariance_from_fewer_samples_than_inputs_generalises(tmp_p
     calibration, fresh = draw(24), {"x": draw(4000)}
     shrunk = _output_error(model, _compress(model, tmp_path, calibration), fresh)
     monkeypatch.setattr(LayerStats, "shrinkage", lambda self, cov=None: np.zeros(self.groups))
-    monkeypatch.setattr(quantize, "SHRINKAGE_GRID", ())
+    monkeypatch.setattr(layer, "SHRINKAGE_GRID", ())
     trusted = _output_error(model, _compress(model, tmp_path, calibration), fresh)
     assert shrunk < 0.85 * trusted
 
@@ -108,11 +109,11 @@ def test_a_rank_deficient_layer_keeps_the_shrinkage_with_the_least_output_error(
     weight, cand, stats = _gemm_layer(rng, rows=24)
     assert stats.rank_deficient
     config = CompressConfig(n_codewords=16)
-    chosen = quantize.quantize_layer(weight, cand, config, stats).error.output_rel
+    chosen = layer.quantize_layer(weight, cand, config, stats).error.output_rel
     alone = {}
-    for rho in ((), *((r,) for r in quantize.SHRINKAGE_GRID)):
-        monkeypatch.setattr(quantize, "SHRINKAGE_GRID", rho)
-        alone[rho] = quantize.quantize_layer(weight, cand, config, stats).error.output_rel
+    for rho in ((), *((r,) for r in layer.SHRINKAGE_GRID)):
+        monkeypatch.setattr(layer, "SHRINKAGE_GRID", rho)
+        alone[rho] = layer.quantize_layer(weight, cand, config, stats).error.output_rel
     assert chosen == min(alone.values())
     assert chosen <= alone[()]  # never worse than OAS's weight alone
     assert len(set(alone.values())) > 1  # the weights do lead to different codebooks
@@ -122,9 +123,9 @@ def test_a_full_rank_layer_is_refined_on_its_statistics_as_they_are(rng, monkeyp
     weight, cand, stats = _gemm_layer(rng, rows=256)
     assert not stats.rank_deficient
     config = CompressConfig(n_codewords=16)
-    plain = quantize.quantize_layer(weight, cand, config, stats)
-    monkeypatch.setattr(quantize, "SHRINKAGE_GRID", (0.9,))
-    tried = quantize.quantize_layer(weight, cand, config, stats)
+    plain = layer.quantize_layer(weight, cand, config, stats)
+    monkeypatch.setattr(layer, "SHRINKAGE_GRID", (0.9,))
+    tried = layer.quantize_layer(weight, cand, config, stats)
     np.testing.assert_array_equal(plain.quantized.codebook.codes, tried.quantized.codebook.codes)
 
 
@@ -143,8 +144,8 @@ def test_a_codebook_fitted_on_sampled_units_codes_every_unit_in_the_output_metri
     x = correlated_inputs(rng, 256, 64)
     stats = collect_stats(model, [cand], Dataset({"x": x}, "test"))[cand.name]
     weight = numpy_helper.to_array(model.graph.initializer[0])
-    full = quantize.quantize_layer(weight, cand, config, stats)
-    sampled = quantize.quantize_layer(weight, cand, config, stats, fit_units=8)
+    full = layer.quantize_layer(weight, cand, config, stats)
+    sampled = layer.quantize_layer(weight, cand, config, stats, fit_units=8)
     book = sampled.quantized.codebook
     units = unit_matrix(weight, cand)
     assert len(book.codes) == units.size // cand.subvector_dim
@@ -152,7 +153,7 @@ def test_a_codebook_fitted_on_sampled_units_codes_every_unit_in_the_output_metri
     blocks = output_aware.block_diagonal(metric, cand.subvector_dim)
     np.testing.assert_array_equal(book.codes, output_aware.assign(units, book.centroids, blocks))
     assert full.error.output_rel <= sampled.error.output_rel < 1.2 * full.error.output_rel
-    decoded = quantize.decoded_weight(sampled.quantized)
+    decoded = layer.decoded_weight(sampled.quantized)
     assert sampled.error.rel_l2 == pytest.approx(np.linalg.norm(weight - decoded) / np.linalg.norm(weight), rel=1e-5)
 
 
@@ -292,14 +293,14 @@ def test_quantize_layer_never_raises_on_hostile_statistics(kind, seed, rows, blo
     hessian = np.stack([HOSTILE_H[kind](rng, r) for _ in range(blocks)])
     mean = np.zeros((blocks, r)) if kind == "zero" else rng.standard_normal((blocks, r))
     stats = LayerStats(hessian=hessian, mean=mean, rows=rows, blocks=blocks)
-    result = quantize.quantize_layer(weight, cand, config, stats, correct_bias=correct)
+    result = layer.quantize_layer(weight, cand, config, stats, correct_bias=correct)
     book = result.quantized.codebook
     assert np.isfinite(book.centroids).all()
     assert book.codes.max() < 16 and len(book.codes) == weight.size // cand.subvector_dim
     assert result.shift is None or np.isfinite(result.shift).all()
     assert result.error.statistics.startswith("full" if blocks == 1 else f"block-diagonal {r}")
     if kind == "nan":
-        assert result.error.statistics.endswith(quantize.NO_METRIC)
+        assert result.error.statistics.endswith(layer.NO_METRIC)
 
 
 def test_block_diagonal_statistics_quantize_and_shift_the_mean_in_the_units_own_order(rng, monkeypatch):
@@ -312,13 +313,13 @@ def test_block_diagonal_statistics_quantize_and_shift_the_mean_in_the_units_own_
     blocked = collect_stats(model, [cand], dataset)[cand.name]
     weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == cand.name))
     config = CompressConfig(n_codewords=16)
-    result = quantize.quantize_layer(weight, cand, config, blocked, correct_bias=True)
+    result = layer.quantize_layer(weight, cand, config, blocked, correct_bias=True)
     assert result.error.statistics == "block-diagonal 16"
-    decoded = quantize.decoded_weight(result.quantized)
+    decoded = layer.decoded_weight(result.quantized)
     units, mine = unit_matrix(weight, cand), unit_matrix(decoded, cand)
     np.testing.assert_allclose(result.shift, (units - mine) @ full.mean[0], rtol=1e-4, atol=1e-6)
-    free = quantize.quantize_layer(weight, cand, config)
+    free = layer.quantize_layer(weight, cand, config)
     exact = output_aware.output_error(units, mine, full.hessian)
     assert exact < output_aware.output_error(
-        units, unit_matrix(quantize.decoded_weight(free.quantized), cand), full.hessian
+        units, unit_matrix(layer.decoded_weight(free.quantized), cand), full.hessian
     )

@@ -52,8 +52,8 @@ def test_mobilenetv2_sizes(tmp_path):
 
 def _verify_channels(model: onnx.ModelProto, feed: dict[str, np.ndarray], min_free: int) -> None:
     from onnxpq.calibration import Dataset
-    from onnxpq.channels import find_groups
-    from onnxpq.permute import verify_groups
+    from onnxpq.permute.channels import find_groups
+    from onnxpq.permute.search import verify_groups
 
     groups = find_groups(model)
     assert sum(not g.frozen for g in groups) >= min_free

@@ -6,7 +6,7 @@ from onnx import helper
 
 from onnxpq import CompressConfig, ConfigError, compress
 from onnxpq.pipeline import ValidationSettings
-from onnxpq.selection import find_candidates
+from onnxpq.quantize.selection import find_candidates
 
 
 def _one(model, **config):

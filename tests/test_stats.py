@@ -12,14 +12,14 @@ from conftest import make_model, rand, run
 from onnx import helper
 
 from onnxpq import compress
-from onnxpq import stats as stats_module
 from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
 from onnxpq.errors import ConfigError
-from onnxpq.layout import input_order, unit_matrix
 from onnxpq.pipeline import ValidationSettings
-from onnxpq.selection import find_candidates
-from onnxpq.stats import StatsShape, collect_stats, conv_patches, plan_blocks
+from onnxpq.quantize import stats as stats_module
+from onnxpq.quantize.layout import input_order, unit_matrix
+from onnxpq.quantize.selection import find_candidates
+from onnxpq.quantize.stats import StatsShape, collect_stats, conv_patches, plan_blocks
 
 CONV_CASES = {
     "3x3_pad": dict(kernel=(3, 3), pads=[1, 1, 1, 1]),

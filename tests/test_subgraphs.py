@@ -11,10 +11,10 @@ from test_encode import NO_VALIDATION, assert_equivalent
 
 from onnxpq import CompressConfig, compress
 from onnxpq.calibration import Dataset
-from onnxpq.layout import data_aware
-from onnxpq.selection import find_candidates
-from onnxpq.stats import collect_stats, taken_branches
-from onnxpq.subgraphs import inline_branches, lift_subgraph_weights, scoped_nodes
+from onnxpq.model.subgraphs import inline_branches, lift_subgraph_weights, scoped_nodes
+from onnxpq.quantize.layout import data_aware
+from onnxpq.quantize.selection import find_candidates
+from onnxpq.quantize.stats import collect_stats, taken_branches
 from onnxpq.validate import decode_nodes_left
 
 
@@ -291,7 +291,7 @@ def test_fine_tuning_runs_on_the_taken_branch_and_keeps_both(tmp_path, rng):
     kept = {t.name: t for t in body.initializer}["bt"]
     np.testing.assert_array_equal(numpy_helper.to_array(kept), numpy_helper.to_array(then.initializer[-1]))
     # Only what could be written back was tuned: the codebooks co-adapted with a bias that was then dropped.
-    from onnxpq.finetune import trainable_constants
+    from onnxpq.finetune.training import trainable_constants
 
     assert result.report["finetune"]["trainable"]["tensors"] == len(trainable_constants(compressed))
     for cond in (True, False):

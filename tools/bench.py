@@ -64,8 +64,8 @@ from onnxpq import CompressConfig, compress
 from onnxpq.calibration import load_dataset
 from onnxpq.config import FinetuneConfig
 from onnxpq.errors import ConfigError
-from onnxpq.finetune import finetune
-from onnxpq.graph import load_model, save_model
+from onnxpq.finetune.training import finetune
+from onnxpq.model.graph import load_model, save_model
 from onnxpq.report import versions
 from onnxpq.validate import measure_latency_ms, measure_load
 

@@ -26,12 +26,12 @@ import numpy as np
 
 from onnxpq import CompressConfig
 from onnxpq.calibration import random_dataset
-from onnxpq.channels import find_groups
-from onnxpq.graph import constant_tensors, load_model
-from onnxpq.permute import permute_model, verify_groups
-from onnxpq.quantize import quantize_layer
+from onnxpq.model.graph import constant_tensors, load_model
+from onnxpq.permute.channels import find_groups
+from onnxpq.permute.search import permute_model, verify_groups
+from onnxpq.quantize.layer import quantize_layer
+from onnxpq.quantize.selection import find_candidates
 from onnxpq.report import versions
-from onnxpq.selection import find_candidates
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

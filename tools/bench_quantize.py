@@ -38,10 +38,10 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxpq import CompressConfig, compress
-from onnxpq.graph import constant_tensors
+from onnxpq.model.graph import constant_tensors
 from onnxpq.pipeline import ValidationSettings
+from onnxpq.quantize.selection import find_candidates
 from onnxpq.report import float_parameters, versions
-from onnxpq.selection import find_candidates
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

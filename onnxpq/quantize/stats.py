@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 from onnxpq.calibration import Dataset, batches, run_size
 from onnxpq.config import STATISTICS_MEMORY_MIB
 from onnxpq.errors import ConfigError
-from onnxpq.graph import display_name, serialized
-from onnxpq.layout import RNN_OPS, data_aware, input_order
-from onnxpq.selection import Candidate, variants
-from onnxpq.subgraphs import inline_branches
+from onnxpq.model.graph import display_name, serialized
+from onnxpq.model.subgraphs import inline_branches
+from onnxpq.quantize.layout import RNN_OPS, data_aware, input_order
+from onnxpq.quantize.selection import Candidate, variants
 
 __all__ = [
     "LayerStats",

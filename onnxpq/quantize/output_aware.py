@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from onnxpq.kmeans import nearest_scalar
+from onnxpq.quantize.kmeans import nearest_scalar
 
 __all__ = [
     "assign",

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from onnxpq.graph import display_name, node_bodies
+from onnxpq.model.graph import display_name, node_bodies
 
 __all__ = [
     "ScopedNode",

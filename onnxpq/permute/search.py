@@ -20,14 +20,14 @@ import numpy as np
 import onnx
 
 from onnxpq.calibration import Dataset
-from onnxpq.channels import ChannelGroup, Member, find_groups
 from onnxpq.config import CompressConfig
 from onnxpq.encode import replace_constants
-from onnxpq.graph import constant_tensors, serialized
-from onnxpq.layout import data_aware, input_order, unit_matrix
+from onnxpq.model.graph import constant_tensors, serialized
 from onnxpq.parallel import Workers, map_tasks
-from onnxpq.quantize import quantize_layer
-from onnxpq.selection import Candidate
+from onnxpq.permute.channels import ChannelGroup, Member, find_groups
+from onnxpq.quantize.layer import quantize_layer
+from onnxpq.quantize.layout import data_aware, input_order, unit_matrix
+from onnxpq.quantize.selection import Candidate
 
 __all__ = [
     "GroupSearch",

@@ -19,17 +19,17 @@ import onnx
 from onnx import helper
 from tqdm.auto import tqdm
 
-from onnxpq import output_aware
-from onnxpq.bias import BiasTarget, corrected_biases
 from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
 from onnxpq.encode import QuantizedWeight, replace_constants
-from onnxpq.graph import constant_tensors, display_name
-from onnxpq.kmeans import CONVERGED, Codebook, assign, kmeans, residual_energy
-from onnxpq.layout import data_aware, input_order, unit_matrix, weight_from_units
+from onnxpq.model.graph import constant_tensors, display_name
 from onnxpq.parallel import Workers, map_tasks
-from onnxpq.selection import Candidate
-from onnxpq.stats import LayerStats, collect_stats
+from onnxpq.quantize import output_aware
+from onnxpq.quantize.bias import BiasTarget, corrected_biases
+from onnxpq.quantize.kmeans import CONVERGED, Codebook, assign, kmeans, residual_energy
+from onnxpq.quantize.layout import data_aware, input_order, unit_matrix, weight_from_units
+from onnxpq.quantize.selection import Candidate
+from onnxpq.quantize.stats import LayerStats, collect_stats
 
 __all__ = [
     "LayerError",

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpq.graph import constant_tensors, display_name, node_bodies, readers, value_dims
+from onnxpq.model.graph import constant_tensors, display_name, node_bodies, readers, value_dims
 
 __all__ = ["ChannelGroup", "Member", "Segment", "find_groups"]
 

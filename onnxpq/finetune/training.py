@@ -35,14 +35,14 @@ from onnxpq.calibration import Dataset, per_sample_scalars, run_size
 from onnxpq.config import FinetuneConfig
 from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError, UnsupportedGraphError
-from onnxpq.graph import constant_tensors, readers, serialized
+from onnxpq.model.graph import constant_tensors, readers, serialized
 from onnxpq.validate import run_session, session
 
 try:  # The ``finetune`` extra; compression works without it.
     import torch
     import torch.nn.functional as F
 
-    from onnxpq.executor import OnnxModule
+    from onnxpq.finetune.executor import OnnxModule
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None
 

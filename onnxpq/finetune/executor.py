@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from onnxpq.errors import UnsupportedGraphError
-from onnxpq.graph import constant_tensors, opset_version
+from onnxpq.model.graph import constant_tensors, opset_version
 
 __all__ = ["TORCH_OPS", "OnnxModule", "unsupported_ops"]
 

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from onnxpq.selection import Candidate
+from onnxpq.quantize.selection import Candidate
 
 __all__ = ["data_aware", "input_order", "unit_matrix", "weight_from_units"]
 

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpq.graph import ConstantTensor, constant_tensors, display_name, readers
-from onnxpq.selection import FLOAT_TYPES, Candidate
+from onnxpq.model.graph import ConstantTensor, constant_tensors, display_name, readers
+from onnxpq.quantize.selection import FLOAT_TYPES, Candidate
 
 __all__ = ["BiasTarget", "bias_targets", "corrected_biases"]
 

@@ -17,17 +17,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from onnxpq.bias import BiasTarget, corrected_biases
 from onnxpq.calibration import Dataset, batches
 from onnxpq.config import OP_TYPES, CompressConfig
 from onnxpq.errors import ConfigError
-from onnxpq.graph import constant_tensors, constants_as_inputs, serialized
-from onnxpq.kmeans import coarsened
+from onnxpq.model.graph import constant_tensors, constants_as_inputs, serialized
 from onnxpq.parallel import Workers, map_tasks
-from onnxpq.quantize import LayerResult, decoded_weight, layer_rng, quantize_layer
+from onnxpq.quantize.bias import BiasTarget, corrected_biases
+from onnxpq.quantize.kmeans import coarsened
+from onnxpq.quantize.layer import LayerResult, decoded_weight, layer_rng, quantize_layer
+from onnxpq.quantize.selection import Candidate, find_candidates, variants
+from onnxpq.quantize.stats import LayerStats
 from onnxpq.report import float_parameters, layer_bits
-from onnxpq.selection import Candidate, find_candidates, variants
-from onnxpq.stats import LayerStats
 
 __all__ = [
     "Allocation",

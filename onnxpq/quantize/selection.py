@@ -31,8 +31,8 @@ import onnx
 
 from onnxpq.config import CompressConfig
 from onnxpq.errors import ConfigError
-from onnxpq.graph import ConstantTensor, constant_tensors
-from onnxpq.subgraphs import scoped_nodes
+from onnxpq.model.graph import ConstantTensor, constant_tensors
+from onnxpq.model.subgraphs import scoped_nodes
 
 __all__ = [
     "Candidate",

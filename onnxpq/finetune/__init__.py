@@ -1,0 +1,1 @@
+"""PQF's F: a torch executor of the ONNX graph and distillation of the compressed model from the original."""
