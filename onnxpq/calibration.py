@@ -58,7 +58,9 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxpq.errors import ConfigError, InputModelError
-from onnxpq.model.graph import check_tensor, serialized
+from onnxpq.model.files import serialized
+from onnxpq.model.session import run_feeds, session
+from onnxpq.model.tensors import check_tensor
 
 __all__ = [
     "DATA_MEMORY_FRACTION",
@@ -74,6 +76,7 @@ __all__ = [
     "parse_shapes",
     "per_sample_scalars",
     "random_dataset",
+    "run_session",
     "run_size",
 ]
 
@@ -781,10 +784,8 @@ def check_synthetic(model: onnx.ModelProto, dataset: Dataset, fix: str) -> None:
     ]
     if not guessed:
         return
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(serialized(model), options, providers=["CPUExecutionProvider"])
+        sess = session(serialized(model))
     except Exception:
         return
     try:
@@ -795,3 +796,8 @@ def check_synthetic(model: onnx.ModelProto, dataset: Dataset, fix: str) -> None:
             f"synthetic inputs guessed size 32 for the symbolic dim(s) {', '.join(guessed[:_LISTED])} and "
             f"onnxruntime refused them ({reason}); {fix}"
         ) from None
+
+
+def run_session(sess: ort.InferenceSession, dataset: Dataset, model: onnx.ModelProto) -> list[np.ndarray]:
+    """All outputs of an open session over the dataset, concatenated along the sample axis."""
+    return run_feeds(sess, batches(dataset, model))

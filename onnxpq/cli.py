@@ -430,7 +430,7 @@ def _inspect_groups(model) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from onnxpq.model.graph import check_input_path, load_model
+    from onnxpq.model.files import check_input_path, load_model
     from onnxpq.model.subgraphs import lift_subgraph_weights
     from onnxpq.quantize.selection import find_candidates
     from onnxpq.report import layer_rows
@@ -459,7 +459,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from onnxpq.model.graph import check_input_path, check_output_path, load_model
+    from onnxpq.model.files import check_input_path, check_output_path, load_model
     from onnxpq.pipeline import check_runtime_loads, data_files, input_files, prepare_validation, run_validation
     from onnxpq.report import validation_lines, write_json
 

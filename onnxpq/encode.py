@@ -13,28 +13,24 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from onnxpq.errors import UnsupportedGraphError
-from onnxpq.model.graph import opset_version
+from onnxpq.model.graph import opset_version, replace_constants
 from onnxpq.model.subgraphs import value_names
-from onnxpq.quantize.kmeans import Codebook
-from onnxpq.quantize.selection import Candidate
+from onnxpq.quantize.layer import QuantizedWeight
 
 __all__ = [
     "FOLD_LIMIT_BYTES",
     "FOLD_LIMIT_KEY",
     "METADATA_CONFIG",
     "METADATA_VERSION",
-    "QuantizedWeight",
     "encode_weights",
     "index_dtype",
     "pq_name",
-    "replace_constants",
 ]
 
 METADATA_VERSION = "onnxpq.version"
@@ -43,14 +39,6 @@ METADATA_CONFIG = "onnxpq.config"
 FOLD_LIMIT_BYTES = 1 << 30
 FOLD_LIMIT_KEY = "optimization.constant_folding_max_output_size_in_bytes"
 _ROLES = ("codebook", "indices", "codebook_cast", "indices_int32", "gathered", "shape")
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """A candidate weight and the codebook that replaces it."""
-
-    candidate: Candidate
-    codebook: Codebook
 
 
 def pq_name(weight: str, role: str) -> str:
@@ -158,18 +146,6 @@ def _check_names_free(graph: onnx.GraphProto, weights: Sequence[QuantizedWeight]
                     f"the graph already has a tensor or node named {pq_name(q.candidate.name, role)!r}; "
                     "was it compressed by onnxpq before?"
                 )
-
-
-def replace_constants(graph: onnx.GraphProto, values: Mapping[str, np.ndarray]) -> None:
-    """Overwrite float constants (corrected biases, tuned norms) in place, initializer or Constant node alike."""
-    for tensor in graph.initializer:
-        if tensor.name in values:
-            tensor.CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] in values:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    attr.t.CopyFrom(numpy_helper.from_array(values[node.output[0]], attr.t.name))
 
 
 def encode_weights(

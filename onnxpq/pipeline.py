@@ -15,14 +15,7 @@ import onnx
 
 from onnxpq.calibration import Dataset, RandomInputs, batches, check_synthetic, load_dataset, random_dataset
 from onnxpq.config import CompressConfig
-from onnxpq.encode import (
-    FOLD_LIMIT_BYTES,
-    FOLD_LIMIT_KEY,
-    METADATA_CONFIG,
-    METADATA_VERSION,
-    encode_weights,
-    replace_constants,
-)
+from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
 from onnxpq.errors import (
     ConfigError,
     InputModelError,
@@ -30,13 +23,11 @@ from onnxpq.errors import (
     UnsupportedGraphError,
     ValidationFailedError,
 )
-from onnxpq.model.graph import (
+from onnxpq.model.files import (
     Staging,
-    check_conv_channels,
     check_distinct,
     check_input_path,
     check_output_path,
-    constant_tensors,
     data_file_path,
     external_data_files,
     load_model,
@@ -45,16 +36,20 @@ from onnxpq.model.graph import (
     stage_model,
     staging,
 )
+from onnxpq.model.graph import check_conv_channels, constant_tensors, replace_constants
+from onnxpq.model.session import session
 from onnxpq.model.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.parallel import Workers
 from onnxpq.permute.search import consumer_distortion, permute_model
 from onnxpq.quantize.allocate import allocate_bits, budget_candidates, probe_split
 from onnxpq.quantize.bias import bias_targets, corrected_biases
-from onnxpq.quantize.layer import LayerResult, quantize_sequential, quantize_weights
+from onnxpq.quantize.layer import LayerResult
 from onnxpq.quantize.selection import Candidate, pattern_counts, with_uses_in
+from onnxpq.quantize.size import pqf_sizes
 from onnxpq.quantize.stats import LAYER_SHARE, collect_stats, inline_taken
-from onnxpq.report import Stopwatch, layer_rows, pqf_sizes, sha256_file, versions, write_json
-from onnxpq.validate import check_gate, default_metric, file_bytes, session, validate_compressed
+from onnxpq.quantize.weights import quantize_sequential, quantize_weights
+from onnxpq.report import Stopwatch, layer_rows, sha256_file, versions, write_json
+from onnxpq.validate import check_gate, default_metric, file_bytes, validate_compressed
 from onnxpq.version import __version__
 
 __all__ = [

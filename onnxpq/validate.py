@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxpq.calibration import Dataset, batches
+from onnxpq.calibration import Dataset, batches, run_session
 from onnxpq.errors import ConfigError
 from onnxpq.model.graph import constant_foldable_nodes
+from onnxpq.model.session import session
 
 __all__ = [
     "METRICS",
@@ -41,9 +42,6 @@ __all__ = [
     "file_bytes",
     "measure_latency_ms",
     "measure_load",
-    "run_model",
-    "run_session",
-    "session",
     "validate_compressed",
 ]
 
@@ -74,37 +72,6 @@ class LoadStats:
     peak_rss_mib: float
     rss_after_load_mib: float
     rss_source: str = "proc"
-
-
-def session(
-    model: str | os.PathLike[str] | bytes,
-    *,
-    level: ort.GraphOptimizationLevel | None = None,
-    optimized_path: str | None = None,
-) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if level is not None:
-        options.graph_optimization_level = level
-    if optimized_path is not None:
-        options.optimized_model_filepath = optimized_path
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def run_model(path: str | os.PathLike[str], dataset: Dataset, model: onnx.ModelProto) -> list[np.ndarray]:
-    """All outputs over the dataset, concatenated along the sample axis."""
-    return run_session(session(path), dataset, model)
-
-
-def run_session(sess: ort.InferenceSession, dataset: Dataset, model: onnx.ModelProto) -> list[np.ndarray]:
-    """All outputs of an open session over the dataset, concatenated along the sample axis."""
-    names = [o.name for o in sess.get_outputs()]
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    for feed in batches(dataset, model):
-        for i, out in enumerate(sess.run(names, feed)):
-            parts[i].append(np.asarray(out))
-    return [np.concatenate(p) if p[0].ndim else np.stack(p) for p in parts]
 
 
 def _looks_like_logits(out: np.ndarray) -> bool:
@@ -160,8 +127,8 @@ def compare_models(
 
     ``model`` is the original's graph (weights not needed): it gives the input specs and output names.
     """
-    ref = run_model(original, dataset, model)
-    test = run_model(compressed, dataset, model)
+    ref = run_session(session(original), dataset, model)
+    test = run_session(session(compressed), dataset, model)
     names = [o.name for o in model.graph.output]
     first_logits = next((i for i, r in enumerate(ref) if _looks_like_logits(r)), None)
     return [

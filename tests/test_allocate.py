@@ -12,9 +12,8 @@ from onnx import helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
 from onnxpq.calibration import Dataset
-from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError
-from onnxpq.model.graph import constant_tensors, constants_as_inputs
+from onnxpq.model.graph import constant_tensors, constants_as_inputs, replace_constants
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.quantize.allocate import (
     _NON_FINITE,

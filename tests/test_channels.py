@@ -162,7 +162,7 @@ def test_a_frozen_group_cannot_be_permuted():
 def test_bundled_mnist_groups_verify():
     from conftest import ROOT
 
-    from onnxpq.model.graph import load_model
+    from onnxpq.model.files import load_model
 
     model = load_model(ROOT / "models/mnist_cnn.onnx")
     groups = find_groups(model)

@@ -14,7 +14,7 @@ from conftest import ROOT, conv_model, run
 
 from onnxpq.cli import main
 from onnxpq.encode import pq_name
-from onnxpq.model import graph
+from onnxpq.model import files
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_interrupted_write_leaves_no_partial_file(model_path, tmp_path, monkeypa
         Path(path).write_bytes(b"half a model")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(graph.onnx, "save_model", explode)
+    monkeypatch.setattr(files.onnx, "save_model", explode)
     assert cli("compress", model_path, tmp_path / "out.onnx", "--no-validate", "--min-elements", "1") == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 

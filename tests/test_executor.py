@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from onnxpq import CompressConfig, compress  # noqa: E402
 from onnxpq.errors import UnsupportedGraphError  # noqa: E402
 from onnxpq.finetune.executor import OnnxModule, unsupported_ops  # noqa: E402
-from onnxpq.model.graph import load_model  # noqa: E402
+from onnxpq.model.files import load_model  # noqa: E402
 from onnxpq.pipeline import ValidationSettings  # noqa: E402
 
 

@@ -13,15 +13,19 @@ from onnx import helper
 torch = pytest.importorskip("torch")
 
 from onnxpq import CompressConfig, compress  # noqa: E402
-from onnxpq.calibration import Dataset, load_dataset  # noqa: E402
+from onnxpq.calibration import (  # noqa: E402
+    Dataset,
+    load_dataset,
+    run_session,
+)
 from onnxpq.cli import main  # noqa: E402
 from onnxpq.config import FinetuneConfig  # noqa: E402
 from onnxpq.errors import ConfigError  # noqa: E402
 from onnxpq.finetune.executor import OnnxModule  # noqa: E402
 from onnxpq.finetune.training import _Average, _Mixup, _Runner, _targets, finetune, loss_kinds, trainable_constants  # noqa: E402
-from onnxpq.model.graph import load_model  # noqa: E402
+from onnxpq.model.files import load_model  # noqa: E402
+from onnxpq.model.session import session  # noqa: E402
 from onnxpq.pipeline import ValidationSettings  # noqa: E402
-from onnxpq.validate import run_session, session  # noqa: E402
 
 OFF = ValidationSettings(enabled=False)
 

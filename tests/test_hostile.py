@@ -137,10 +137,10 @@ def test_bad_output_paths_are_refused(make_out, message, tmp_path, capsys):
 
 def test_unwritable_output_directory_is_refused(tmp_path, monkeypatch, capsys):
     """Simulated: this suite may run as root, which writes anywhere."""
-    from onnxpq.model import graph
+    from onnxpq.model import files
 
     source = _save(_two_convs(), tmp_path / "m.onnx")
-    monkeypatch.setattr(graph.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(files.os, "access", lambda path, mode: False)
     assert cli("compress", source, tmp_path / "out.onnx") == 2
     assert "is not writable" in capsys.readouterr().err
     assert not (tmp_path / "out.onnx").exists()
@@ -413,7 +413,8 @@ def _external_model(tmp: Path) -> Path:
 
 
 def test_external_data_is_not_loaded_with_the_graph(tmp_path):
-    from onnxpq.model.graph import constant_tensors, load_model, materialized
+    from onnxpq.model.files import load_model, materialized
+    from onnxpq.model.graph import constant_tensors
 
     source = _external_model(tmp_path)
     model = load_model(source)
@@ -430,7 +431,7 @@ def test_bf16_external_tensor_reads_back(tmp_path):
     """bf16 has no plain numpy storage: it takes the byte path of ``tensor_array``."""
     import ml_dtypes
 
-    from onnxpq.model.graph import tensor_array
+    from onnxpq.model.tensors import tensor_array
 
     values = np.random.default_rng(0).standard_normal((8, 8)).astype(ml_dtypes.bfloat16)
     tensor = numpy_helper.from_array(values, "w")
@@ -443,9 +444,9 @@ def test_bf16_external_tensor_reads_back(tmp_path):
 
 def test_large_output_streams_untouched_tensors_to_its_data_file(tmp_path, monkeypatch):
     """With the limit lowered, the output takes the >2 GB path: external data, aligned, checked, runnable."""
-    from onnxpq.model import graph
+    from onnxpq.model import files
 
-    monkeypatch.setattr(graph, "PROTOBUF_LIMIT", 10_000)
+    monkeypatch.setattr(files, "PROTOBUF_LIMIT", 10_000)
     source = _external_model(tmp_path)
     out = tmp_path / "out.onnx"
     assert cli("compress", source, out, "--no-validate", "--keep-first") == 0
@@ -454,7 +455,7 @@ def test_large_output_streams_untouched_tensors_to_its_data_file(tmp_path, monke
     assert "w1" in {t.name for t in external}
     for tensor in external:
         info = onnx.external_data_helper.ExternalDataInfo(tensor)
-        assert info.location == "out.onnx.data" and info.offset % graph.EXTERNAL_ALIGN == 0
+        assert info.location == "out.onnx.data" and info.offset % files.EXTERNAL_ALIGN == 0
     onnx.checker.check_model(str(out), full_check=True)
     assert _cosine(run(source, {"x": X})[0], run(out, {"x": X})[0]) > 0.8
     w1 = numpy_helper.to_array(next(t for t in onnx.load(out).graph.initializer if t.name == "w1"))

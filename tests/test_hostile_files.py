@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 
 from onnxpq import pipeline
 from onnxpq.cli import main
-from onnxpq.model import graph
+from onnxpq.model import files
 from onnxpq.report import write_json
 
 #: Keeps path cases fast: nothing is compressed (the only Conv is the first one) and nothing measured.
@@ -469,7 +469,7 @@ def _disk_full(model, path, *args, **kwargs):
 
 
 def test_disk_full_while_writing_the_model(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(graph.onnx, "save_model", _disk_full)
+    monkeypatch.setattr(files.onnx, "save_model", _disk_full)
     _run(tmp_path, Case([_model(tmp_path), tmp_path / "o.onnx", *FAST], 2, "No space left on device"), capsys)
 
 

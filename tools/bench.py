@@ -65,7 +65,7 @@ from onnxpq.calibration import load_dataset
 from onnxpq.config import FinetuneConfig
 from onnxpq.errors import ConfigError
 from onnxpq.finetune.training import finetune
-from onnxpq.model.graph import load_model, save_model
+from onnxpq.model.files import load_model, save_model
 from onnxpq.report import versions
 from onnxpq.validate import measure_latency_ms, measure_load
 

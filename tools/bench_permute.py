@@ -26,7 +26,8 @@ import numpy as np
 
 from onnxpq import CompressConfig
 from onnxpq.calibration import random_dataset
-from onnxpq.model.graph import constant_tensors, load_model
+from onnxpq.model.files import load_model
+from onnxpq.model.graph import constant_tensors
 from onnxpq.permute.channels import find_groups
 from onnxpq.permute.search import permute_model, verify_groups
 from onnxpq.quantize.layer import quantize_layer

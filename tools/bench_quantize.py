@@ -41,7 +41,8 @@ from onnxpq import CompressConfig, compress
 from onnxpq.model.graph import constant_tensors
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.quantize.selection import find_candidates
-from onnxpq.report import float_parameters, versions
+from onnxpq.quantize.size import float_parameters
+from onnxpq.report import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))

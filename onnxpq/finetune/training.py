@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpq.calibration import Dataset, per_sample_scalars, run_size
+from onnxpq.calibration import Dataset, per_sample_scalars, run_session, run_size
 from onnxpq.config import FinetuneConfig
-from onnxpq.encode import replace_constants
 from onnxpq.errors import ConfigError, UnsupportedGraphError
-from onnxpq.model.graph import constant_tensors, readers, serialized
-from onnxpq.validate import run_session, session
+from onnxpq.model.files import serialized
+from onnxpq.model.graph import constant_tensors, readers, replace_constants
+from onnxpq.model.session import session
 
 try:  # The ``finetune`` extra; compression works without it.
     import torch

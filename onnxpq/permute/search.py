@@ -21,8 +21,8 @@ import onnx
 
 from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
-from onnxpq.encode import replace_constants
-from onnxpq.model.graph import constant_tensors, serialized
+from onnxpq.model.files import serialized
+from onnxpq.model.graph import constant_tensors, replace_constants
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.permute.channels import ChannelGroup, Member, find_groups
 from onnxpq.quantize.layer import quantize_layer
@@ -75,7 +75,8 @@ def verify_groups(
 
     A value above float rounding (about 1e-5) means a channel rule is wrong for this model.
     """
-    from onnxpq.validate import run_session, session
+    from onnxpq.calibration import run_session
+    from onnxpq.model.session import session
 
     perms = {i: rng.permutation(g.size) for i, g in enumerate(groups) if not g.frozen}
     permuted = apply_permutations(model, groups, perms)

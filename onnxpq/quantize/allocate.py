@@ -20,14 +20,15 @@ import onnx
 from onnxpq.calibration import Dataset, batches
 from onnxpq.config import OP_TYPES, CompressConfig
 from onnxpq.errors import ConfigError
-from onnxpq.model.graph import constant_tensors, constants_as_inputs, serialized
+from onnxpq.model.files import serialized
+from onnxpq.model.graph import constant_tensors, constants_as_inputs
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.quantize.bias import BiasTarget, corrected_biases
 from onnxpq.quantize.kmeans import coarsened
 from onnxpq.quantize.layer import LayerResult, decoded_weight, layer_rng, quantize_layer
 from onnxpq.quantize.selection import Candidate, find_candidates, variants
+from onnxpq.quantize.size import float_parameters, layer_bits
 from onnxpq.quantize.stats import LayerStats
-from onnxpq.report import float_parameters, layer_bits
 
 __all__ = [
     "Allocation",
@@ -240,7 +241,7 @@ class _Probe:
     """
 
     def __init__(self, model: onnx.ModelProto, names: Collection[str], dataset: Dataset) -> None:
-        from onnxpq.validate import session
+        from onnxpq.model.session import session
 
         constants = constant_tensors(model.graph)
         self.values = {n: constants[n].to_array() for n in names}

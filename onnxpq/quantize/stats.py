@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from onnxpq.calibration import Dataset, batches, run_size
 from onnxpq.config import STATISTICS_MEMORY_MIB
 from onnxpq.errors import ConfigError
-from onnxpq.model.graph import display_name, serialized
+from onnxpq.model.files import serialized
+from onnxpq.model.graph import display_name
 from onnxpq.model.subgraphs import inline_branches
 from onnxpq.quantize.layout import RNN_OPS, data_aware, input_order
 from onnxpq.quantize.selection import Candidate, variants
@@ -468,7 +469,7 @@ class _Probe:
     """An onnxruntime session that returns the wanted activations (graph inputs come from the feed)."""
 
     def __init__(self, model: onnx.ModelProto, activations: Sequence[str]) -> None:
-        from onnxpq.validate import session
+        from onnxpq.model.session import session
 
         self.session = session(_probe_model(model, activations))
         outputs = {o.name for o in self.session.get_outputs()}
