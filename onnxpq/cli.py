@@ -26,12 +26,12 @@ from onnxpq.config import (
     DEFAULT_EMA,
     DEFAULT_FINETUNE_STEPS,
     LOSSES,
-    OP_TYPES,
     STATISTICS_MEMORY_MIB,
     CompressConfig,
     FinetuneConfig,
 )
 from onnxpq.errors import ConfigError, OnnxpqError, ValidationFailedError
+from onnxpq.operators import OP_TYPES
 from onnxpq.parallel import Workers
 from onnxpq.version import __version__
 

@@ -7,11 +7,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from onnxpq.errors import ConfigError
+from onnxpq.operators import OP_TYPES
 
-__all__ = ["DEFAULT_EMA", "DEFAULT_FINETUNE_STEPS", "LOSSES", "OP_TYPES", "CompressConfig", "FinetuneConfig"]
+__all__ = ["DEFAULT_EMA", "DEFAULT_FINETUNE_STEPS", "LOSSES", "CompressConfig", "FinetuneConfig"]
 
-#: Operator types whose weight input onnxpq knows how to compress.
-OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "Einsum", "LSTM", "GRU", "RNN")
 
 BlockSize = Literal["small", "large"]
 #: Distillation losses; ``auto`` picks one per output from what the output is (see ``finetune``).

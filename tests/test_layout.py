@@ -15,7 +15,7 @@ import onnxpq
 PACKAGE = Path(onnxpq.__file__).parent
 #: Lowest first; a module's layer is that of its longest listed prefix.
 LAYERS = (
-    ("errors", "version", "config"),
+    ("errors", "version", "operators", "config"),
     ("model",),
     ("calibration", "parallel"),
     ("quantize",),

@@ -25,10 +25,11 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from onnxpq.errors import UnsupportedGraphError
-from onnxpq.model.graph import constant_tensors, opset_version
+from onnxpq.model.graph import attributes, constant_tensors, opset_version
+from onnxpq.operators import conv_pads
 
 __all__ = ["TORCH_OPS", "OnnxModule", "unsupported_ops"]
 
@@ -61,14 +62,14 @@ class _Node:
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    """The node's attributes as the operators below use them: strings decoded, tensors as torch tensors."""
     out = {}
-    for attr in node.attribute:
-        value = helper.get_attribute_value(attr)
+    for name, value in attributes(node).items():
         if isinstance(value, bytes):
             value = value.decode()
         elif isinstance(value, onnx.TensorProto):
             value = _from_numpy(numpy_helper.to_array(value))
-        out[attr.name] = value
+        out[name] = value
     return out
 
 
@@ -197,20 +198,11 @@ def _layer_norm(attrs: dict, x: Tensor, scale: Tensor, bias: Tensor | None = Non
 def _spatial_pads(attrs: dict, x: Tensor, kernel: Sequence[int]) -> list[int]:
     """ONNX pads [b1, b2, ..., e1, e2, ...], with auto_pad resolved against the input size."""
     n = len(kernel)
-    auto = attrs.get("auto_pad", "NOTSET")
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        strides = attrs.get("strides", [1] * n)
-        dilations = attrs.get("dilations", [1] * n)
-        begin, end = [], []
-        for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations, strict=True):
-            total = max(0, (math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size)
-            small, large = total // 2, total - total // 2
-            begin.append(small if auto == "SAME_UPPER" else large)
-            end.append(large if auto == "SAME_UPPER" else small)
-        return begin + end
-    if auto == "VALID":
-        return [0] * (2 * n)
-    return list(attrs.get("pads", [0] * (2 * n)))
+    strides = attrs.get("strides", [1] * n)
+    dilations = attrs.get("dilations", [1] * n)
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    pads = conv_pads(attrs, x.shape[2:], extent, strides)
+    return [b for b, _ in pads] + [e for _, e in pads]
 
 
 def _pad_input(x: Tensor, pads: Sequence[int], value: float = 0.0) -> tuple[Tensor, list[int]]:

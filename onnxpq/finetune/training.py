@@ -37,6 +37,7 @@ from onnxpq.errors import ConfigError, UnsupportedGraphError
 from onnxpq.model.files import serialized
 from onnxpq.model.graph import constant_tensors, readers, replace_constants
 from onnxpq.model.session import session
+from onnxpq.model.tensors import FLOAT_TYPES
 
 try:  # The ``finetune`` extra; compression works without it.
     import torch
@@ -50,7 +51,6 @@ __all__ = ["FinetuneResult", "finetune", "loss_kinds", "trainable_constants"]
 
 #: Inputs of these ops that hold statistics, not parameters: re-estimated, never trained.
 _STATISTICS = {"BatchNormalization": (3, 4)}
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _PROBABILITY_OPS = {"Softmax"}
 #: Largest relative difference between the torch executor and onnxruntime accepted before training.
 _EXECUTOR_TOLERANCE = 1e-3
@@ -88,7 +88,7 @@ def trainable_constants(model: onnx.ModelProto) -> list[str]:
     return sorted(
         name
         for name, const in constant_tensors(graph).items()
-        if const.tensor.data_type in _FLOAT_TYPES
+        if const.tensor.data_type in FLOAT_TYPES
         and math.prod(const.tensor.dims) >= 2
         and name in consumers
         and name not in statistics

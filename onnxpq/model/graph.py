@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ __all__ = [
     "MIN_OPSET",
     "ConstantTensor",
     "all_tensors",
+    "attributes",
     "check_conv_channels",
     "constant_foldable_nodes",
     "constant_tensors",
@@ -112,7 +114,7 @@ def check_conv_channels(model: onnx.ModelProto, path: Path) -> None:
     dims = _static_dims(model)
     for index, node in convs:
         shape = dims.get(node.input[0])
-        group = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+        group = attributes(node).get("group", 1)
         w = weights[node.input[1]]
         if shape is None or len(shape) < 2 or shape[1] is None or len(w) < 2 or shape[1] == w[1] * group:
             continue
@@ -210,3 +212,8 @@ def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from (attr.t for attr in node.attribute if attr.type == onnx.AttributeProto.TENSOR)
         for _, body in node_bodies(node):
             yield from all_tensors(body)
+
+
+def attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name, as ``onnx.helper`` decodes them (strings stay bytes)."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}

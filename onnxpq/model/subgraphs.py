@@ -24,6 +24,7 @@ import onnx
 from onnx import helper
 
 from onnxpq.model.graph import display_name, node_bodies
+from onnxpq.model.tensors import FLOAT_TYPES
 
 __all__ = [
     "ScopedNode",
@@ -33,8 +34,6 @@ __all__ = [
     "subgraph_weight_count",
     "value_names",
 ]
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
 
 def _liftable(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_type in _FLOAT_TYPES and len(tensor.dims) >= 2
+    return tensor.data_type in FLOAT_TYPES and len(tensor.dims) >= 2
 
 
 def subgraph_weight_count(graph: onnx.GraphProto) -> int:

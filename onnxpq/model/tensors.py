@@ -21,6 +21,7 @@ from onnxpq.errors import InputModelError
 
 __all__ = [
     "COPY_CHUNK",
+    "FLOAT_TYPES",
     "External",
     "check_tensor",
     "external_info",
@@ -31,6 +32,10 @@ __all__ = [
     "tensor_array",
 ]
 
+#: The floating-point tensor types: the weights onnxpq may compress, the values fine-tuning may train.
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+)
 #: Bytes copied at a time when external data is streamed from the input to the output.
 COPY_CHUNK = 64 << 20
 

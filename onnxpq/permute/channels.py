@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from onnxpq.model.graph import constant_tensors, display_name, node_bodies, readers, value_dims
+from onnxpq.model.graph import attributes, constant_tensors, display_name, node_bodies, readers, value_dims
 
 __all__ = ["ChannelGroup", "Member", "Segment", "find_groups"]
 
@@ -128,10 +127,6 @@ class _Spaces:
         return [g for i, g in enumerate(self.groups) if self.find(i) == i]
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 @dataclass
 class _Walker:
     """State of one pass over the graph: each activation's channel axis and segments."""
@@ -187,7 +182,7 @@ def _conv(w: _Walker, node: onnx.NodeProto, name: str) -> None:
         w.freeze_tensor(node.input[0], f"{name}: Conv weight is not a constant")
         return
     shape = w.constants[weight].shape
-    group = int(_attrs(node).get("group", 1))
+    group = int(attributes(node).get("group", 1))
     c_in, c_out = shape[1] * group, shape[0]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if group == 1:
@@ -212,7 +207,7 @@ def _conv(w: _Walker, node: onnx.NodeProto, name: str) -> None:
 
 def _matrix(w: _Walker, node: onnx.NodeProto, name: str) -> None:
     """Gemm and MatMul with a constant [K, N] (or Gemm transB [N, K]) weight."""
-    attrs = _attrs(node)
+    attrs = attributes(node)
     weight = node.input[1]
     x = node.input[0]
     if weight not in w.constants or w.constants[weight].ndim != 2 or attrs.get("transA", 0):
@@ -306,7 +301,7 @@ def _layer_norm(w: _Walker, node: onnx.NodeProto, name: str) -> None:
     """LayerNormalization over the last axis only: its statistics do not depend on channel order."""
     x = node.input[0]
     rank = _rank(w.shapes, x)
-    axis = int(_attrs(node).get("axis", -1))
+    axis = int(attributes(node).get("axis", -1))
     norm_last = axis == -1 or (rank is not None and axis == rank - 1)
     if not norm_last or not _is_last(w.layout[x][0], rank):
         w.freeze_tensor(x, f"{name}: LayerNormalization not over the channel axis alone")
@@ -319,7 +314,7 @@ def _layer_norm(w: _Walker, node: onnx.NodeProto, name: str) -> None:
 
 def _concat(w: _Walker, node: onnx.NodeProto, name: str) -> None:
     rank = _rank(w.shapes, node.output[0])
-    axis = int(_attrs(node).get("axis", 0))
+    axis = int(attributes(node).get("axis", 0))
     if rank is not None:
         axis = axis % rank
     inputs = list(node.input)
@@ -344,7 +339,7 @@ def _flatten(w: _Walker, node: onnx.NodeProto, name: str) -> None:
     """Flatten [N, C, H, W] -> [N, C*H*W]: each channel becomes a block of H*W features (PQF's fc6 trick)."""
     x = node.input[0]
     shape = w.shapes.get(x)
-    axis = int(_attrs(node).get("axis", 1)) if node.op_type == "Flatten" else 1
+    axis = int(attributes(node).get("axis", 1)) if node.op_type == "Flatten" else 1
     out_shape = w.shapes.get(node.output[0])
     ok = shape is not None and w.layout[x][0] == 1 and axis == 1 and all(s for s in shape[1:])
     if node.op_type == "Reshape":
@@ -361,8 +356,8 @@ def _split_sizes(w: _Walker, node: onnx.NodeProto, total: int) -> list[int] | No
     if len(node.input) > 1 and node.input[1]:
         sizes = w.constants.get(node.input[1])
         return None if sizes is None else [int(v) for v in np.asarray(sizes).ravel()]
-    if "split" in _attrs(node):
-        return [int(v) for v in _attrs(node)["split"]]
+    if "split" in attributes(node):
+        return [int(v) for v in attributes(node)["split"]]
     n = len(node.output)
     chunk = -(-total // n)
     return [min(chunk, total - i * chunk) for i in range(n)]
@@ -373,7 +368,7 @@ def _split(w: _Walker, node: onnx.NodeProto, name: str) -> None:
     x = node.input[0]
     rank = _rank(w.shapes, x)
     tracked, segs = w.layout[x]
-    axis = int(_attrs(node).get("axis", 0))
+    axis = int(attributes(node).get("axis", 0))
     if rank is None:
         w.freeze_tensor(x, f"{name}: Split of a tensor of unknown rank")
         return
@@ -409,7 +404,7 @@ def _pad(w: _Walker, node: onnx.NodeProto, name: str) -> None:
         axes_name = node.input[3] if len(node.input) > 3 else ""
         axes = w.constants.get(axes_name) if axes_name else np.arange(rank or 0)
     else:
-        pads, axes = _attrs(node).get("pads"), np.arange(rank or 0)
+        pads, axes = attributes(node).get("pads"), np.arange(rank or 0)
     if pads is None or axes is None or rank is None:
         w.freeze_tensor(x, f"{name}: Pad with pads that are not constant")
         return

@@ -18,10 +18,11 @@ import numpy as np
 import onnx
 
 from onnxpq.calibration import Dataset, batches
-from onnxpq.config import OP_TYPES, CompressConfig
+from onnxpq.config import CompressConfig
 from onnxpq.errors import ConfigError
 from onnxpq.model.files import serialized
 from onnxpq.model.graph import constant_tensors, constants_as_inputs
+from onnxpq.operators import OP_TYPES
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.quantize.bias import BiasTarget, corrected_biases
 from onnxpq.quantize.kmeans import coarsened

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from onnxpq.model.graph import ConstantTensor, constant_tensors, display_name, readers
-from onnxpq.quantize.selection import FLOAT_TYPES, Candidate
+from onnxpq.model.graph import ConstantTensor, attributes, constant_tensors, display_name, readers
+from onnxpq.model.tensors import FLOAT_TYPES
+from onnxpq.operators import operator
+from onnxpq.quantize.selection import Candidate
 
 __all__ = ["BiasTarget", "bias_targets", "corrected_biases"]
 
@@ -34,15 +35,15 @@ def _target(
     constants: Mapping[str, ConstantTensor],
     by_tensor: Mapping[str, list[onnx.NodeProto]],
 ) -> BiasTarget | None:
-    """The bias of a Conv/Gemm node (input 2), or of the Add right after a MatMul."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    """The bias of a node where the operator registry says it lives: an input (Conv's and Gemm's input 2, scaled
+    by Gemm's alpha/beta) or the constant operand of the single Add right after the node (MatMul)."""
+    op = operator(node.op_type)
     name, scale = None, 1.0
-    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-        name = node.input[2]
-        if node.op_type == "Gemm":
-            beta = float(attrs.get("beta", 1.0))
-            scale = float(attrs.get("alpha", 1.0)) / beta if beta else 0.0
-    elif node.op_type == "MatMul":
+    if op is None:
+        return None
+    if op.bias_input is not None and len(node.input) > op.bias_input and node.input[op.bias_input]:
+        name, scale = node.input[op.bias_input], op.bias_scale(attributes(node))
+    elif op.bias_after_add:
         after = by_tensor.get(node.output[0], [])
         if len(after) == 1 and after[0].op_type == "Add":
             name = next((i for i in after[0].input if i != node.output[0]), None)

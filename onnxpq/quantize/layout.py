@@ -17,18 +17,17 @@ import math
 
 import numpy as np
 
+from onnxpq.operators import operator
 from onnxpq.quantize.selection import Candidate
 
 __all__ = ["data_aware", "input_order", "unit_matrix", "weight_from_units"]
-
-#: Recurrent operators: input 1 is W [directions, gates x hidden, input], input 2 is R.
-RNN_OPS = frozenset({"LSTM", "GRU", "RNN"})
 
 
 def data_aware(c: Candidate) -> bool:
     """Whether ``U``'s rows are output units whose columns are the inputs of one node.
 
-    True for Conv (any group count), Gemm and 2-D MatMul weights of the main graph,
+    True where the operator registry gives the weight statistics: Conv (any group count), Gemm and 2-D
+    MatMul weights of the main graph,
     and for the weights W and R of LSTM/GRU/RNN: W multiplies every time step's
     input x_t and R the previous hidden state h_{t-1}, so the gate pre-activations'
     error is ‖X(W - Ŵ)‖² with X the node's input sequence (and the hidden states
@@ -40,7 +39,8 @@ def data_aware(c: Candidate) -> bool:
     """
     if not c.compressed or any(u.in_subgraph for u in c.uses):
         return False
-    return c.kind in ("Conv", *RNN_OPS) or (c.kind in ("Gemm", "MatMul") and len(c.shape) == 2)
+    op = operator(c.kind)
+    return op is not None and op.has_statistics(len(c.shape))
 
 
 def unit_matrix(array: np.ndarray, c: Candidate) -> np.ndarray:

@@ -31,8 +31,10 @@ import onnx
 
 from onnxpq.config import CompressConfig
 from onnxpq.errors import ConfigError
-from onnxpq.model.graph import ConstantTensor, constant_tensors
+from onnxpq.model.graph import ConstantTensor, attributes, constant_tensors
 from onnxpq.model.subgraphs import scoped_nodes
+from onnxpq.model.tensors import FLOAT_TYPES
+from onnxpq.operators import MULTIPLYING, RESHAPING_OPS, operator
 
 __all__ = [
     "Candidate",
@@ -45,20 +47,6 @@ __all__ = [
     "with_uses_in",
 ]
 
-#: Which inputs of each operator hold its weights: an RNN's W [dirs, gates*hidden, input] and
-#: R [dirs, gates*hidden, hidden] are both cut like a Gemm's rows, along their last axis, and so is
-#: a constant operand of an Einsum (either one: ``"btd,hde->bhte"`` or ``"hde,btd->bhte"``).
-WEIGHT_INPUTS = {
-    "Conv": (1,),
-    "ConvTranspose": (1,),
-    "Gemm": (1,),
-    "MatMul": (1,),
-    "Gather": (0,),
-    "Einsum": (0, 1),
-    "LSTM": (1, 2),
-    "GRU": (1, 2),
-    "RNN": (1, 2),
-}
 #: The first Conv stays in float by default only when it reads at most this many channels per group
 #: (an image's RGB, a mono or stereo waveform)...
 FIRST_CONV_MAX_CHANNELS = 4
@@ -67,7 +55,6 @@ FIRST_CONV_MAX_CHANNELS = 4
 #: costs at most 0.32 bits/weight of any budget, while a byte model whose first conv holds 84 %
 #: of the weights could not go below 27 bits/weight with it kept.
 FIRST_CONV_MAX_SHARE = 0.01
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 #: PQF's target subvector sizes: (small, large) for kernels with spatial extent and for the rest.
 KERNEL_DIM = {"small": 9, "large": 18}
 ROW_DIM = {"small": 4, "large": 8}
@@ -163,7 +150,8 @@ def _layout(
     """
     if len(shape) < 2:
         return 0, 0, "1-D tensor: per-channel vectors stay in float"
-    conv = kind in ("Conv", "ConvTranspose")
+    op = operator(kind)
+    conv = op is not None and op.layout == "kernel"
     row_axes = 1 if conv or strided else len(shape) - 1
     row = shape[0] if strided else math.prod(shape[row_axes:])
     spatial = math.prod(shape[2:]) if conv else 1
@@ -194,8 +182,8 @@ def _uses(graph: onnx.GraphProto, constants: dict[str, ConstantTensor]) -> dict[
         node = scoped.node
         for i, name in enumerate(node.input):
             if name in constants and name not in scoped.hidden:
-                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-                inputs_first = i == 1 and (node.op_type == "MatMul" or (node.op_type == "Gemm" and not trans_b))
+                op = operator(node.op_type)
+                inputs_first = op is not None and op.inputs_first(attributes(node), i)
                 use = Use(scoped.name, node.op_type, i, inputs_first, scoped.in_subgraph)
                 uses.setdefault(name, []).append(use)
     return uses
@@ -204,7 +192,8 @@ def _uses(graph: onnx.GraphProto, constants: dict[str, ConstantTensor]) -> dict[
 def _owner(uses: Sequence[Use]) -> Use | None:
     """The use that decides a weight's layout: the first where it is one of that operator's weight inputs."""
     for use in uses:
-        if use.input_index in WEIGHT_INPUTS.get(use.op_type, ()):
+        op = operator(use.op_type)
+        if op is not None and use.input_index in op.weight_inputs:
             return use
     return None
 
@@ -394,12 +383,6 @@ def variants(c: Candidate) -> list[Candidate]:
     return out
 
 
-#: Operators that only cut, join or reshape a tensor: a weight read only through them is still a weight.
-RESHAPING_OPS = frozenset({"Slice", "Split", "Concat", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity"})
-#: What such a weight must finally feed to count as one: operators that multiply it with their input.
-MATRIX_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "LSTM", "GRU", "RNN"})
-
-
 def _readers_by_input(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """For each value name, the nodes (inside bodies too) that read it."""
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -432,14 +415,14 @@ def _reshaped_weight(
     readers: dict[str, list[onnx.NodeProto]],
     config: CompressConfig,
 ) -> bool:
-    """A matrix that reaches only selected ``MATRIX_OPS``, and only through ``RESHAPING_OPS``, as exporters
+    """A matrix that reaches only selected ``MULTIPLYING`` operators, and only through ``RESHAPING_OPS``, as exporters
     leave recurrent weights: Silero VAD's LSTM cell reaches its [512, 128] gate weights through Slice and
     Concat. Such a weight is compressed data-free by default; its rows are cut along the last axis. A table
     that ends in an Add (a sliced positional embedding) stays float unless ``--op-types all``."""
     if len(tensor.dims) < 2 or not all(u.op_type in RESHAPING_OPS for u in uses):
         return False
     final = _final_readers(name, readers)
-    return bool(final) and final <= MATRIX_OPS and final <= set(config.op_types)
+    return bool(final) and final <= MULTIPLYING and final <= set(config.op_types)
 
 
 def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Candidate]:
@@ -448,7 +431,8 @@ def find_candidates(model: onnx.ModelProto, config: CompressConfig) -> list[Cand
     Readers inside If/Loop/Scan bodies count (their names carry the body path), so a
     body weight lifted into the main graph (``subgraphs.lift_subgraph_weights``) is a
     candidate like any other. Weights read only by other operators are considered
-    only with ``--op-types all`` or when they reach selected ``MATRIX_OPS`` only through ``RESHAPING_OPS``, and
+    only with ``--op-types all`` or when they reach selected ``MULTIPLYING`` operators only through
+    ``RESHAPING_OPS``, and
     then only float tensors of at least ``min_elements``.
     """
     graph = model.graph

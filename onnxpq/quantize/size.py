@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import onnx
 
 from onnxpq.model.graph import constant_tensors
-from onnxpq.quantize.selection import FLOAT_TYPES, Candidate
+from onnxpq.model.tensors import FLOAT_TYPES
+from onnxpq.quantize.selection import Candidate
 
 __all__ = ["MIB", "float_parameters", "layer_bits", "pqf_sizes"]
 

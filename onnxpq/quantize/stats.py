@@ -31,16 +31,17 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from numpy.lib.stride_tricks import sliding_window_view
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from onnxpq.calibration import Dataset, batches, run_size
 from onnxpq.config import STATISTICS_MEMORY_MIB
 from onnxpq.errors import ConfigError
 from onnxpq.model.files import serialized
-from onnxpq.model.graph import display_name
+from onnxpq.model.graph import attributes, display_name
 from onnxpq.model.subgraphs import inline_branches
-from onnxpq.quantize.layout import RNN_OPS, data_aware, input_order
+from onnxpq.operators import REGISTRY, Operator, conv_pads
+from onnxpq.quantize.layout import data_aware, input_order
 from onnxpq.quantize.selection import Candidate, variants
 
 __all__ = [
@@ -188,39 +189,47 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class _Reader:
-    """How one node reads its input: the activation tensor and how to turn it into rows x."""
+    """How one node reads a weight: the activation tensor and how to turn it into rows x (the operator
+    registry's ``statistics``)."""
 
     node: onnx.NodeProto
     weight_shape: tuple[int, ...]
-    recurrent: bool = False
+    index: int
+
+    @property
+    def op(self) -> Operator:
+        return REGISTRY[self.node.op_type]
+
+    @property
+    def recurrent(self) -> bool:
+        """An RNN's R, read through the hidden states Y the node outputs."""
+        return self.op.statistics == "sequence" and self.index == 2
 
     @property
     def activation(self) -> str:
         """The tensor the weight multiplies: the node's input, or for an RNN's R the hidden states Y."""
-        return self.node.output[0] if self.recurrent else self.node.input[0]
+        name = self.op.activation(self.node.input, self.node.output, self.index)
+        assert name is not None, "_readers keeps only nodes with an activation"
+        return name
 
     @property
     def groups(self) -> int:
         """Input groups of the node: a grouped Conv's ``group``, an RNN's directions for R (each its own h), else 1."""
         if self.recurrent:
             return self.weight_shape[0]
-        return int(self._attrs.get("group", 1)) if self.node.op_type == "Conv" else 1
-
-    @property
-    def _attrs(self) -> dict[str, object]:
-        return {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
+        return int(attributes(self.node).get(self.op.groups, 1)) if self.op.groups else 1
 
     def rows(self, x: np.ndarray, max_bytes: int, pick: Picker | None = None) -> Iterator[np.ndarray]:
         """(rows, groups, R) input vectors of this node, in the node's input order, about ``max_bytes`` at a time.
 
         ``pick``: given how many rows there are, the sorted indices of those to use (None: all of them).
         """
-        attrs = self._attrs
-        if self.node.op_type == "Conv":
+        attrs = attributes(self.node)
+        if self.op.statistics == "patches":
             yield from conv_patch_chunks(x, self.weight_shape, attrs, max_bytes, pick)
             return
-        if self.node.op_type == "Gemm" and attrs.get("transA", 0):
-            x = x.T
+        if self.op.transposed_input and attrs.get(self.op.transposed_input, 0):
+            x = np.swapaxes(x, -1, -2)  # the input's last two axes, as Gemm's transA (2-D) and batched forms
         if self.recurrent:  # Y [steps, directions, batch, hidden]; onnxruntime runs no batch-first layout
             x = x.transpose(0, 2, 1, 3)
         flat = x.reshape(-1, self.groups, x.shape[-1])
@@ -229,24 +238,6 @@ class _Reader:
         step = max(1, max_bytes // (flat.shape[-1] * max(flat.itemsize, 4)))
         for start in range(0, len(rows), step):
             yield rows[start : start + step]
-
-
-def _pads(attrs: Mapping[str, object], spatial: Sequence[int], extent: Sequence[int], strides: Sequence[int]) -> list:
-    """Begin and end padding per spatial axis, resolving ``auto_pad`` as onnxruntime does."""
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    n = len(spatial)
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        out = []
-        for s, e, st in zip(spatial, extent, strides, strict=True):
-            total = max((math.ceil(s / st) - 1) * st + e - s, 0)
-            small = total // 2
-            out.append((small, total - small) if auto == "SAME_UPPER" else (total - small, small))
-        return out
-    if auto == "VALID":
-        return [(0, 0)] * n
-    pads = list(attrs.get("pads", [0] * 2 * n))
-    return [(pads[i], pads[i + n]) for i in range(n)]
 
 
 def conv_patches(x: np.ndarray, weight_shape: Sequence[int], attrs: Mapping[str, object]) -> np.ndarray:
@@ -298,7 +289,7 @@ def _windows(x: np.ndarray, weight_shape: Sequence[int], attrs: Mapping[str, obj
     dilations = list(attrs.get("dilations", [1] * n_sp))
     group = int(attrs.get("group", 1))
     extent = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations, strict=True)]
-    pads = _pads(attrs, x.shape[2:], extent, strides)
+    pads = conv_pads(attrs, x.shape[2:], extent, strides)
     x = np.pad(x, [(0, 0), (0, 0), *pads])
     spatial_axes = tuple(range(2, 2 + n_sp))
     win = sliding_window_view(x, extent, axis=spatial_axes)
@@ -447,9 +438,9 @@ def _readers(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[st
     for c in wanted.values():
         for use in c.uses:
             node = nodes[use.node]
-            recurrent = use.op_type in RNN_OPS and use.input_index == 2
-            if use.op_type == c.kind and (use.input_index == 1 or (recurrent and node.output[0])):
-                readers.setdefault(c.name, []).append(_Reader(node, c.shape, recurrent))
+            reads = REGISTRY[c.kind].activation(node.input, node.output, use.input_index)
+            if use.op_type == c.kind and reads is not None:
+                readers.setdefault(c.name, []).append(_Reader(node, c.shape, use.input_index))
     return readers
 
 
