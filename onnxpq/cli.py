@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -19,26 +20,29 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from onnxpq.calibration import RandomInputs, parse_shapes
 from onnxpq.config import (
-    DEFAULT_EMA,
+    CALIBRATION,
+    COMPRESS,
     DEFAULT_FINETUNE_STEPS,
-    LOSSES,
-    STATISTICS_MEMORY_MIB,
+    FINETUNE,
+    FINETUNING,
+    QUANTIZATION,
+    WHAT,
     CompressConfig,
     FinetuneConfig,
+    Setting,
 )
 from onnxpq.errors import ConfigError, OnnxpqError, ValidationFailedError
-from onnxpq.operators import OP_TYPES
 from onnxpq.parallel import Workers
 from onnxpq.version import __version__
 
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["Interrupted", "main"]
+__all__ = ["Interrupted", "main", "options_markdown"]
 
 
 def _jobs(text: str) -> int | None:
@@ -51,6 +55,58 @@ def _jobs(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number of processes nor 'auto'") from None
 
 
+def _add_setting(group: Any, setting: Setting, default: Any, dest: str) -> None:
+    """One config ``Setting`` as an option: flags, type, bounds' help, choices and default all from the table."""
+    kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": _setting_help(setting, default)}
+    if setting.kind is bool:
+        group.add_argument(*setting.flags, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if setting.kind is tuple:
+        kwargs.update(nargs="+", default=list(default))
+    else:
+        kwargs["type"] = setting.kind
+    if setting.choices is not None:
+        kwargs["choices"] = setting.choices
+    if setting.metavar is not None:
+        kwargs["metavar"] = setting.metavar
+    group.add_argument(*setting.flags, **kwargs)
+
+
+def _setting_help(setting: Setting, default: Any) -> str:
+    """The table's help with the default and the allowed range, as argparse wants it (``%`` doubled)."""
+    text = setting.help
+    if setting.low is not None or setting.high is not None:
+        text += f"; {setting.bounds}{setting.unit}"
+    if setting.default_text is not None:
+        text += f" (default: {setting.default_text})"
+    elif setting.kind is bool:
+        text += f" (default: {'on' if default else 'off'})"
+    elif default not in (None, ()):
+        text += f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
+    return text.replace("%", "%%")
+
+
+def _add_settings(
+    groups: dict[str, Any], settings: tuple[Setting, ...], defaults: dict[str, Any], prefix: str = ""
+) -> None:
+    """Every setting that has flags into its section's group; settings sharing ``exclusive`` go into one
+    mutually exclusive group (``--target-bpw`` / ``--target-size``)."""
+    exclusive: dict[str, Any] = {}
+    for setting in settings:
+        if not setting.flags:
+            continue
+        group = groups[setting.section]
+        if setting.exclusive is not None:
+            if setting.exclusive not in exclusive:
+                exclusive[setting.exclusive] = group.add_mutually_exclusive_group()
+            group = exclusive[setting.exclusive]
+        _add_setting(group, setting, defaults[setting.field], prefix + setting.field)
+
+
+def _defaults(config_class: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(config_class)}
+
+
 def _add_compress(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compress", help="compress a model", description="Compress IN into OUT with product quantization."
@@ -59,66 +115,11 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", type=Path, nargs="?", metavar="OUT")
     p.add_argument("--input_model", type=Path, default=None, metavar="IN", help="IN as onnxruntime's tools spell it")
     p.add_argument("--output_model", type=Path, default=None, metavar="OUT", help="OUT as onnxruntime's tools spell it")
-    sel = p.add_argument_group("what to compress")
-    sel.add_argument(
-        "--op-types",
-        "--op_types_to_quantize",
-        dest="op_types",
-        nargs="+",
-        default=list(OP_TYPES),
-        metavar="OP",
-        help=f"operator types to compress: {' '.join(OP_TYPES)} or 'all' (default: all of these)",
-    )
-    sel.add_argument(
-        "--nodes-to-exclude",
-        "--nodes_to_exclude",
-        dest="nodes_to_exclude",
-        nargs="+",
-        default=[],
-        metavar="PATTERN",
-        help="nodes to keep in float: a pattern equal to a node name matches that node only (as in "
-        "onnxruntime), any other is a regular expression searched in every node name",
-    )
-    sel.add_argument(
-        "--nodes-to-include",
-        nargs="+",
-        default=[],
-        metavar="PATTERN",
-        help="compress only these nodes (patterns as for --nodes-to-exclude)",
-    )
-    sel.add_argument(
-        "--min-elements",
-        type=int,
-        default=None,
-        help="smaller weights stay in float (default 4096; 1024 with --target-bpw/--target-size)",
-    )
-    sel.add_argument(
-        "--keep-first",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="keep the first Conv in float, or compress it (default: keep it only when it is small: "
-        "at most 4 input channels per group and 1%% of the weights, like an image CNN's first conv)",
-    )
-    q = p.add_argument_group("quantization")
-    q.add_argument(
-        "--block-size",
-        choices=("small", "large"),
-        default="small",
-        help="PQF blocks: small (d=9 for 3x3, 4 otherwise) or large (18 and 8)",
-    )
-    q.add_argument("--subvector-dim", type=int, default=None, metavar="D", help="use d=D for every layer")
-    q.add_argument("-k", "--n-codewords", type=int, default=256, help="codebook size (default 256)")
-    q.add_argument("--kmeans-iters", type=int, default=20)
-    q.add_argument("--anneal", action="store_true", help="PQF's annealed (stochastically relaxed) k-means")
-    q.add_argument(
-        "--permute",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="reorder channels so subvectors quantize better (PQF's P; no runtime cost; default off)",
-    )
-    q.add_argument("--permute-iters", type=int, default=2000, help="pair swaps tried per channel group")
-    q.add_argument("--seed", type=int, default=0)
-    _add_calibration_options(p)
+    groups = {title: p.add_argument_group(title) for title in (WHAT, QUANTIZATION, CALIBRATION, FINETUNING)}
+    _add_calibration_sources(groups[CALIBRATION])
+    _add_settings(groups, COMPRESS, _defaults(CompressConfig))
+    _add_finetune_switches(groups[FINETUNING])
+    _add_settings(groups, FINETUNE, _defaults(FinetuneConfig), prefix="finetune_")
     _add_validation_options(p, data_flag="--validation-data")
     run = p.add_argument_group("where the per-layer work runs (same output bytes either way)")
     run.add_argument(
@@ -126,7 +127,8 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         type=_jobs,
         default=None,
         metavar="N",
-        help="local worker processes, or auto (the default: one per core on models over a million weights, "
+        help="local worker processes for the per-layer quantization, the bit allocator's estimates and the "
+        "permutation search, or auto (the default: one per usable core on models over 2^20 compressible weights, "
         "as many as the free memory holds)",
     )
     run.add_argument(
@@ -135,14 +137,25 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         metavar="ADDR",
         help="run on a Ray cluster: 'auto', 'ray://host:10001', or 'local' (needs the distributed extra)",
     )
-    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime validation")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    p.add_argument("--report", type=Path, default=None, help="JSON report path (default: OUT.report.json)")
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--validate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare the output with the original in onnxruntime (default: on)",
+    )
+    out.add_argument(
+        "--force",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="overwrite OUT if it exists (never the input; OUT is written atomically)",
+    )
+    out.add_argument("--report", type=Path, default=None, help="JSON report path (default: OUT.report.json)")
 
 
-def _add_calibration_options(p: argparse.ArgumentParser) -> None:
-    c = p.add_argument_group("calibration (data-aware quantization)")
-    c.add_argument(
+def _add_calibration_sources(group: Any) -> None:
+    """Where the calibration samples come from (not settings: the data is an input of the run)."""
+    group.add_argument(
         "--calibration-data",
         "--calibration_data_path",
         dest="calibration_data",
@@ -151,8 +164,7 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         help=".npz keyed by input name, .npy, or a test_data_set_* folder: quantize to minimise each layer's "
         "output error on these samples; 'random' for synthetic inputs (not recommended)",
     )
-    c.add_argument("--calibration-samples", type=int, default=512, help="use at most N samples (default 512)")
-    c.add_argument(
+    group.add_argument(
         "--calibration-shapes",
         "--calibration_shapes",
         dest="calibration_shapes",
@@ -161,74 +173,18 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
         help="shapes for synthetic inputs, e.g. input:1x3x224x224,mask:1x128 (with 'random'; real samples "
         "already give every dim)",
     )
-    for flag, default, text in (
-        ("output-aware", True, "assign and update codewords in each subvector's output metric"),
-        ("error-feedback", True, "GPTQ-style sequential assignment with error feedback"),
-        ("refit", True, "exact least-squares codebook refit"),
-        ("bias-correction", True, "fold the mean output shift into the bias"),
-    ):
-        c.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=default, help=text)
-    c.add_argument(
-        "--sequential",
-        type=int,
-        default=0,
-        metavar="N",
-        help="re-collect statistics N times on the partly quantized model (GPTQ's sequential mode; default off)",
-    )
-    c.add_argument(
-        "--statistics-memory",
-        type=float,
-        default=STATISTICS_MEMORY_MIB,
-        metavar="MIB",
-        help=f"memory for the layer statistics (default {STATISTICS_MEMORY_MIB}); a layer whose full input "
-        "covariance does not fit its share keeps block-diagonal statistics, named in the report",
-    )
-    size = c.add_mutually_exclusive_group()
-    size.add_argument("--target-bpw", type=float, default=None, help="choose per-layer settings to meet B bits/weight")
-    size.add_argument("--target-size", type=float, default=None, metavar="MIB", help="... or a size in MiB")
-    _add_finetune_options(p)
 
 
-def _add_finetune_options(p: argparse.ArgumentParser) -> None:
-    f = p.add_argument_group("fine-tuning (distillation from the original on the calibration data; needs torch)")
-    f.add_argument(
+def _add_finetune_switches(group: Any) -> None:
+    """``--finetune`` itself, the old spelling of ``--no-finetune-mixup``, and the labels file."""
+    group.add_argument(
         "--finetune",
-        action="store_true",
-        help=f"tune codebooks, biases and norms (default {DEFAULT_FINETUNE_STEPS} steps)",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help=f"tune codebooks, biases and norms (default: off; {DEFAULT_FINETUNE_STEPS} steps when on)",
     )
-    f.add_argument("--finetune-steps", type=int, default=None, metavar="N", help="optimiser steps (implies --finetune)")
-    f.add_argument(
-        "--finetune-time",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="time budget (implies --finetune); the output then depends on the machine's speed",
-    )
-    f.add_argument("--finetune-batch", type=int, default=16, metavar="N", help="samples per step (default 16)")
-    f.add_argument(
-        "--finetune-lr", type=float, default=1e-4, metavar="LR", help="peak Adam learning rate (default 1e-4)"
-    )
-    f.add_argument("--finetune-loss", choices=LOSSES, default="auto", help="distillation loss (default: per output)")
-    f.add_argument(
-        "--finetune-features",
-        type=float,
-        default=0.0,
-        metavar="W",
-        help="also match every compressed layer's output to the original's, with weight W (default 0: off)",
-    )
-    f.add_argument(
-        "--finetune-ema",
-        type=float,
-        default=DEFAULT_EMA,
-        metavar="DECAY",
-        help=f"export the moving average of the tuned values with this decay (default {DEFAULT_EMA}; 0: last step)",
-    )
-    f.add_argument(
-        "--finetune-no-mixup",
-        action="store_true",
-        help="train on the calibration samples as they are, not on blends of two (blending needs float inputs)",
-    )
-    f.add_argument(
+    group.add_argument("--finetune-no-mixup", dest="finetune_mixup", action="store_false", help=argparse.SUPPRESS)
+    group.add_argument(
         "--calibration-labels",
         type=Path,
         default=None,
@@ -244,10 +200,17 @@ def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str) -> No
         dest="data",
         default=None,
         metavar="PATH",
-        help=".npz keyed by input name, .npy, or a test_data_set_* folder; 'random' for synthetic inputs",
+        help=".npz keyed by input name, .npy, or a test_data_set_* folder; 'random' for synthetic inputs "
+        "(compress's default: the calibration data, flagged in the report as optimistic)",
     )
-    v.add_argument("--labels", type=Path, default=None, help=".npy of class labels aligned with the data")
-    v.add_argument("--max-samples", type=int, default=None)
+    v.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        metavar="NPY",
+        help=".npy of class labels aligned with the data: adds accuracy for the first logits output",
+    )
+    v.add_argument("--max-samples", type=int, default=None, metavar="N", help="compare on at most N samples")
     v.add_argument(
         "--metric",
         choices=("top1", "cosine", "rel_l2", "max_abs", "accuracy"),
@@ -255,10 +218,17 @@ def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str) -> No
         help="gate metric (default: top1 for logits, else cosine)",
     )
     v.add_argument(
-        "--max-degradation", type=float, default=None, help="fail (exit 1) when the metric degrades by more than this"
+        "--max-degradation",
+        type=float,
+        default=None,
+        metavar="X",
+        help="fail (exit 1) when the metric degrades by more than X",
     )
     v.add_argument(
-        "--no-measure", dest="measure", action="store_false", help="skip load-time, memory and latency measurements"
+        "--measure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure load time, peak memory and latency of both models (default: on)",
     )
 
 
@@ -269,8 +239,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         description="List candidate weights with node names, shapes and sizes.",
     )
     p.add_argument("input", type=Path, metavar="IN")
-    p.add_argument("--op-types", nargs="+", default=list(OP_TYPES), metavar="OP")
-    p.add_argument("--min-elements", type=int, default=None, help="default 4096")
+    wanted = {"op_types", "min_elements"}
+    _add_settings({WHAT: p}, tuple(x for x in COMPRESS if x.field in wanted), _defaults(CompressConfig))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--groups",
@@ -292,6 +262,36 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, default=None, help="write the validation JSON here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --report file")
     p.add_argument("--seed", type=int, default=0)
+
+
+def options_markdown() -> str:
+    """``onnxpq compress``'s options as the README's markdown table, one section per option group: rendered from
+    the parser itself, so the README says what ``--help`` says (tests/test_cli.py checks they agree)."""
+    parser = build_parser()
+    compress = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["compress"]
+    lines = ["| option | meaning |", "| --- | --- |"]
+    for group in compress._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.help != argparse.SUPPRESS]
+        actions = [a for a in actions if a.dest != "help"]
+        if not actions:
+            continue
+        lines.append(f"| **{group.title}** | |")
+        for action in actions:
+            meaning = (action.help or "").replace("%%", "%").replace("|", "\\|")
+            lines.append(f"| {_flags_markdown(action)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _flags_markdown(action: argparse.Action) -> str:
+    """``--x METAVAR`` (alias ``--y``), or ``--x`` / ``--no-x`` for a boolean."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return " / ".join(f"`{flag}`" for flag in action.option_strings)
+    metavar = action.metavar or (f"{{{','.join(action.choices)}}}" if action.choices else action.dest.upper())
+    metavar = str(metavar).replace("|", "\\|") + ("..." if action.nargs == "+" else "")
+    short = [f for f in action.option_strings if not f.startswith("--")]
+    first, *aliases = [f for f in action.option_strings if f.startswith("--")]
+    text = f"`{first} {metavar}`" + (f" (`{short[0]}`)" if short else "")
+    return text + (f" (alias {', '.join(f'`{a}`' for a in aliases)})" if aliases else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,18 +320,17 @@ def _settings(args: argparse.Namespace, enabled: bool = True):
 
 
 def _finetune_config(args: argparse.Namespace) -> FinetuneConfig | None:
-    if not (args.finetune or args.finetune_steps or args.finetune_time):
+    """Fine-tuning is on with ``--finetune`` or a step or time budget."""
+    if not (args.finetune or args.finetune_steps is not None or args.finetune_time_s is not None):
         return None
-    return FinetuneConfig(
-        steps=args.finetune_steps,
-        time_s=args.finetune_time,
-        batch_size=args.finetune_batch,
-        lr=args.finetune_lr,
-        loss=args.finetune_loss,
-        features=args.finetune_features,
-        mixup=not args.finetune_no_mixup,
-        ema=args.finetune_ema,
-    )
+    return FinetuneConfig(**{s.field: getattr(args, f"finetune_{s.field}") for s in FINETUNE if s.flags})
+
+
+def _compress_config(args: argparse.Namespace) -> CompressConfig:
+    """The ``CompressConfig`` the options describe, field by field from the settings table."""
+    values = {s.field: getattr(args, s.field) for s in COMPRESS if s.flags}
+    values.update({s.field: tuple(values[s.field]) for s in COMPRESS if s.flags and s.kind is tuple})
+    return CompressConfig(**values, finetune=_finetune_config(args))
 
 
 def _model_paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -353,31 +352,7 @@ def _compress(args: argparse.Namespace) -> int:
     from onnxpq.report import format_table
 
     args.input, args.output = _model_paths(args)  # error messages name the input (``_subject``)
-    config = CompressConfig(
-        op_types=tuple(args.op_types),
-        nodes_to_exclude=tuple(args.nodes_to_exclude),
-        nodes_to_include=tuple(args.nodes_to_include),
-        min_elements=args.min_elements,
-        keep_first=args.keep_first,
-        block_size=args.block_size,
-        subvector_dim=args.subvector_dim,
-        n_codewords=args.n_codewords,
-        kmeans_iters=args.kmeans_iters,
-        anneal=args.anneal,
-        seed=args.seed,
-        permute=args.permute,
-        permute_iters=args.permute_iters,
-        output_aware=args.output_aware,
-        error_feedback=args.error_feedback,
-        refit=args.refit,
-        bias_correction=args.bias_correction,
-        calibration_samples=args.calibration_samples,
-        sequential=args.sequential,
-        statistics_memory_mib=args.statistics_memory,
-        target_bpw=args.target_bpw,
-        target_mib=args.target_size,
-        finetune=_finetune_config(args),
-    )
+    config = _compress_config(args)
     calibration = args.calibration_data
     if args.calibration_shapes:
         if calibration != "random":
@@ -393,7 +368,7 @@ def _compress(args: argparse.Namespace) -> int:
             config,
             calibration=calibration,
             calibration_labels=args.calibration_labels,
-            validation=_settings(args, not args.no_validate),
+            validation=_settings(args, args.validate),
             force=args.force,
             report_path=args.report,
             progress=sys.stderr.isatty(),

@@ -9,7 +9,21 @@ from typing import Any, Literal
 from onnxpq.errors import ConfigError
 from onnxpq.operators import OP_TYPES
 
-__all__ = ["DEFAULT_EMA", "DEFAULT_FINETUNE_STEPS", "LOSSES", "CompressConfig", "FinetuneConfig"]
+__all__ = [
+    "CALIBRATION",
+    "COMPRESS",
+    "DEFAULT_EMA",
+    "DEFAULT_FINETUNE_STEPS",
+    "FINETUNE",
+    "FINETUNING",
+    "LOSSES",
+    "QUANTIZATION",
+    "WHAT",
+    "CompressConfig",
+    "FinetuneConfig",
+    "Setting",
+    "check_settings",
+]
 
 
 BlockSize = Literal["small", "large"]
@@ -31,6 +45,38 @@ MIN_ELEMENTS_BUDGET = 1024
 #: H) fits in the other half. A layer whose full H is larger (R = 4096 is 128 MiB) is quantized from
 #: a block-diagonal H instead.
 STATISTICS_MEMORY_MIB = 2048
+
+
+#: Shrinkage weights tried besides OAS's on a layer whose statistics are rank-deficient (``quantize.layer``).
+SHRINKAGE_GRID = (0.1, 0.25, 0.5)
+#: GPTQ's damping: a fraction of the mean diagonal added to H so it stays invertible (``output_aware.damped``).
+DAMPING = 0.01
+#: Lloyd (and the output-aware refinement) stops once at most this fraction of codes changes in an iteration:
+#: the last iterations of a big layer move a handful of subvectors and cost as much as the first.
+KMEANS_TOLERANCE = 1e-3
+#: Input rows per layer (or ``ROWS_PER_INPUT`` per input of a group, if more) beyond which the statistics use
+#: a random subset of them, the same share from every batch. MobileNetV2's first layers see 224 x 12 544
+#: patches for an H of 9 x 9 to 32 x 32, and PP-OCRv4 rec's 5 x 5 depthwise convs 320 000 for 240 H of 25 x 25:
+#: it spent 40 of its 48 s of statistics copying and multiplying patches. Every layer of MNIST, MiniLM and the
+#: golden models stays under it, so their statistics are unchanged.
+MAX_ROWS = 1 << 16
+ROWS_PER_INPUT = 1024
+#: Samples on which the bit allocator measures each setting's output error: enough for a stable mean, cheap
+#: per setting (with at least four times as many calibration samples, they are held out of the statistics).
+PROBE_SAMPLES = 32
+#: Settings per layer whose output error the allocator measures. On MobileNetV2 at 2.64 bits/weight, reading
+#: the rest off the curve through 2-5 measured settings chose allocations as good as measuring all 20; each
+#: costs one onnxruntime pass over the probe samples per layer (a third of the allocation's time at 3).
+MEASURED_SETTINGS = 2
+#: Lloyd iterations of the allocator's quick estimates (no error feedback).
+ESTIMATE_ITERS = 8
+#: Units (output channels, columns) an estimate fits its codebook on before coding all of them: the
+#: classifier of MobileNetV2 (1000 units) took half of the allocator's time when fitted on all.
+ESTIMATE_UNITS = 256
+#: Subvectors per codeword such a sampled fit keeps at least (faiss warns below 39 training points per centroid).
+SAMPLE_PER_CODEWORD = 64
+#: Synthetic samples for ``--calibration-data random`` (and for validation without data).
+SYNTHETIC_SAMPLES = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,24 +121,7 @@ class FinetuneConfig:
     ema: float = DEFAULT_EMA
 
     def __post_init__(self) -> None:
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"finetune steps={self.steps} must be >= 1")
-        if self.time_s is not None and self.time_s <= 0:
-            raise ConfigError(f"finetune time={self.time_s} must be positive seconds")
-        if self.batch_size < 1:
-            raise ConfigError(f"finetune batch_size={self.batch_size} must be >= 1")
-        if not self.lr > 0:
-            raise ConfigError(f"finetune lr={self.lr} must be positive")
-        if not 0 <= self.holdout < 1:
-            raise ConfigError(f"finetune holdout={self.holdout} must be in [0, 1)")
-        if self.eval_every < 1:
-            raise ConfigError(f"finetune eval_every={self.eval_every} must be >= 1")
-        if self.features < 0:
-            raise ConfigError(f"finetune features={self.features} must be >= 0")
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"finetune ema={self.ema} must be in [0, 1)")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"finetune loss={self.loss!r}; choose from {', '.join(LOSSES)}")
+        check_settings(self, FINETUNE, "finetune ")
 
     @property
     def max_steps(self) -> int | None:
@@ -150,6 +179,17 @@ class CompressConfig:
     statistics_memory_mib : memory for the layer statistics H and their use, MiB (see
         ``STATISTICS_MEMORY_MIB``); layers whose full H does not fit their share use a
         block-diagonal H, and if even the smallest blocks do not fit the run stops with a ``ConfigError``.
+
+    The remaining fields are the algorithm's constants (see each default's comment above), fields so that a
+    model's ``metadata_props`` records every value that decided its bytes, and so experiments can vary them:
+
+    shrinkage_grid, damping : the statistics' shrinkage weights tried on rank-deficient layers, and GPTQ's
+        damping of H.
+    kmeans_tolerance : the fraction of changed codes at which Lloyd and the refinement stop.
+    max_rows, rows_per_input : the row sample of the statistics.
+    probe_samples, measured_settings, estimate_iters, estimate_units, sample_per_codeword : the bit
+        allocator's measurements and quick estimates.
+    synthetic_samples : the number of samples ``random`` calibration data draws.
     """
 
     op_types: tuple[str, ...] = OP_TYPES
@@ -175,6 +215,17 @@ class CompressConfig:
     target_mib: float | None = None
     finetune: FinetuneConfig | None = None
     statistics_memory_mib: float = STATISTICS_MEMORY_MIB
+    shrinkage_grid: tuple[float, ...] = SHRINKAGE_GRID
+    damping: float = DAMPING
+    kmeans_tolerance: float = KMEANS_TOLERANCE
+    max_rows: int = MAX_ROWS
+    rows_per_input: int = ROWS_PER_INPUT
+    probe_samples: int = PROBE_SAMPLES
+    measured_settings: int = MEASURED_SETTINGS
+    estimate_iters: int = ESTIMATE_ITERS
+    estimate_units: int = ESTIMATE_UNITS
+    sample_per_codeword: int = SAMPLE_PER_CODEWORD
+    synthetic_samples: int = SYNTHETIC_SAMPLES
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.op_types if t not in OP_TYPES and t != "all"]
@@ -187,30 +238,9 @@ class CompressConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ConfigError(f"invalid node pattern {pattern!r}: {err}") from None
-        if self.min_elements is not None and self.min_elements < 1:
-            raise ConfigError(f"min_elements={self.min_elements} must be >= 1")
-        if self.block_size not in ("small", "large"):
-            raise ConfigError(f"block_size={self.block_size!r} must be 'small' or 'large'")
-        if self.subvector_dim is not None and not 1 <= self.subvector_dim <= 64:
-            raise ConfigError(f"subvector_dim={self.subvector_dim} must be between 1 and 64")
-        if not 2 <= self.n_codewords <= 256:
-            raise ConfigError(f"n_codewords={self.n_codewords} must be between 2 and 256 (uint8 indices)")
-        if self.kmeans_iters < 0:
-            raise ConfigError(f"kmeans_iters={self.kmeans_iters} must be >= 0")
         if self.target_bpw is not None and self.target_mib is not None:
             raise ConfigError("give either target_bpw or target_mib, not both")
-        if self.target_bpw is not None and not 0 < self.target_bpw <= 32:
-            raise ConfigError(f"target_bpw={self.target_bpw} must be in (0, 32] bits per weight")
-        if self.target_mib is not None and self.target_mib <= 0:
-            raise ConfigError(f"target_mib={self.target_mib} must be positive")
-        if self.permute_iters < 0:
-            raise ConfigError(f"permute_iters={self.permute_iters} must be >= 0")
-        if self.sequential < 0:
-            raise ConfigError(f"sequential={self.sequential} must be >= 0")
-        if not self.statistics_memory_mib > 0:
-            raise ConfigError(f"statistics_memory_mib={self.statistics_memory_mib} must be positive")
-        if self.calibration_samples < 1:
-            raise ConfigError(f"calibration_samples={self.calibration_samples} must be >= 1")
+        check_settings(self, COMPRESS, "")
 
     @property
     def has_budget(self) -> bool:
@@ -225,9 +255,328 @@ class CompressConfig:
         return MIN_ELEMENTS_BUDGET if self.has_budget else MIN_ELEMENTS
 
     @property
+    def statistics_rows(self) -> tuple[int, int]:
+        """(rows per layer, rows per input) beyond which the statistics sample their rows (``stats``)."""
+        return self.max_rows, self.rows_per_input
+
+    @property
     def all_op_types(self) -> bool:
         return "all" in self.op_types
 
     def to_json(self) -> dict[str, Any]:
         """The settings as plain JSON values, for the report and ``metadata_props``."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One field of ``CompressConfig`` or ``FinetuneConfig``: the constraint on its value, and its command-line
+    option and help.
+
+    ``SETTINGS`` is the one place these are declared: the dataclasses check their values against it, ``cli``
+    builds ``onnxpq compress``'s options from it (defaults read from the dataclasses, so they are not
+    repeated), and the README's option table is rendered from that parser. ``flags`` empty: Python API only.
+    Booleans are ``--x/--no-x``; ``low``/``high`` bound a number (``*_open``: the bound itself is refused);
+    ``exclusive`` names settings of which at most one may be given on the command line.
+    """
+
+    field: str
+    section: str
+    help: str
+    flags: tuple[str, ...] = ()
+    kind: type = int
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    default_text: str | None = None
+    unit: str = ""
+    exclusive: str | None = None
+
+    def check(self, value: Any, prefix: str) -> None:
+        """Refuse a value outside the declared choices or bounds (NaN included), naming the field."""
+        if value is None:
+            return
+        name = f"{prefix}{self.field}={value!r}" if isinstance(value, str) else f"{prefix}{self.field}={value}"
+        if self.choices is not None and self.kind is str and value not in self.choices:
+            raise ConfigError(f"{name}; choose from {', '.join(self.choices)}")
+        if self.low is None and self.high is None:
+            return
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (above and below):
+            raise ConfigError(f"{name} must be {self.bounds}{self.unit}")
+
+    @property
+    def bounds(self) -> str:
+        """The allowed range in words: ``>= 1``, ``positive``, ``in (0, 32]``."""
+        if self.high is None:
+            if self.low_open:
+                return "positive" if self.low == 0 else f"> {self.low:g}"
+            return f">= {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+WHAT = "what to compress"
+QUANTIZATION = "quantization"
+CALIBRATION = "calibration (data-aware quantization)"
+FINETUNING = "fine-tuning (distillation from the original on the calibration data; needs torch)"
+
+INTERNALS = "algorithm constants (Python API only)"
+#: The algorithm's constants as settings: validated and recorded, not command-line options.
+_INTERNAL_SETTINGS = (
+    Setting("shrinkage_grid", INTERNALS, "shrinkage weights tried on rank-deficient statistics", kind=tuple),
+    Setting("damping", INTERNALS, "GPTQ's damping of H", kind=float, low=0, low_open=True),
+    Setting("kmeans_tolerance", INTERNALS, "changed-code fraction that stops Lloyd", kind=float, low=0, high=1),
+    Setting("max_rows", INTERNALS, "statistics rows per layer before sampling", kind=int, low=1),
+    Setting("rows_per_input", INTERNALS, "statistics rows per input before sampling", kind=int, low=1),
+    Setting("probe_samples", INTERNALS, "samples of the allocator's error probe", kind=int, low=1),
+    Setting("measured_settings", INTERNALS, "settings per layer the allocator measures", kind=int, low=1),
+    Setting("estimate_iters", INTERNALS, "Lloyd iterations of the allocator's estimates", kind=int, low=0),
+    Setting("estimate_units", INTERNALS, "units an estimate fits its codebook on", kind=int, low=1),
+    Setting("sample_per_codeword", INTERNALS, "subvectors per codeword of a sampled fit", kind=int, low=1),
+    Setting("synthetic_samples", INTERNALS, "samples of random calibration data", kind=int, low=1),
+)
+#: ``CompressConfig``'s settings, in the order ``onnxpq compress --help`` shows them.
+COMPRESS = (
+    Setting(
+        "op_types",
+        WHAT,
+        "operator types to compress, or 'all' (adds every other large float constant)",
+        ("--op-types", "--op_types_to_quantize"),
+        tuple,
+        metavar="OP",
+        default_text=" ".join(OP_TYPES),
+    ),
+    Setting(
+        "nodes_to_exclude",
+        WHAT,
+        "nodes to keep in float: a pattern equal to a node name matches that node only (as in onnxruntime), "
+        "any other is a regular expression searched in every node name; the report's selection.patterns says how "
+        "many nodes each matched, and one that matches none is an error listing close names",
+        ("--nodes-to-exclude", "--nodes_to_exclude"),
+        tuple,
+        metavar="PATTERN",
+    ),
+    Setting(
+        "nodes_to_include",
+        WHAT,
+        "compress only these nodes (patterns as for --nodes-to-exclude)",
+        ("--nodes-to-include",),
+        tuple,
+        metavar="PATTERN",
+    ),
+    Setting(
+        "min_elements",
+        WHAT,
+        "smaller weights stay in float",
+        ("--min-elements",),
+        int,
+        low=1,
+        metavar="N",
+        default_text=f"{MIN_ELEMENTS}; {MIN_ELEMENTS_BUDGET} with --target-bpw/--target-size",
+    ),
+    Setting(
+        "keep_first",
+        WHAT,
+        "keep the first Conv in float, or compress it",
+        ("--keep-first",),
+        bool,
+        default_text="keep it only when it is small: at most 4 input channels per group and 1% of the weights, "
+        "like an image CNN's first conv",
+    ),
+    Setting(
+        "block_size",
+        QUANTIZATION,
+        "PQF blocks: small (d=9 for 3x3 kernels, 4 otherwise) or large (18 and 8)",
+        ("--block-size",),
+        str,
+        choices=("small", "large"),
+    ),
+    Setting(
+        "subvector_dim",
+        QUANTIZATION,
+        "use d=D for every layer",
+        ("--subvector-dim",),
+        int,
+        low=1,
+        high=64,
+        metavar="D",
+    ),
+    Setting(
+        "n_codewords",
+        QUANTIZATION,
+        "codebook size k (uint8 indices), clamped per layer to a quarter of its subvectors",
+        ("-k", "--n-codewords"),
+        int,
+        low=2,
+        high=256,
+        metavar="K",
+    ),
+    Setting(
+        "kmeans_iters", QUANTIZATION, "Lloyd iterations after k-means++", ("--kmeans-iters",), int, low=0, metavar="N"
+    ),
+    Setting("anneal", QUANTIZATION, "PQF's annealed (stochastically relaxed) k-means", ("--anneal",), bool),
+    Setting(
+        "permute",
+        QUANTIZATION,
+        "reorder channels so subvectors quantize better (PQF's P; no runtime cost)",
+        ("--permute",),
+        bool,
+    ),
+    Setting(
+        "permute_iters",
+        QUANTIZATION,
+        "pair swaps tried per channel group",
+        ("--permute-iters",),
+        int,
+        low=0,
+        metavar="N",
+    ),
+    Setting("seed", QUANTIZATION, "seeds every random choice: same input and seed, same bytes", ("--seed",), int),
+    Setting(
+        "calibration_samples",
+        CALIBRATION,
+        "use at most N calibration samples (the statistics are streamed: memory does not grow with N)",
+        ("--calibration-samples",),
+        int,
+        low=1,
+        metavar="N",
+    ),
+    Setting(
+        "output_aware",
+        CALIBRATION,
+        "assign and update codewords in each subvector's output metric",
+        ("--output-aware",),
+        bool,
+    ),
+    Setting(
+        "error_feedback",
+        CALIBRATION,
+        "GPTQ-style sequential assignment with error feedback",
+        ("--error-feedback",),
+        bool,
+    ),
+    Setting("refit", CALIBRATION, "exact least-squares codebook refit", ("--refit",), bool),
+    Setting("bias_correction", CALIBRATION, "fold the mean output shift into the bias", ("--bias-correction",), bool),
+    Setting(
+        "sequential",
+        CALIBRATION,
+        "re-collect statistics N times on the partly quantized model (GPTQ's sequential mode; 0: off)",
+        ("--sequential",),
+        int,
+        low=0,
+        metavar="N",
+    ),
+    Setting(
+        "statistics_memory_mib",
+        CALIBRATION,
+        "memory for the layer statistics, MiB; a layer whose full input "
+        "covariance does not fit its share keeps block-diagonal statistics, named in the report",
+        ("--statistics-memory",),
+        float,
+        low=0,
+        low_open=True,
+        metavar="MIB",
+    ),
+    Setting(
+        "target_bpw",
+        CALIBRATION,
+        "choose each layer's (d, k), or float, to meet B bits/weight over all parameters (PQF accounting) with "
+        "the least estimated output error",
+        ("--target-bpw",),
+        float,
+        low=0,
+        high=32,
+        low_open=True,
+        metavar="B",
+        unit=" bits per weight",
+        exclusive="size",
+    ),
+    Setting(
+        "target_mib",
+        CALIBRATION,
+        "... or a size in MiB",
+        ("--target-size",),
+        float,
+        low=0,
+        low_open=True,
+        metavar="MIB",
+        exclusive="size",
+    ),
+    *_INTERNAL_SETTINGS,
+)
+#: ``FinetuneConfig``'s settings (options ``--finetune-*``; see ``FinetuneConfig`` for what each does).
+FINETUNE = (
+    Setting(
+        "steps",
+        FINETUNING,
+        "optimiser steps (implies --finetune)",
+        ("--finetune-steps",),
+        int,
+        low=1,
+        metavar="N",
+        default_text=f"{DEFAULT_FINETUNE_STEPS} with --finetune",
+    ),
+    Setting(
+        "time_s",
+        FINETUNING,
+        "time budget in seconds (implies --finetune); the output then depends on the machine's speed",
+        ("--finetune-time",),
+        float,
+        low=0,
+        low_open=True,
+        metavar="SECONDS",
+    ),
+    Setting("batch_size", FINETUNING, "samples per step", ("--finetune-batch",), int, low=1, metavar="N"),
+    Setting("lr", FINETUNING, "peak Adam learning rate", ("--finetune-lr",), float, low=0, low_open=True, metavar="LR"),
+    Setting(
+        "holdout",
+        FINETUNING,
+        "share of the samples held out to pick the best step",
+        (),
+        float,
+        low=0,
+        high=1,
+        high_open=True,
+    ),
+    Setting("eval_every", FINETUNING, "steps between held-out evaluations", (), int, low=1),
+    Setting("loss", FINETUNING, "distillation loss (auto: per output)", ("--finetune-loss",), str, choices=LOSSES),
+    Setting("recalibrate_bn", FINETUNING, "move BatchNorm statistics by the shift quantization caused", (), bool),
+    Setting(
+        "features",
+        FINETUNING,
+        "also match every compressed layer's output to the original's, with weight W (0: off)",
+        ("--finetune-features",),
+        float,
+        low=0,
+        metavar="W",
+    ),
+    Setting(
+        "mixup",
+        FINETUNING,
+        "train on blends of two calibration samples (float inputs only), not on the samples as they are",
+        ("--finetune-mixup",),
+        bool,
+    ),
+    Setting(
+        "ema",
+        FINETUNING,
+        "export the moving average of the tuned values with this decay (0: the last step)",
+        ("--finetune-ema",),
+        float,
+        low=0,
+        high=1,
+        high_open=True,
+        metavar="DECAY",
+    ),
+)
+
+
+def check_settings(config: Any, settings: tuple[Setting, ...], prefix: str) -> None:
+    """Check every field of a config dataclass against its ``Setting``."""
+    for setting in settings:
+        setting.check(getattr(config, setting.field), prefix)

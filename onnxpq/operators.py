@@ -120,6 +120,16 @@ REGISTRY: dict[str, Operator] = {
             statistics_ranks=(2,),
             bias_after_add=True,
         ),
+        # onnxruntime's com.microsoft fused MatMul (its transformer optimizer's MatMul + Transpose + Mul):
+        # alpha * op(A) @ op(B), B [K, N] unless transB.
+        Operator(
+            "FusedMatMul",
+            (1,),
+            inputs_first=_gemm_inputs_first,
+            statistics="rows",
+            statistics_ranks=(2,),
+            transposed_input="transA",
+        ),
         Operator("Gather", (0,), multiplies=False),
         # A constant operand of an Einsum, either one: "btd,hde->bhte" or "hde,btd->bhte".
         Operator("Einsum", (0, 1)),

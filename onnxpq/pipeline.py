@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from onnxpq.calibration import Dataset, RandomInputs, batches, check_synthetic, load_dataset, random_dataset
-from onnxpq.config import CompressConfig
+from onnxpq.config import SYNTHETIC_SAMPLES, CompressConfig
 from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
 from onnxpq.errors import (
     ConfigError,
@@ -61,8 +61,6 @@ __all__ = [
     "run_validation",
     "validation_dataset",
 ]
-
-SYNTHETIC_SAMPLES = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,7 +263,8 @@ def calibration_dataset(model: onnx.ModelProto, source: Any, config: CompressCon
         return None
     if isinstance(source, RandomInputs) or (isinstance(source, str) and source == "random"):
         shapes = source.shapes if isinstance(source, RandomInputs) else None
-        dataset = random_dataset(model, SYNTHETIC_SAMPLES, np.random.default_rng(config.seed), shapes=shapes)
+        rng = np.random.default_rng(config.seed)
+        dataset = random_dataset(model, config.synthetic_samples, rng, shapes=shapes)
         check_synthetic(model, dataset, "give the real sizes with --calibration-shapes NAME:DxD...")
         return dataset
     return load_dataset(source, model, max_samples=config.calibration_samples)
@@ -464,13 +463,20 @@ def _quantize(
 
     When allocating, the samples the allocator measures on are kept out of the statistics (see ``probe_split``).
     """
-    probe, fit = probe_split(calib) if config.has_budget and calib is not None else (calib, calib)
+    probe, fit = probe_split(calib, config.probe_samples) if config.has_budget and calib is not None else (calib, calib)
     with clock.stage("statistics"):
         # Statistics run on the graph with the If branches the samples take inlined (their weights get data).
         seen, taken = inline_taken(model, fit) if fit is not None else (model, {})
         seen_candidates = with_uses_in(seen, candidates) if taken else candidates
         stats = (
-            collect_stats(seen, seen_candidates, fit, progress=progress, memory_mib=config.statistics_memory_mib)
+            collect_stats(
+                seen,
+                seen_candidates,
+                fit,
+                progress=progress,
+                memory_mib=config.statistics_memory_mib,
+                rows=config.statistics_rows,
+            )
             if fit is not None
             else {}
         )

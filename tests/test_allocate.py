@@ -12,14 +12,13 @@ from onnx import helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
 from onnxpq.calibration import Dataset
+from onnxpq.config import PROBE_SAMPLES
 from onnxpq.errors import ConfigError
 from onnxpq.model.graph import constant_tensors, constants_as_inputs, replace_constants
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.quantize.allocate import (
     _NON_FINITE,
-    HOLD_OUT_FROM,
-    MEASURED_SETTINGS,
-    PROBE_SAMPLES,
+    HOLD_OUT_FACTOR,
     Option,
     _anchors,
     _Probe,
@@ -179,14 +178,18 @@ def test_output_errors_are_measured_at_anchor_settings_and_interpolated_between(
     constants = constant_tensors(model.graph)
     tried = {n: [quantize_layer(constants[n].to_array(), v, config) for v in variants(c)] for n, c in cands.items()}
     data = Dataset({"x": rand(rng, 40, 4, 6, 6)}, "test")
-    errors = output_errors(model, tried, data, {})
-    sample = data.arrays["x"][:PROBE_SAMPLES]
+    errors = output_errors(model, tried, data, {}, config)
+    sample = data.arrays["x"][: config.probe_samples]
     (ref,) = run(model, {"x": sample})
     for name, results in tried.items():
         own = np.array([layer_error(r) for r in results])
-        assert len(results) > MEASURED_SETTINGS
-        anchors = _anchors(own)
-        assert len(anchors) == MEASURED_SETTINGS and own[anchors].min() == own.min() and own[anchors].max() == own.max()
+        assert len(results) > config.measured_settings
+        anchors = _anchors(own, config.measured_settings)
+        assert (
+            len(anchors) == config.measured_settings
+            and own[anchors].min() == own.min()
+            and own[anchors].max() == own.max()
+        )
         for i in anchors:
             changed = onnx.ModelProto()
             changed.CopyFrom(model)
@@ -202,12 +205,12 @@ def test_non_finite_outputs_are_refused_as_reference_and_never_worth_bits_as_a_s
     model = _conv_then_gemm(rng)
     x = rand(rng, 8, 4, 6, 6)
     w = constant_tensors(model.graph)["w"].to_array()
-    probe = _Probe(model, ["w"], Dataset({"x": x}, "test"))
+    probe = _Probe(model, ["w"], Dataset({"x": x}, "test"), PROBE_SAMPLES)
     assert probe.error({"w": np.full_like(w, np.inf)}) == _NON_FINITE
     assert 0 < probe.error({"w": w * 1.01}) < 1
     x[3, 0, 2, 2] = np.nan
     with pytest.raises(ConfigError, match=r"not finite .* calibration"):
-        _Probe(model, ["w"], Dataset({"x": x}, "test"))
+        _Probe(model, ["w"], Dataset({"x": x}, "test"), PROBE_SAMPLES)
 
 
 def test_interpolation_is_exact_at_the_anchors_and_a_power_law_between():
@@ -231,12 +234,16 @@ def test_report_lists_each_chosen_settings_output_error(tmp_path, rng):
     assert all(np.isfinite(errors[n]) and errors[n] > 0 for n in compressed)
 
 
-@pytest.mark.parametrize("samples", [HOLD_OUT_FROM - 1, HOLD_OUT_FROM + 40])
+#: Calibration samples from which the probe samples are held out of the statistics.
+HOLD_OUT = HOLD_OUT_FACTOR * PROBE_SAMPLES
+
+
+@pytest.mark.parametrize("samples", [HOLD_OUT - 1, HOLD_OUT + 40])
 def test_the_probe_samples_are_held_out_of_the_statistics_when_there_are_enough(rng, samples):
     x = rand(rng, samples, 4)
-    probe, fit = probe_split(Dataset({"x": x}, "test"))
+    probe, fit = probe_split(Dataset({"x": x}, "test"), PROBE_SAMPLES)
     np.testing.assert_array_equal(probe.arrays["x"], x[:PROBE_SAMPLES])
-    if samples < HOLD_OUT_FROM:  # too few to spare: measured on samples that were fitted too
+    if samples < HOLD_OUT:  # too few to spare: measured on samples that were fitted too
         np.testing.assert_array_equal(fit.arrays["x"], x)
     else:
         np.testing.assert_array_equal(fit.arrays["x"], x[PROBE_SAMPLES:])
@@ -244,10 +251,10 @@ def test_the_probe_samples_are_held_out_of_the_statistics_when_there_are_enough(
 
 @pytest.mark.parametrize("target", [None, pytest.param(4.0, marks=pytest.mark.slow)])
 def test_the_report_says_how_many_samples_the_statistics_came_from(tmp_path, rng, target):
-    result = _compress_mlp(tmp_path, rng, samples=HOLD_OUT_FROM, target_bpw=target, calibration_samples=HOLD_OUT_FROM)
+    result = _compress_mlp(tmp_path, rng, samples=HOLD_OUT, target_bpw=target, calibration_samples=HOLD_OUT)
     section = result.report["calibration"]
-    assert section["samples"] == HOLD_OUT_FROM
-    assert section["samples_fitted"] == (HOLD_OUT_FROM if target is None else HOLD_OUT_FROM - PROBE_SAMPLES)
+    assert section["samples"] == HOLD_OUT
+    assert section["samples_fitted"] == (HOLD_OUT if target is None else HOLD_OUT - PROBE_SAMPLES)
 
 
 def _zero_state_model(tmp_path, rng) -> onnx.ModelProto:

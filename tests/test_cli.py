@@ -12,7 +12,7 @@ import onnx
 import pytest
 from conftest import ROOT, conv_model, run
 
-from onnxpq.cli import main
+from onnxpq.cli import main, options_markdown
 from onnxpq.encode import pq_name
 from onnxpq.model import files
 
@@ -229,3 +229,34 @@ def test_compress_with_permute_reports_the_search(tmp_path):
     assert cli("compress", ROOT / "models/mnist_cnn.onnx", out, "--permute", "--no-validate") == 0
     report = json.loads(out.with_name(out.name + ".report.json").read_text())
     assert report["permutation"]["free"] == 4 and report["config"]["permute"] is True
+
+
+def test_readme_option_table_is_the_parsers() -> None:
+    """The README's option table is rendered from the parser, which the settings table builds: regenerate it with
+    ``python tools/readme_options.py`` after changing an option."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- options:begin (tools/readme_options.py) -->\n")[1].split("<!-- options:end -->")[0]
+    assert section == options_markdown()
+
+
+def test_every_config_field_is_a_setting() -> None:
+    """A field added to CompressConfig or FinetuneConfig without a Setting would escape validation and the CLI."""
+    import dataclasses
+
+    from onnxpq.config import COMPRESS, FINETUNE, CompressConfig, FinetuneConfig
+
+    assert {f.name for f in dataclasses.fields(CompressConfig)} - {"finetune"} == {s.field for s in COMPRESS}
+    assert {f.name for f in dataclasses.fields(FinetuneConfig)} == {s.field for s in FINETUNE}
+
+
+def test_every_setting_with_flags_reaches_the_config(tmp_path) -> None:
+    """Each option given on the command line arrives in the CompressConfig the CLI builds."""
+    from onnxpq.cli import _compress_config, build_parser
+
+    args = build_parser().parse_args(
+        ["compress", "a.onnx", "b.onnx", "--anneal", "--no-refit", "-k", "64", "--target-size", "1.5",
+         "--finetune-steps", "7", "--no-finetune-mixup", "--op-types", "Conv", "MatMul"]
+    )  # fmt: skip
+    config = _compress_config(args)
+    assert config.anneal and not config.refit and config.n_codewords == 64 and config.target_mib == 1.5
+    assert config.op_types == ("Conv", "MatMul") and config.finetune.steps == 7 and not config.finetune.mixup

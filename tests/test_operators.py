@@ -78,3 +78,55 @@ def _run_conv(x: np.ndarray, w: np.ndarray, attrs: dict) -> np.ndarray:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"x": x})[0]
+
+
+def _fused_matmul_model(rng: np.random.Generator, trans_a: int, trans_b: int) -> onnx.ModelProto:
+    """y = 0.5 * op(x) @ op(w) with onnxruntime's com.microsoft FusedMatMul, as its transformer optimizer
+    writes MatMul + Transpose + Mul: x [batch, 16, 64] (transA) or [batch, 64, 16], w [64, 48] or [48, 64]."""
+    w = rng.standard_normal((48, 64) if trans_b else (64, 48)).astype(np.float32)
+    node = helper.make_node(
+        "FusedMatMul", ["x", "w"], ["y"], "fused", domain="com.microsoft", transA=trans_a, transB=trans_b, alpha=0.5
+    )
+    x_shape = ["batch", 64, 16] if trans_a else ["batch", 16, 64]
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+@pytest.mark.parametrize(("trans_a", "trans_b"), [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_fused_matmul_weights_compress_data_aware(tmp_path, rng, trans_a, trans_b) -> None:
+    """onnxruntime's fused MatMul (one registry entry): its weight is found, cut along its inputs, quantized from
+    the statistics of its (transposed) input, and the model still runs in onnxruntime with the decode folded.
+    The inputs' features have scales from 0.01 to 10, so fitting the outputs beats fitting the weights."""
+    from onnxpq import compress
+
+    model = _fused_matmul_model(rng, trans_a, trans_b)
+    onnx.save(model, tmp_path / "in.onnx")
+    scales = np.geomspace(0.01, 10, 64).astype(np.float32)
+    feature_axis = 1 if trans_a else 2
+    shape = [1, 1, 1]
+    shape[feature_axis] = 64
+    x = rng.standard_normal((96, 64, 16) if trans_a else (96, 16, 64)).astype(np.float32) * scales.reshape(shape)
+    np.savez(tmp_path / "calib.npz", x=x)
+    errors = {}
+    for mode, data in (("aware", tmp_path / "calib.npz"), ("free", None)):
+        out = tmp_path / f"{mode}.onnx"
+        config = CompressConfig(min_elements=16, subvector_dim=4)
+        result = compress(tmp_path / "in.onnx", out, config, calibration=data, force=True)
+        (row,) = [r for r in result.report["layers"] if r["weight"] == "w"]
+        assert row["op_type"] == "FusedMatMul" and row["skip_reason"] is None
+        assert row["statistics"] == ("full" if mode == "aware" else None)
+        ref, got = (_run(m, x[:8]) for m in (model, onnx.load(out)))
+        errors[mode] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert errors["aware"] < 0.75 * errors["free"], errors  # measured: 0.07 vs 0.31 (transB=0), 0.19 vs 0.31
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]

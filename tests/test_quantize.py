@@ -3,6 +3,7 @@ restores the mean."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,7 @@ def test_shrinking_a_covariance_from_fewer_samples_than_inputs_generalises(tmp_p
     calibration, fresh = draw(24), {"x": draw(4000)}
     shrunk = _output_error(model, _compress(model, tmp_path, calibration), fresh)
     monkeypatch.setattr(LayerStats, "shrinkage", lambda self, cov=None: np.zeros(self.groups))
-    monkeypatch.setattr(layer, "SHRINKAGE_GRID", ())
-    trusted = _output_error(model, _compress(model, tmp_path, calibration), fresh)
+    trusted = _output_error(model, _compress(model, tmp_path, calibration, shrinkage_grid=()), fresh)
     assert shrunk < 0.85 * trusted
 
 
@@ -105,27 +105,25 @@ def _gemm_layer(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, Candid
     return numpy_helper.to_array(weight), cand, stats
 
 
-def test_a_rank_deficient_layer_keeps_the_shrinkage_with_the_least_output_error(rng, monkeypatch):
+def test_a_rank_deficient_layer_keeps_the_shrinkage_with_the_least_output_error(rng):
     weight, cand, stats = _gemm_layer(rng, rows=24)
     assert stats.rank_deficient
     config = CompressConfig(n_codewords=16)
     chosen = layer.quantize_layer(weight, cand, config, stats).error.output_rel
     alone = {}
-    for rho in ((), *((r,) for r in layer.SHRINKAGE_GRID)):
-        monkeypatch.setattr(layer, "SHRINKAGE_GRID", rho)
-        alone[rho] = layer.quantize_layer(weight, cand, config, stats).error.output_rel
+    for rho in ((), *((r,) for r in config.shrinkage_grid)):
+        alone[rho] = layer.quantize_layer(weight, cand, replace(config, shrinkage_grid=rho), stats).error.output_rel
     assert chosen == min(alone.values())
     assert chosen <= alone[()]  # never worse than OAS's weight alone
     assert len(set(alone.values())) > 1  # the weights do lead to different codebooks
 
 
-def test_a_full_rank_layer_is_refined_on_its_statistics_as_they_are(rng, monkeypatch):
+def test_a_full_rank_layer_is_refined_on_its_statistics_as_they_are(rng):
     weight, cand, stats = _gemm_layer(rng, rows=256)
     assert not stats.rank_deficient
     config = CompressConfig(n_codewords=16)
     plain = layer.quantize_layer(weight, cand, config, stats)
-    monkeypatch.setattr(layer, "SHRINKAGE_GRID", (0.9,))
-    tried = layer.quantize_layer(weight, cand, config, stats)
+    tried = layer.quantize_layer(weight, cand, replace(config, shrinkage_grid=(0.9,)), stats)
     np.testing.assert_array_equal(plain.quantized.codebook.codes, tried.quantized.codebook.codes)
 
 

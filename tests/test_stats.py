@@ -155,16 +155,14 @@ def test_a_layer_over_the_row_cap_uses_a_reproducible_random_share_of_its_rows(o
         dataset = Dataset({"x": rand(rng, 20, 36, 16)}, "test")
     full = collect_stats(model, cands, dataset)[cands[0].name]
     assert full.rows == 720
-    monkeypatch.setattr(stats_module, "MAX_ROWS", 180)
-    monkeypatch.setattr(stats_module, "ROWS_PER_INPUT", 1)
-    sampled = collect_stats(model, cands, dataset)[cands[0].name]
+    sampled = collect_stats(model, cands, dataset, rows=(180, 1))[cands[0].name]
     assert 170 <= sampled.rows <= 190
-    again = collect_stats(model, cands, dataset)[cands[0].name]
+    again = collect_stats(model, cands, dataset, rows=(180, 1))[cands[0].name]
     np.testing.assert_array_equal(again.hessian, sampled.hessian)
     error = np.linalg.norm(sampled.hessian - full.hessian) / np.linalg.norm(full.hessian)
     assert 0 < error < 0.3
     monkeypatch.setattr(stats_module, "ROW_CHUNK_BYTES", 4096)
-    chunked = collect_stats(model, cands, dataset)[cands[0].name]
+    chunked = collect_stats(model, cands, dataset, rows=(180, 1))[cands[0].name]
     np.testing.assert_allclose(chunked.hessian, sampled.hessian, rtol=1e-5, atol=1e-6)
 
 

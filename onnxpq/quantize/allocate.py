@@ -42,18 +42,13 @@ __all__ = [
     "probe_split",
 ]
 
-#: Samples on which each setting's output error is measured: enough for a stable mean, cheap per setting.
-PROBE_SAMPLES = 32
 #: Samples per onnxruntime run of the probe. onnxruntime keeps the activation memory of its largest run:
 #: all 32 at once put MobileNetV2's peak RSS at 1217 MiB (--jobs 1), 8 at a time at 902 MiB, with the same
 #: wall time and the same output bytes.
 PROBE_BATCH = 8
-#: With at least this many calibration samples, the probe samples are held out of the statistics.
-HOLD_OUT_FROM = 4 * PROBE_SAMPLES
-#: Settings per layer whose output error is measured. On MobileNetV2 at 2.64 bits/weight, reading the
-#: rest off the curve through 2-5 measured settings chose allocations as good as measuring all 20; each
-#: costs one onnxruntime pass over the probe samples per layer (a third of the allocation's time at 3).
-MEASURED_SETTINGS = 2
+#: With at least this many times ``probe_samples`` calibration samples, the probe samples are held out of the
+#: statistics.
+HOLD_OUT_FACTOR = 4
 #: Floor for errors on a log scale: an exact setting has zero error.
 _TINY = 1e-12
 #: Output error below which even a layer's coarsest setting counts as not moving the outputs at all
@@ -241,18 +236,18 @@ class _Probe:
     so measuring a setting costs one forward pass, not a session build.
     """
 
-    def __init__(self, model: onnx.ModelProto, names: Collection[str], dataset: Dataset) -> None:
+    def __init__(self, model: onnx.ModelProto, names: Collection[str], dataset: Dataset, samples: int) -> None:
         from onnxpq.model.session import session
 
         constants = constant_tensors(model.graph)
         self.values = {n: constants[n].to_array() for n in names}
         self.session = session(serialized(constants_as_inputs(model, names)))
-        self.feeds = list(batches(dataset.head(PROBE_SAMPLES), model, batch_size=PROBE_BATCH))
+        self.feeds = list(batches(dataset.head(samples), model, batch_size=PROBE_BATCH))
         self.reference = self.outputs({})
         broken = [o.name for o, r in zip(model.graph.output, self.reference, strict=True) if not np.isfinite(r).all()]
         if broken:
             raise ConfigError(
-                f"the model's output {broken[0]!r} is not finite (inf or NaN) on the first {PROBE_SAMPLES} "
+                f"the model's output {broken[0]!r} is not finite (inf or NaN) on the first {samples} "
                 "calibration samples, so the bit allocation has nothing to measure errors against; "
                 "check the calibration data"
             )
@@ -268,7 +263,7 @@ class _Probe:
         return error if math.isfinite(error) else _NON_FINITE
 
 
-def probe_split(dataset: Dataset) -> tuple[Dataset, Dataset]:
+def probe_split(dataset: Dataset, samples: int) -> tuple[Dataset, Dataset]:
     """(samples the allocator measures errors on, samples the quantizer fits its statistics to).
 
     Measured on the samples a layer was fitted to, a setting looks better than it
@@ -278,8 +273,8 @@ def probe_split(dataset: Dataset) -> tuple[Dataset, Dataset]:
     they are kept out of the statistics when there are enough to spare. (On
     MobileNetV2 the bias was small: the classifier's estimate rose by 4 %.)
     """
-    fit = dataset if dataset.n_samples < HOLD_OUT_FROM else dataset.skip(PROBE_SAMPLES)
-    return dataset.head(PROBE_SAMPLES), fit
+    fit = dataset if dataset.n_samples < HOLD_OUT_FACTOR * samples else dataset.skip(samples)
+    return dataset.head(samples), fit
 
 
 def output_errors(
@@ -287,6 +282,7 @@ def output_errors(
     tried: Mapping[str, Sequence[LayerResult]],
     dataset: Dataset,
     targets: Mapping[str, BiasTarget],
+    config: CompressConfig,
     *,
     progress: bool = False,
 ) -> dict[str, list[float]]:
@@ -295,27 +291,27 @@ def output_errors(
     Measured rather than scaled from one setting: on MobileNetV2 the error
     reaching the outputs grows faster than the layer's own error once the
     subvectors get long (up to 2.8x more than a linear scaling predicted), which
-    made the allocator starve its two largest layers. Only ``MEASURED_SETTINGS``
-    settings per layer are run; the others are read off the curve through them
+    made the allocator starve its two largest layers. Only ``config.measured_settings``
+    settings per layer are run, on ``config.probe_samples`` samples; the others are read off the curve through them
     (see ``_through``).
     """
     from tqdm.auto import tqdm
 
     biases = {targets[n].tensor for n in tried if n in targets}
-    probe = _Probe(model, set(tried) | biases, dataset)
+    probe = _Probe(model, set(tried) | biases, dataset, config.probe_samples)
     out = {}
     for name, results in tqdm(tried.items(), desc="measure settings", unit="layer", disable=not progress, leave=False):
         own = np.array([layer_error(r) for r in results])
-        anchors = _anchors(own)
+        anchors = _anchors(own, config.measured_settings)
         measured = [probe.error(_decoded_values(model, name, results[i], targets)) for i in anchors]
         out[name] = _through(own[anchors], np.array(measured), own).tolist()
     return out
 
 
-def _anchors(own: np.ndarray) -> np.ndarray:
+def _anchors(own: np.ndarray, count: int) -> np.ndarray:
     """The settings to measure: the least and largest own error and evenly spaced ranks between."""
     order = np.argsort(own, kind="stable")
-    ranks = np.round(np.linspace(0, len(own) - 1, min(MEASURED_SETTINGS, len(own)))).astype(int)
+    ranks = np.round(np.linspace(0, len(own) - 1, min(count, len(own)))).astype(int)
     return np.unique(order[ranks])
 
 
@@ -338,13 +334,6 @@ def _decoded_values(
     if result.shift is not None and name in targets:
         values.update(corrected_biases(model, targets, {name: result.shift}))
     return values
-
-
-#: Lloyd and output-aware iterations when quantizing a setting only to estimate its error.
-ESTIMATE_ITERS = 8
-#: Units (output channels, columns) an estimate fits its codebook on before coding all of them: the
-#: classifier of MobileNetV2 (1000 units) took half of the allocator's time when fitted on all.
-ESTIMATE_UNITS = 256
 
 
 @dataclass(frozen=True)
@@ -376,7 +365,7 @@ def allocate_bits(
     ones for real. Layers are independent, so ``workers`` may estimate them anywhere.
     """
     constants = constant_tensors(model.graph)
-    quick = replace(config, error_feedback=False, kmeans_iters=min(config.kmeans_iters, ESTIMATE_ITERS))
+    quick = replace(config, error_feedback=False, kmeans_iters=min(config.kmeans_iters, config.estimate_iters))
     todo = [c for c in candidates if c.compressed]
     by_name = {c.name: c for c in todo}
 
@@ -400,7 +389,7 @@ def allocate_bits(
         tried[c.name].sort(key=lambda vr: order[vr[0].subvector_dim, vr[0].n_codewords])
     results = {n: [r for _, r in t] for n, t in tried.items()}
     if calibration is not None:
-        costs = output_errors(model, results, calibration, targets, progress=progress)
+        costs = output_errors(model, results, calibration, targets, config, progress=progress)
     else:
         costs = {n: [layer_error(r) for r in rs] for n, rs in results.items()}
     options = {
@@ -446,7 +435,7 @@ def _estimate_task(
         )
         results.append(
             quantize_layer(
-                array, v, quick, stats, correct_bias=correct, shrinkage=False, init=init, fit_units=ESTIMATE_UNITS
+                array, v, quick, stats, correct_bias=correct, shrinkage=False, init=init, fit_units=quick.estimate_units
             )
         )
     return results

@@ -10,16 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CONVERGED", "Codebook", "assign", "coarsened", "kmeans", "kmeans_plusplus", "nearest_scalar"]
+from onnxpq.config import KMEANS_TOLERANCE
+
+__all__ = ["Codebook", "assign", "coarsened", "kmeans", "kmeans_plusplus", "nearest_scalar"]
 
 #: Rows per distance block: bounds memory at CHUNK * k floats whatever the layer size; blocks that
 #: stay in cache ran twice as fast as 65536-row ones (320k subvectors, k=256, 2 cores).
 CHUNK = 1 << 13
 #: k-means++ seeds on at most this many points per centroid, as faiss trains on a sample.
 SEED_SAMPLE_PER_CENTROID = 256
-#: Lloyd stops once at most this fraction of codes changes in an iteration: the last
-#: iterations of a big layer move a handful of subvectors and cost as much as the first.
-CONVERGED = 1e-3
 
 
 @dataclass(frozen=True)
@@ -168,6 +167,7 @@ def kmeans(
     rng: np.random.Generator,
     anneal: bool = False,
     init: np.ndarray | None = None,
+    tolerance: float = KMEANS_TOLERANCE,
 ) -> Codebook:
     """Cluster the rows of ``x`` into ``n_clusters`` codewords.
 
@@ -178,13 +178,15 @@ def kmeans(
     n_clusters : int
         Codebook size k, 1 <= k <= n.
     n_iter : int
-        Lloyd iterations after seeding; stops early once at most ``CONVERGED`` of the codes change.
+        Lloyd iterations after seeding; stops early once at most ``tolerance`` of the codes change.
     rng : numpy Generator
         The only source of randomness, so the same seed gives the same codebook.
     anneal : bool
         Stochastic relaxation (``_anneal``): noisy updates for all ``n_iter`` steps, then a noiseless one.
     init : ndarray of shape (n_clusters, d), optional
         Starting codewords instead of k-means++ seeding (``coarsened``).
+    tolerance : float
+        The fraction of changed codes at which Lloyd stops (``CompressConfig.kmeans_tolerance``).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or len(x) == 0:
@@ -202,7 +204,7 @@ def kmeans(
         new_codes, dist = assign(x, centroids)
         changed = np.count_nonzero(new_codes != codes)
         codes = new_codes
-        if not anneal and changed <= CONVERGED * len(x):
+        if not anneal and changed <= tolerance * len(x):
             break
     if anneal:
         means, counts = _update(x, codes, n_clusters)

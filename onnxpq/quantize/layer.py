@@ -19,7 +19,7 @@ from onnx import helper
 
 from onnxpq.config import CompressConfig
 from onnxpq.quantize import output_aware
-from onnxpq.quantize.kmeans import CONVERGED, Codebook, assign, kmeans, residual_energy
+from onnxpq.quantize.kmeans import Codebook, assign, kmeans, residual_energy
 from onnxpq.quantize.layout import input_order, unit_matrix, weight_from_units
 from onnxpq.quantize.selection import Candidate
 from onnxpq.quantize.stats import LayerStats
@@ -112,17 +112,13 @@ def _decoded_units(book: Codebook) -> np.ndarray:
     return table[book.codes]
 
 
-#: Shrinkage weights tried besides OAS's on a layer whose statistics are rank-deficient (``_refined``).
-SHRINKAGE_GRID = (0.1, 0.25, 0.5)
-
-
 #: ``LayerError.statistics`` notes for a layer that kept codes chosen without (part of) its output metric.
 NO_METRIC = "fallback: H not finite or not positive definite"
 NO_FEEDBACK = "fallback: no error feedback (H not positive definite)"
 
 
 def _metrics(
-    stats: LayerStats, centred: bool, cov: np.ndarray, definite: bool, shrinkage: bool
+    stats: LayerStats, centred: bool, cov: np.ndarray, config: CompressConfig, shrinkage: bool
 ) -> Iterator[np.ndarray]:
     """The damped output metrics H to refine with: one, or with ``shrinkage`` one per shrinkage weight when H
     is rank-deficient.
@@ -133,11 +129,12 @@ def _metrics(
     Without error feedback (the allocator's estimates) the check, a Cholesky of every H,
     is skipped. ``cov``: the statistics' covariance, built once per layer by the caller.
     """
-    for rho in [None, *SHRINKAGE_GRID] if shrinkage and stats.rank_deficient else [None]:
+    definite = config.error_feedback
+    for rho in [None, *config.shrinkage_grid] if shrinkage and stats.rank_deficient else [None]:
         h = stats.metric(centred, rho, cov)
         if not np.isfinite(h).all() or float(np.max(np.diagonal(h, axis1=1, axis2=2))) <= 0:
             return
-        h = output_aware.damped(h)
+        h = output_aware.damped(h, config.damping)
         if definite:  # only error feedback factors H; the other steps are guarded against an indefinite one
             h = output_aware.positive_definite(h)
             if h is None:
@@ -161,7 +158,7 @@ def _refined(
     lowers the error even on the rows it was fitted to. MobileNetV2's classifier
     went from 4.9 % at OAS's ρ = 0.06 to 4.4-4.6 % at ρ from 0.15 to 0.5 (7.9 %
     at 0.9), and on other photos from 7.6 % to 7.0-7.2 %. How much is best
-    depends on the layer, so each weight of ``SHRINKAGE_GRID`` is tried and judged
+    depends on the layer, so each weight of ``config.shrinkage_grid`` is tried and judged
     on the statistics themselves; OAS's weight is among them, so the choice is
     never worse there than OAS's alone. Without ``shrinkage`` only OAS's weight is
     tried: the allocator's estimates, where the grid cost four refinements of the
@@ -170,7 +167,7 @@ def _refined(
     """
     cov = stats.covariance()
     best, best_error, note = book, None, NO_METRIC
-    for h in _metrics(stats, centred, cov, config.error_feedback, shrinkage):
+    for h in _metrics(stats, centred, cov, config, shrinkage):
         option, fed_back = _refine(units, book, h, config)
         error = _output_rel(units, option, stats.hessian, cov if centred else None)
         if best_error is None or error < best_error:
@@ -193,7 +190,7 @@ def _refine(units: np.ndarray, book: Codebook, h: np.ndarray, config: CompressCo
             centroids = output_aware.update(units, new_codes, centroids, blocks)
             changed = np.count_nonzero(new_codes != codes)
             codes = new_codes
-            if changed <= CONVERGED * len(codes):
+            if changed <= config.kmeans_tolerance * len(codes):
                 break
     fed_back = True
     if config.error_feedback:
@@ -236,14 +233,22 @@ def quantize_layer(
     if stats is not None:
         stats = stats.reordered(input_order(candidate))
     groups = stats.groups // stats.blocks if stats is not None else 1  # unit groups; blocks cut columns
-    rows = _sample_rows(units.shape, d, k, groups, fit_units)
+    rows = _sample_rows(units.shape, d, k, groups, fit_units, config.sample_per_codeword)
     fitted = units if rows is None else units[rows]
-    book = kmeans(fitted.reshape(-1, d), k, n_iter=iters, rng=rng, anneal=config.anneal, init=init)
+    book = kmeans(
+        fitted.reshape(-1, d),
+        k,
+        n_iter=iters,
+        rng=rng,
+        anneal=config.anneal,
+        init=init,
+        tolerance=config.kmeans_tolerance,
+    )
     output_rel = shift = form = None
     if stats is not None:
         book, output_rel, form = _with_stats(fitted, book, stats, config, correct_bias, shrinkage)
     if rows is not None:
-        book, output_rel = _coded_by(units, book, stats if output_rel is not None else None, correct_bias)
+        book, output_rel = _coded_by(units, book, stats if output_rel is not None else None, correct_bias, config)
     # Kept until encoding: int64 codes of every layer would hold 8 bytes per subvector for the whole run.
     q = QuantizedWeight(candidate, replace(book, codes=book.codes.astype(np.min_scalar_type(k - 1))))
     decoded = _decoded_units(book).reshape(units.shape)
@@ -253,18 +258,16 @@ def quantize_layer(
     return LayerResult(q, error, shift)
 
 
-#: Subvectors per codeword a sampled fit keeps at least (faiss warns below 39 training points per centroid).
-SAMPLE_PER_CODEWORD = 64
-
-
-def _sample_rows(shape: tuple[int, int], d: int, k: int, groups: int, fit_units: int | None) -> np.ndarray | None:
+def _sample_rows(
+    shape: tuple[int, int], d: int, k: int, groups: int, fit_units: int | None, per_codeword: int
+) -> np.ndarray | None:
     """Evenly spaced units, as many from each group, at least ``fit_units`` of them and enough for
-    ``SAMPLE_PER_CODEWORD`` subvectors per codeword; None when that is (nearly) all of them."""
+    ``per_codeword`` subvectors per codeword; None when that is (nearly) all of them."""
     n, r = shape
     if fit_units is None:
         return None
     per_group = n // groups
-    wanted = max(fit_units, math.ceil(SAMPLE_PER_CODEWORD * k * d / r))
+    wanted = max(fit_units, math.ceil(per_codeword * k * d / r))
     take = math.ceil(wanted / groups)
     if 2 * take > per_group:
         return None
@@ -273,7 +276,7 @@ def _sample_rows(shape: tuple[int, int], d: int, k: int, groups: int, fit_units:
 
 
 def _coded_by(
-    units: np.ndarray, book: Codebook, stats: LayerStats | None, centred: bool
+    units: np.ndarray, book: Codebook, stats: LayerStats | None, centred: bool, config: CompressConfig
 ) -> tuple[Codebook, float | None]:
     """Every unit coded with a codebook fitted on a sample of them, and the output error over all units.
 
@@ -287,7 +290,7 @@ def _coded_by(
         return Codebook(centroids, codes, residual_energy(units.reshape(-1, d), centroids, codes)), None
     cov = stats.covariance()
     blocked = _blocked(units, stats)
-    metric = output_aware.damped(stats.metric(centred, None, cov))
+    metric = output_aware.damped(stats.metric(centred, None, cov), config.damping)
     local = output_aware.assign(blocked, centroids, output_aware.block_diagonal(metric, d))
     output_rel = _output_rel(blocked, Codebook(centroids, local, 0.0), stats.hessian, cov if centred else None)
     codes = _unblocked(local.reshape(len(blocked), -1), stats).ravel()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from onnxpq.config import DAMPING
 from onnxpq.quantize.kmeans import nearest_scalar
 
 __all__ = [
@@ -36,8 +37,9 @@ __all__ = [
 
 #: Rows of (subvector x codeword) scores computed at once: bounds memory and stays in cache.
 CHUNK = 1 << 13
-#: GPTQ's damping: a fraction of the mean diagonal added to H so it stays invertible.
-DAMPING = 0.01
+#: The repair of an H that round-off left indefinite (``_factor``): first damping step and eigenvalue floor,
+#: as fractions of the mean diagonal.
+REPAIR_FLOOR = 0.01
 #: Tenfold damping increases tried on an H that round-off left indefinite, before clipping its eigenvalues.
 RETRIES = 4
 #: Columns of error feedback between lazy updates of the rest of the row (GPTQ's ``blocksize``).
@@ -231,8 +233,8 @@ def refit(
     return x if np.isfinite(x).all() else centroids.astype(np.float64)
 
 
-def damped(h: np.ndarray) -> np.ndarray:
-    """H / mean(diag H) plus GPTQ's damping on the diagonal, per group.
+def damped(h: np.ndarray, damping: float = DAMPING) -> np.ndarray:
+    """H / mean(diag H) plus GPTQ's damping on the diagonal, per group (``CompressConfig.damping``).
 
     Scaling does not change any argmin; the damping keeps H invertible (inputs
     that are always zero, fewer samples than inputs) and stops the quantizer
@@ -242,7 +244,7 @@ def damped(h: np.ndarray) -> np.ndarray:
     scale = np.where(scale > 0, scale, 1.0)
     out = h / scale[:, None, None]
     r = h.shape[1]
-    out[:, np.arange(r), np.arange(r)] += DAMPING
+    out[:, np.arange(r), np.arange(r)] += damping
     return out
 
 
@@ -266,12 +268,12 @@ def _factor(h: np.ndarray) -> np.ndarray | None:
     eye = np.eye(len(h))
     for step in range(1, RETRIES + 1):
         try:
-            return np.linalg.cholesky(sym + DAMPING * 10**step * scale * eye)
+            return np.linalg.cholesky(sym + REPAIR_FLOOR * 10**step * scale * eye)
         except np.linalg.LinAlgError:
             continue
     try:
         values, vectors = np.linalg.eigh(sym)
-        clipped = (vectors * np.maximum(values, DAMPING * scale)) @ vectors.T
+        clipped = (vectors * np.maximum(values, REPAIR_FLOOR * scale)) @ vectors.T
         return np.linalg.cholesky((clipped + clipped.T) / 2)
     except np.linalg.LinAlgError:
         return None

@@ -35,7 +35,7 @@ from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from onnxpq.calibration import Dataset, batches, run_size
-from onnxpq.config import STATISTICS_MEMORY_MIB
+from onnxpq.config import MAX_ROWS, ROWS_PER_INPUT, STATISTICS_MEMORY_MIB
 from onnxpq.errors import ConfigError
 from onnxpq.model.files import serialized
 from onnxpq.model.graph import attributes, display_name
@@ -59,13 +59,6 @@ BATCH = 8
 #: Most bytes of input rows (im2col patches) materialised at once per layer: one sample of a
 #: 1-D conv over 1024 channels with 64 taps is 256 KiB per output position, 4 GB at 16 000 positions.
 ROW_CHUNK_BYTES = 64 << 20
-#: Input rows per layer (or ``ROWS_PER_INPUT`` per input of a group, if more) beyond which the statistics use
-#: a random subset of them, the same share from every batch. MobileNetV2's first layers see 224 x 12 544
-#: patches for an H of 9 x 9 to 32 x 32, and PP-OCRv4 rec's 5 x 5 depthwise convs 320 000 for 240 H of 25 x 25:
-#: it spent 40 of its 48 s of statistics copying and multiplying patches. Every layer of MNIST, MiniLM and the
-#: golden models stays under it, so their statistics are unchanged.
-MAX_ROWS = 1 << 16
-ROWS_PER_INPUT = 1024
 #: Share of the statistics budget the H of all layers together may hold (the rest is working memory).
 HELD_SHARE = 2
 #: Share of the budget one layer's H may take: quantizing it holds about eight float64 copies of it.
@@ -482,10 +475,13 @@ def collect_stats(
     *,
     progress: bool = False,
     memory_mib: float = STATISTICS_MEMORY_MIB,
+    rows: tuple[int, int] = (MAX_ROWS, ROWS_PER_INPUT),
 ) -> dict[str, LayerStats]:
     """Input statistics of every data-aware candidate, from one pass of onnxruntime over the data.
 
-    Each layer's H is full or block-diagonal as ``plan_blocks`` fits them in ``memory_mib``.
+    Each layer's H is full or block-diagonal as ``plan_blocks`` fits them in ``memory_mib``; ``rows``: the
+    rows per layer and per input beyond which a sample of them is used (``CompressConfig.max_rows``,
+    ``rows_per_input``).
     """
     readers = _readers(model, candidates)
     if not readers:
@@ -499,7 +495,7 @@ def collect_stats(
     feeds = list(batches(dataset, model, batch_size=BATCH))
     # The first batch's rows times this estimate a layer's rows over the whole dataset.
     scale = dataset.n_samples / min(run_size(dataset, model, BATCH), dataset.n_samples)
-    samplers = {name: _Sampler(name, scale * len(rs), shapes[name].inputs) for name, rs in readers.items()}
+    samplers = {name: _Sampler(name, scale * len(rs), shapes[name].inputs, rows) for name, rs in readers.items()}
     for index, feed in enumerate(tqdm(feeds, desc="layer statistics", unit="batch", disable=not progress, leave=False)):
         values = probe.run(feed)
         for name, rs in readers.items():
@@ -511,20 +507,21 @@ def collect_stats(
 
 
 class _Sampler:
-    """Which input rows of one weight the statistics use: all, up to ``MAX_ROWS`` (or ``ROWS_PER_INPUT`` per
-    input R, if more); beyond, the same share of every batch of every node reading it (so each keeps its
-    weight in H), drawn without replacement. The share is set at the first call (its rows times ``scale``:
-    the dataset's samples over that batch's, times the readers), and each draw is seeded by the weight's
-    name, the reader and the batch, so the bytes are reproducible."""
+    """Which input rows of one weight the statistics use: all, up to ``max_rows`` (or ``rows_per_input`` per
+    input R, if more; ``CompressConfig``'s); beyond, the same share of every batch of every node reading it
+    (so each keeps its weight in H), drawn without replacement. The share is set at the first call (its rows
+    times ``scale``: the dataset's samples over that batch's, times the readers), and each draw is seeded by
+    the weight's name, the reader and the batch, so the bytes are reproducible."""
 
-    def __init__(self, name: str, scale: float, inputs: int) -> None:
+    def __init__(self, name: str, scale: float, inputs: int, rows: tuple[int, int]) -> None:
         self.seed = zlib.crc32(name.encode())
         self.scale, self.inputs = scale, inputs
+        self.max_rows, self.rows_per_input = rows
         self.share: float | None = None
 
     def pick(self, n: int, *, reader: int, batch: int) -> np.ndarray | None:
         if self.share is None:
-            self.share = min(1.0, max(MAX_ROWS, ROWS_PER_INPUT * self.inputs) / max(n * self.scale, 1))
+            self.share = min(1.0, max(self.max_rows, self.rows_per_input * self.inputs) / max(n * self.scale, 1))
         if self.share >= 1 or n == 0:
             return None
         count = max(1, round(n * self.share))

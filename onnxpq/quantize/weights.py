@@ -96,7 +96,9 @@ def quantize_sequential(
         stats = (
             first_stats
             if index == 0 and first_stats is not None
-            else collect_stats(current, chunk, calibration, memory_mib=config.statistics_memory_mib)
+            else collect_stats(
+                current, chunk, calibration, memory_mib=config.statistics_memory_mib, rows=config.statistics_rows
+            )
         )
         # A group's own weights are still the original ones in ``current``.
         done = quantize_weights(current, chunk, config, stats=stats, bias_weights=frozenset(targets), progress=False)
