@@ -6,7 +6,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -522,6 +522,34 @@ def _quantize(
     return _Quantized(candidates, results, biases, stats, allocation, fitted, taken)
 
 
+@dataclass
+class _Run:
+    """One compression as its stages fill it in: what the caller asked for, then what each stage learned.
+
+    ``compress`` runs the stages in order (prepare, permute, quantize, encode, fine-tune, publish); each reads
+    the fields the stages before it set. ``notes`` are the run's warnings, in the order they arose.
+    """
+
+    source: Path
+    target: Path
+    report_file: Path
+    config: CompressConfig
+    validation: ValidationSettings
+    workers: Workers
+    progress: bool
+    clock: Stopwatch = field(default_factory=Stopwatch)
+    notes: list[str] = field(default_factory=list)
+    model: onnx.ModelProto = field(default_factory=onnx.ModelProto)
+    calib: Dataset | None = None
+    tune_labels: np.ndarray | None = None
+    data: tuple[Dataset, np.ndarray | None] | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    permutation: dict[str, Any] | None = None
+    quantized: _Quantized | None = None
+    compressed: onnx.ModelProto = field(default_factory=onnx.ModelProto)
+    tuned: dict[str, Any] | None = None
+
+
 def compress(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -555,103 +583,159 @@ def compress(
     ``workers`` runs the per-layer quantization and permutation search in local
     processes or on a Ray cluster; the output bytes are the same as a serial run's.
     """
-    clock = Stopwatch()
-    config = config or CompressConfig()
-    validation = validation or ValidationSettings()
-    workers = workers or Workers()
-    source, target = Path(input_path), Path(output_path)
-    report_file = Path(report_path) if report_path else default_report_path(target)
-    check_input_path(source)
-    model = load_model(source)
-    data_sources = (calibration, calibration_labels, validation.data, validation.labels)
-    check_paths(source, model, target, report_file, force=force, data=data_sources)
-    _refuse_recompress(model, source)
-    calib = calibration_dataset(model, calibration, config)
-    if calib is None and (config.finetune is not None or calibration_labels is not None):
+    target = Path(output_path)
+    run = _Run(
+        source=Path(input_path),
+        target=target,
+        report_file=Path(report_path) if report_path else default_report_path(target),
+        config=config or CompressConfig(),
+        validation=validation or ValidationSettings(),
+        workers=workers or Workers(),
+        progress=progress,
+    )
+    _prepare(run, calibration, calibration_labels, force)
+    for stage in (_permute, _quantize_stage, _encode, _tune, _data_notes):
+        stage(run)
+    return _publish(run, force)
+
+
+def _prepare(run: _Run, calibration: Any, calibration_labels: Any, force: bool) -> None:
+    """Check every path, option and data file before any work; load the model, its samples and its candidates."""
+    check_input_path(run.source)
+    model = load_model(run.source)
+    data_sources = (calibration, calibration_labels, run.validation.data, run.validation.labels)
+    check_paths(run.source, model, run.target, run.report_file, force=force, data=data_sources)
+    _refuse_recompress(model, run.source)
+    calib = run.calib = calibration_dataset(model, calibration, run.config)
+    if calib is None and (run.config.finetune is not None or calibration_labels is not None):
         raise ConfigError("fine-tuning and calibration labels need calibration samples: pass --calibration-data")
     # Labels for the whole file are fine: the samples may have been cut to --calibration-samples.
-    tune_labels = (
-        _load_labels(calibration_labels, calib.n_samples, limit=calib.n_samples) if calib is not None else None
-    )
-    if validation.data is None and calib is not None and calib.source != "random":
+    if calib is not None:
+        run.tune_labels = _load_labels(calibration_labels, calib.n_samples, limit=calib.n_samples)
+    if run.validation.data is None and calib is not None and calib.source != "random":
         # The samples already in memory: a reader or generator could not be read a second time anyway.
-        validation = replace(validation, data=calib)
-    if validation.data is None and isinstance(calibration, RandomInputs):
-        validation = replace(validation, data=calibration)  # the sizes the user gave, not guessed ones
-    data = prepare_validation(model, validation, config.seed) if validation.enabled else None
-    check_runtime_loads(source, model, data[0] if data is not None else None)
+        run.validation = replace(run.validation, data=calib)
+    if run.validation.data is None and isinstance(calibration, RandomInputs):
+        run.validation = replace(run.validation, data=calibration)  # the sizes the user gave, not guessed ones
+    run.data = prepare_validation(model, run.validation, run.config.seed) if run.validation.enabled else None
+    check_runtime_loads(run.source, model, run.data[0] if run.data is not None else None)
     # If/Loop/Scan bodies read their weights from the main graph from here on (same function).
-    model = lift_subgraph_weights(model)
-    candidates, config, widened = budget_candidates(model, config)
-    workers = _workers(workers, candidates, config)
-    permutation = None
-    clock.seconds["prepare"] = clock.section()["total"]
-    if config.permute:
-        # Same names and shapes afterwards: the candidates stay valid, only the values move.
-        unpermuted = model
-        with clock.stage("permutation"):
-            model, permutation = permute_model(
-                model, candidates, iters=config.permute_iters, seed=config.seed, progress=progress, workers=workers
-            )
-            permutation["consumer_distortion"] = consumer_distortion(unpermuted, model, candidates, config)
-    q = _quantize(model, candidates, config, calib, progress, workers, clock)
-    candidates = q.candidates
-    metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: config.to_json()}
-    quantized = [r.quantized for r in q.results.values()]
-    with clock.stage("encode"):
-        compressed = encode_weights(model, quantized, metadata=metadata, constants=q.biases)
-    notes = [widened] if widened else []
-    notes += _selection_notes(model, candidates) + _fold_warnings(candidates) + _unexercised_notes(q.allocation)
-    tuned = None
-    if config.finetune is not None:
-        with clock.stage("finetune"):
-            compressed, tuned = _finetune(model, compressed, calib, config, tune_labels, notes, progress)
+    run.model = lift_subgraph_weights(model)
+    run.candidates, run.config, widened = budget_candidates(run.model, run.config)
+    if widened:
+        run.notes.append(widened)
+    run.workers = _workers(run.workers, run.candidates, run.config)
+    run.clock.seconds["prepare"] = run.clock.section()["total"]
+
+
+def _permute(run: _Run) -> None:
+    """PQF's P, when asked: the same names and shapes afterwards, so the candidates stay valid."""
+    if not run.config.permute:
+        return
+    unpermuted, config = run.model, run.config
+    with run.clock.stage("permutation"):
+        run.model, run.permutation = permute_model(
+            unpermuted, run.candidates, iters=config.permute_iters, seed=config.seed, progress=run.progress,
+            workers=run.workers,
+        )  # fmt: skip
+        run.permutation["consumer_distortion"] = consumer_distortion(unpermuted, run.model, run.candidates, config)
+
+
+def _quantize_stage(run: _Run) -> None:
+    """PQF's Q: statistics, bit allocation and the per-layer quantizer (``_quantize``)."""
+    run.quantized = _quantize(run.model, run.candidates, run.config, run.calib, run.progress, run.workers, run.clock)
+    run.candidates = run.quantized.candidates
+
+
+def _encode(run: _Run) -> None:
+    """The Cast -> Gather decode chains, the corrected biases and the metadata; the selection's notes."""
+    assert run.quantized is not None
+    metadata = {METADATA_VERSION: __version__, METADATA_CONFIG: run.config.to_json()}
+    quantized = [r.quantized for r in run.quantized.results.values()]
+    with run.clock.stage("encode"):
+        run.compressed = encode_weights(run.model, quantized, metadata=metadata, constants=run.quantized.biases)
+    run.notes += _selection_notes(run.model, run.candidates) + _fold_warnings(run.candidates)
+    run.notes += _unexercised_notes(run.quantized.allocation)
+
+
+def _tune(run: _Run) -> None:
+    """PQF's F, when asked: distil the original into the compressed model on the calibration samples."""
+    if run.config.finetune is None:
+        return
+    assert run.calib is not None
+    with run.clock.stage("finetune"):
+        run.compressed, run.tuned = _finetune(
+            run.model, run.compressed, run.calib, run.config, run.tune_labels, run.notes, run.progress
+        )
+
+
+def _data_notes(run: _Run) -> None:
+    """Warnings about the data the run had: synthetic, none, or the same samples for fitting and validating."""
+    calib = run.calib
     if calib is not None and calib.source == "random":
-        notes.append("calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real")
-    if calib is None and any(c.compressed for c in candidates):
-        notes.append(
+        run.notes.append(
+            "calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real"
+        )
+    if calib is None and any(c.compressed for c in run.candidates):
+        run.notes.append(
             "quantized without data (no --calibration-data): the codebooks fit the weights, not the outputs, which "
             "on real models costs far more accuracy at the same size (docs/BENCHMARKS.md); pass a few hundred "
             "samples of the model's inputs with --calibration-data"
         )
-    if validation.enabled and validation.data is not None and validation.data is calib:
-        notes.append("validated on the calibration samples: pass --validation-data for an unbiased measurement")
-    sections = {
-        "pqf": pqf_sizes(model, candidates),
-        "calibration": _calibration_section(calib, q),
-        "permutation": permutation,
+    if run.validation.enabled and run.validation.data is not None and run.validation.data is calib:
+        run.notes.append("validated on the calibration samples: pass --validation-data for an unbiased measurement")
+
+
+def _sections(run: _Run) -> dict[str, Any]:
+    """The report's sections on what the stages did."""
+    assert run.quantized is not None
+    q = run.quantized
+    return {
+        "pqf": pqf_sizes(run.model, run.candidates),
+        "calibration": _calibration_section(run.calib, q),
+        "permutation": run.permutation,
         "bias_corrected": sorted(q.biases),
         "allocation": q.allocation,
-        "finetune": tuned,
-        "layers": layer_rows(candidates, {n: r.error for n, r in q.results.items()}),
-        "selection": {"patterns": pattern_counts(model, config)},
+        "finetune": run.tuned,
+        "layers": layer_rows(run.candidates, {n: r.error for n, r in q.results.items()}),
+        "selection": {"patterns": pattern_counts(run.model, run.config)},
     }
+
+
+def _publish(run: _Run, force: bool) -> CompressResult:
+    """Stage the model and its report, load the model in onnxruntime, validate it, and move both into place.
+
+    Published last, after every check: a failed gate keeps both for inspection, as documented, and then
+    raises ``ValidationFailedError`` carrying the report.
+    """
+    sections = _sections(run)
     with staging() as stage:
-        with clock.stage("save"):
-            written = _save_checked(compressed, model, stage, target, notes)
-            left = subgraph_weight_count(model.graph)
+        with run.clock.stage("save"):
+            written = _save_checked(run.compressed, run.model, stage, run.target, run.notes)
+            left = subgraph_weight_count(run.model.graph)
             if left:
-                notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
-            staged = stage.path(target)
+                run.notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
+            staged = stage.path(run.target)
             _check_output_loads(staged)
-            report = _report(config, source, target, staged, sections, left, notes)
-        if data is not None:
-            with clock.stage("validation"):
-                report["validation"], more = run_validation(source, staged, data, validation)
-            notes.extend(more)
-        report["seconds"] = clock.section()
-        for note in notes:
-            warnings.warn(note, stacklevel=2)
+            report = _report(run.config, run.source, run.target, staged, sections, left)
+        if run.data is not None:
+            with run.clock.stage("validation"):
+                report["validation"], more = run_validation(run.source, staged, run.data, run.validation)
+            run.notes.extend(more)
+        report["warnings"] = list(run.notes)
+        report["seconds"] = run.clock.section()
+        for note in run.notes:
+            warnings.warn(note, stacklevel=3)
         try:
-            write_json(report, stage.path(report_file))
+            write_json(report, stage.path(run.report_file))
         except OSError as err:
-            raise OutputPathError(f"{report_file}: cannot write the report: {err.strerror or err}") from None
-        # Published last, after every check: a failed gate keeps both for inspection, as documented.
+            raise OutputPathError(f"{run.report_file}: cannot write the report: {err.strerror or err}") from None
         stage.publish(force=force)
     gate = (report["validation"] or {}).get("gate") or {}
     if gate.get("failure"):
-        raise ValidationFailedError(f"{gate['failure']} (model and report kept: {target}, {report_file})", report)
-    return CompressResult(written, report_file, report)
+        message = f"{gate['failure']} (model and report kept: {run.target}, {run.report_file})"
+        raise ValidationFailedError(message, report)
+    return CompressResult(written, run.report_file, report)
 
 
 def _report(
@@ -661,9 +745,9 @@ def _report(
     staged: Path,
     sections: dict[str, Any],
     left: int,
-    notes: list[str],
 ) -> dict[str, Any]:
-    """The report of a run, for the model staged at ``staged`` that will be published at ``target``."""
+    """The report of a run, for the model staged at ``staged`` that will be published at ``target``; its
+    ``validation``, ``warnings`` and ``seconds`` are filled in by ``_publish``."""
     original_bytes, compressed_bytes = file_bytes(source), file_bytes(staged)
     return {
         "versions": versions(),
@@ -678,5 +762,5 @@ def _report(
         **sections,
         "subgraph_weights_left": left,
         "validation": None,
-        "warnings": notes,
+        "warnings": [],
     }
