@@ -29,6 +29,7 @@ from onnxpq.config import (
     DEFAULT_FINETUNE_STEPS,
     FINETUNE,
     FINETUNING,
+    MIN_ELEMENTS,
     QUANTIZATION,
     WHAT,
     CompressConfig,
@@ -59,7 +60,7 @@ def _add_setting(group: Any, setting: Setting, default: Any, dest: str) -> None:
     """One config ``Setting`` as an option: flags, type, bounds' help, choices and default all from the table."""
     kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": _setting_help(setting, default)}
     if setting.kind is bool:
-        group.add_argument(*setting.flags, action=argparse.BooleanOptionalAction, **kwargs)
+        _boolean(group, *setting.flags, **kwargs)
         return
     if setting.kind is tuple:
         kwargs.update(nargs="+", default=list(default))
@@ -70,6 +71,13 @@ def _add_setting(group: Any, setting: Setting, default: Any, dest: str) -> None:
     if setting.metavar is not None:
         kwargs["metavar"] = setting.metavar
     group.add_argument(*setting.flags, **kwargs)
+
+
+def _boolean(group: Any, *flags: str, **kwargs: Any) -> None:
+    """A ``--x/--no-x`` option whose help stays as written: Python 3.10's ``BooleanOptionalAction`` appends
+    its own "(default: ...)" to it."""
+    action = group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+    action.help = kwargs.get("help")
 
 
 def _setting_help(setting: Setting, default: Any) -> str:
@@ -120,7 +128,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     _add_settings(groups, COMPRESS, _defaults(CompressConfig))
     _add_finetune_switches(groups[FINETUNING])
     _add_settings(groups, FINETUNE, _defaults(FinetuneConfig), prefix="finetune_")
-    _add_validation_options(p, data_flag="--validation-data")
+    _add_validation_options(
+        p, data_flag="--validation-data", default_data="the calibration data, flagged in the report as optimistic"
+    )
     run = p.add_argument_group("where the per-layer work runs (same output bytes either way)")
     run.add_argument(
         "--jobs",
@@ -138,15 +148,15 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
         help="run on a Ray cluster: 'auto', 'ray://host:10001', or 'local' (needs the distributed extra)",
     )
     out = p.add_argument_group("output")
-    out.add_argument(
+    _boolean(
+        out,
         "--validate",
-        action=argparse.BooleanOptionalAction,
         default=True,
         help="compare the output with the original in onnxruntime (default: on)",
     )
-    out.add_argument(
+    _boolean(
+        out,
         "--force",
-        action=argparse.BooleanOptionalAction,
         default=False,
         help="overwrite OUT if it exists (never the input; OUT is written atomically)",
     )
@@ -177,9 +187,9 @@ def _add_calibration_sources(group: Any) -> None:
 
 def _add_finetune_switches(group: Any) -> None:
     """``--finetune`` itself, the old spelling of ``--no-finetune-mixup``, and the labels file."""
-    group.add_argument(
+    _boolean(
+        group,
         "--finetune",
-        action=argparse.BooleanOptionalAction,
         default=False,
         help=f"tune codebooks, biases and norms (default: off; {DEFAULT_FINETUNE_STEPS} steps when on)",
     )
@@ -193,15 +203,15 @@ def _add_finetune_switches(group: Any) -> None:
     )
 
 
-def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str) -> None:
+def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str, default_data: str = "random") -> None:
     v = p.add_argument_group("validation")
     v.add_argument(
         data_flag,
         dest="data",
         default=None,
         metavar="PATH",
-        help=".npz keyed by input name, .npy, or a test_data_set_* folder; 'random' for synthetic inputs "
-        "(compress's default: the calibration data, flagged in the report as optimistic)",
+        help=f".npz keyed by input name, .npy, or a test_data_set_* folder; 'random' for synthetic inputs "
+        f"(default: {default_data})",
     )
     v.add_argument(
         "--labels",
@@ -224,9 +234,9 @@ def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str) -> No
         metavar="X",
         help="fail (exit 1) when the metric degrades by more than X",
     )
-    v.add_argument(
+    _boolean(
+        v,
         "--measure",
-        action=argparse.BooleanOptionalAction,
         default=True,
         help="measure load time, peak memory and latency of both models (default: on)",
     )
@@ -239,8 +249,11 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
         description="List candidate weights with node names, shapes and sizes.",
     )
     p.add_argument("input", type=Path, metavar="IN")
-    wanted = {"op_types", "min_elements"}
-    _add_settings({WHAT: p}, tuple(x for x in COMPRESS if x.field in wanted), _defaults(CompressConfig))
+    # inspect has no budget: the smallest weight it lists is always the plain default.
+    listed = {"op_types": None, "min_elements": str(MIN_ELEMENTS)}
+    settings = tuple(dataclasses.replace(x, default_text=listed[x.field] or x.default_text) for x in COMPRESS
+                     if x.field in listed)  # fmt: skip
+    _add_settings({WHAT: p}, settings, _defaults(CompressConfig))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--groups",

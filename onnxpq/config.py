@@ -75,7 +75,8 @@ ESTIMATE_ITERS = 8
 ESTIMATE_UNITS = 256
 #: Subvectors per codeword such a sampled fit keeps at least (faiss warns below 39 training points per centroid).
 SAMPLE_PER_CODEWORD = 64
-#: Synthetic samples for ``--calibration-data random`` (and for validation without data).
+#: Synthetic samples for ``--calibration-data random`` (validation without data draws as many; the field
+#: ``synthetic_samples`` sets the calibration's only).
 SYNTHETIC_SAMPLES = 8
 
 
@@ -180,8 +181,9 @@ class CompressConfig:
         ``STATISTICS_MEMORY_MIB``); layers whose full H does not fit their share use a
         block-diagonal H, and if even the smallest blocks do not fit the run stops with a ``ConfigError``.
 
-    The remaining fields are the algorithm's constants (see each default's comment above), fields so that a
-    model's ``metadata_props`` records every value that decided its bytes, and so experiments can vary them:
+    The remaining fields are the algorithm's tunable constants (see each default's comment above), fields so
+    that a model's ``metadata_props`` records them and experiments can vary them (numerical-repair and
+    memory-plan constants stay in their modules; the version in the metadata identifies those):
 
     shrinkage_grid, damping : the statistics' shrinkage weights tried on rank-deficient layers, and GPTQ's
         damping of H.
@@ -273,11 +275,11 @@ class Setting:
     """One field of ``CompressConfig`` or ``FinetuneConfig``: the constraint on its value, and its command-line
     option and help.
 
-    ``SETTINGS`` is the one place these are declared: the dataclasses check their values against it, ``cli``
-    builds ``onnxpq compress``'s options from it (defaults read from the dataclasses, so they are not
-    repeated), and the README's option table is rendered from that parser. ``flags`` empty: Python API only.
-    Booleans are ``--x/--no-x``; ``low``/``high`` bound a number (``*_open``: the bound itself is refused);
-    ``exclusive`` names settings of which at most one may be given on the command line.
+    ``COMPRESS`` and ``FINETUNE`` are the one place these are declared: the dataclasses check their values
+    against them, ``cli`` builds ``onnxpq compress``'s options from them (defaults read from the dataclasses,
+    so they are not repeated), and the README's option table is rendered from that parser. ``flags`` empty:
+    Python API only. Booleans are ``--x/--no-x``; ``low``/``high`` bound a number (``*_open``: the bound
+    itself is refused); ``exclusive`` names settings of which at most one may be given on the command line.
     """
 
     field: str

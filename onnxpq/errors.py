@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ConfigError",
     "InputModelError",
@@ -36,9 +38,11 @@ class ValidationFailedError(OnnxpqError):
     """The compressed model failed the user's accuracy gate; the CLI exits 1.
 
     ``report`` is the run's report when a compression failed the gate (None from ``validate``): a caller
-    prints or inspects it without reading back the file it was published to.
+    prints or inspects it without reading back the file it was published to. ``model`` is the compressed
+    ``onnx.ModelProto`` of an in-memory compression, which wrote no file to keep it in.
     """
 
-    def __init__(self, message: str, report: dict | None = None) -> None:
+    def __init__(self, message: str, report: dict | None = None, model: Any = None) -> None:
         super().__init__(message)
         self.report = report
+        self.model = model

@@ -84,11 +84,15 @@ class Operator:
     #: The attribute holding the input group count (Conv's ``group``).
     groups: str | None = None
 
+    def reads_output(self, index: int) -> bool:
+        """Whether the weight at input ``index`` multiplies the node's own output: a recurrent R, fed the hidden
+        states h_1 ... h_T that Y holds, standing in for h_0 ... h_{T-1}."""
+        return self.statistics == "sequence" and index == 2
+
     def activation(self, inputs: Sequence[str], outputs: Sequence[str], index: int) -> str | None:
-        """The tensor whose rows multiply the weight at input ``index``: the node's first input, or, for a
-        recurrent R, its output Y (the hidden states h_1 ... h_T standing in for h_0 ... h_{T-1}); None where
-        there is none (a recurrent node that does not output Y)."""
-        if self.statistics == "sequence" and index == 2:
+        """The tensor whose rows multiply the weight at input ``index``: the node's first input, or its output
+        Y (``reads_output``); None where there is none (a recurrent node that does not output Y)."""
+        if self.reads_output(index):
             return outputs[0] if outputs and outputs[0] else None
         return inputs[0] if index == min(self.weight_inputs) else None
 

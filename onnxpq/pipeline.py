@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -24,15 +26,18 @@ from onnxpq.errors import (
     ValidationFailedError,
 )
 from onnxpq.model.files import (
+    IN_MEMORY,
     Staging,
     check_distinct,
     check_input_path,
     check_output_path,
+    checked_model,
     data_file_path,
     external_data_files,
     load_model,
     materialized,
     name_fits,
+    serialized,
     stage_model,
     staging,
 )
@@ -94,14 +99,16 @@ class ValidationSettings:
 
 @dataclass(frozen=True)
 class CompressResult:
-    """What a run produced: files written and the report (also saved as JSON)."""
+    """What a run produced: the compressed model, the files written (none in memory) and the report (also saved
+    as JSON when the model was written to a file)."""
 
     output_paths: list[Path]
-    report_path: Path
+    report_path: Path | None
     report: dict[str, Any]
+    model: onnx.ModelProto
 
 
-def _refuse_recompress(model: onnx.ModelProto, path: Path) -> None:
+def _refuse_recompress(model: onnx.ModelProto, path: Path | str) -> None:
     if any(p.key == METADATA_VERSION for p in model.metadata_props):
         raise InputModelError(f"{path}: already compressed by onnxpq; compress the original model instead")
 
@@ -173,13 +180,19 @@ def _save_checked(
     try:
         return stage_model(compressed, stage, target, check=True)
     except onnx.checker.ValidationError as err:
-        try:
-            # In memory with its data: the checker rejects the absolute data locations load_model sets.
-            onnx.checker.check_model(materialized(original), full_check=True)
-        except onnx.checker.ValidationError as input_err:
-            notes.append(f"the input model does not pass onnx.checker either, so neither does the output: {input_err}")
-            return stage_model(compressed, stage, target, check=False)
-        raise UnsupportedGraphError(f"the compressed model fails onnx.checker ({err}); nothing was written") from None
+        _tolerate_checker_failure(original, err, notes)
+        return stage_model(compressed, stage, target, check=False)
+
+
+def _tolerate_checker_failure(original: onnx.ModelProto, err: onnx.checker.ValidationError, notes: list[str]) -> None:
+    """A compressed model that fails ``onnx.checker`` is refused unless the input fails it too (then noted)."""
+    try:
+        # In memory with its data: the checker rejects the absolute data locations load_model sets.
+        onnx.checker.check_model(materialized(original), full_check=True)
+    except onnx.checker.ValidationError as input_err:
+        notes.append(f"the input model does not pass onnx.checker either, so neither does the output: {input_err}")
+        return
+    raise UnsupportedGraphError(f"the compressed model fails onnx.checker ({err}); nothing was written") from None
 
 
 def default_report_path(target: Path) -> Path:
@@ -188,15 +201,22 @@ def default_report_path(target: Path) -> Path:
 
 
 def check_paths(
-    source: Path, model: onnx.ModelProto, target: Path, report: Path, *, force: bool, data: Sequence[Any] = ()
+    source: Path | None,
+    model: onnx.ModelProto,
+    target: Path,
+    report: Path,
+    *,
+    force: bool,
+    data: Sequence[Any] = (),
 ) -> None:
     """Refuse, before any work, every output path that would destroy a file or could not be written.
 
     None of the model, its data file (written past 2 GB) and the report may be the
     input or one of its external data files, under any spelling, nor each other, nor
-    one of the ``data`` files (calibration and validation samples, labels; even with ``--force``).
+    one of the ``data`` files (calibration and validation samples, labels; even with ``--force``). ``source``
+    None: the input model is in memory.
     """
-    protected = {**input_files(source, model), **data_files(data)}
+    protected = {**(input_files(source, model) if source is not None else {}), **data_files(data)}
     data = data_file_path(target)
     check_output_path(target, protected=protected, force=force)
     check_output_path(report, protected=protected, force=force, what="report")
@@ -217,32 +237,33 @@ def input_files(source: Path, model: onnx.ModelProto) -> dict[Path, str]:
     return {source: "the input model", **dict.fromkeys(external_data_files(model), "the input's external data file")}
 
 
-def check_runtime_loads(path: Path, model: onnx.ModelProto | None = None, data: Dataset | None = None) -> None:
+def check_runtime_loads(path: Path | None, model: onnx.ModelProto | None = None, data: Dataset | None = None) -> None:
     """Refuse a model onnxruntime cannot load: its output could be neither validated nor checked.
     With ``data`` (the validation samples), also run the first sample through it.
 
     This runs before quantizing, so a custom-domain operator, a cycle, an IR version
     onnxruntime does not know or a channel count that does not match costs seconds, not a
-    whole run.
+    whole run. ``path`` None: the in-memory ``model``.
     """
+    label = path if path is not None else IN_MEMORY
     try:
-        sess = session(path)
+        sess = session(path if path is not None else serialized(model))
     except Exception as err:  # onnxruntime raises its own exception types, not a common base
-        raise InputModelError(f"{path}: onnxruntime cannot load this model: {_one_line(err)}") from None
+        raise InputModelError(f"{label}: onnxruntime cannot load this model: {_one_line(err)}") from None
     if model is None:
         return
-    check_conv_channels(model, path)
+    check_conv_channels(model, Path(label))
     if data is None:
         return
     try:
         sess.run(None, next(batches(data, model, batch_size=1)))
     except Exception as err:  # as above
         raise InputModelError(
-            f"{path}: onnxruntime cannot run this model on the validation samples: {_one_line(err)}"
+            f"{label}: onnxruntime cannot run this model on the validation samples: {_one_line(err)}"
         ) from None
 
 
-def _check_output_loads(staged: Path) -> None:
+def _check_output_loads(staged: Path | bytes) -> None:
     """The compressed model must load in onnxruntime before it is published: the original did."""
     try:
         session(staged)
@@ -530,9 +551,9 @@ class _Run:
     the fields the stages before it set. ``notes`` are the run's warnings, in the order they arose.
     """
 
-    source: Path
-    target: Path
-    report_file: Path
+    source: Path | None
+    target: Path | None
+    report_file: Path | None
     config: CompressConfig
     validation: ValidationSettings
     workers: Workers
@@ -551,8 +572,8 @@ class _Run:
 
 
 def compress(
-    input_path: str | os.PathLike[str],
-    output_path: str | os.PathLike[str],
+    input_path: str | os.PathLike[str] | onnx.ModelProto,
+    output_path: str | os.PathLike[str] | None = None,
     config: CompressConfig | None = None,
     *,
     calibration: str | os.PathLike[str] | Any | None = None,
@@ -583,29 +604,36 @@ def compress(
     ``workers`` runs the per-layer quantization and permutation search in local
     processes or on a Ray cluster; the output bytes are the same as a serial run's.
     """
-    target = Path(output_path)
+    target = Path(output_path) if output_path is not None else None
+    if target is None and report_path is not None:
+        raise ConfigError("a report path needs an output path: in memory, the report is CompressResult.report")
     run = _Run(
-        source=Path(input_path),
+        source=Path(input_path) if isinstance(input_path, (str, os.PathLike)) else None,
         target=target,
-        report_file=Path(report_path) if report_path else default_report_path(target),
+        report_file=Path(report_path) if report_path else default_report_path(target) if target else None,
         config=config or CompressConfig(),
         validation=validation or ValidationSettings(),
         workers=workers or Workers(),
         progress=progress,
     )
-    _prepare(run, calibration, calibration_labels, force)
+    _prepare(run, input_path if run.source is None else None, calibration, calibration_labels, force)
     for stage in (_permute, _quantize_stage, _encode, _tune, _data_notes):
         stage(run)
-    return _publish(run, force)
+    return _publish(run, force) if run.target is not None else _in_memory(run)
 
 
-def _prepare(run: _Run, calibration: Any, calibration_labels: Any, force: bool) -> None:
-    """Check every path, option and data file before any work; load the model, its samples and its candidates."""
-    check_input_path(run.source)
-    model = load_model(run.source)
-    data_sources = (calibration, calibration_labels, run.validation.data, run.validation.labels)
-    check_paths(run.source, model, run.target, run.report_file, force=force, data=data_sources)
-    _refuse_recompress(model, run.source)
+def _prepare(run: _Run, given: onnx.ModelProto | None, calibration: Any, calibration_labels: Any, force: bool) -> None:
+    """Check every path, option and data file before any work; load the model (or check the ``given`` one), its
+    samples and its candidates."""
+    if run.source is not None:
+        check_input_path(run.source)
+        model = load_model(run.source)
+    else:
+        model = checked_model(given)
+    if run.target is not None and run.report_file is not None:
+        data_sources = (calibration, calibration_labels, run.validation.data, run.validation.labels)
+        check_paths(run.source, model, run.target, run.report_file, force=force, data=data_sources)
+    _refuse_recompress(model, run.source or IN_MEMORY)
     calib = run.calib = calibration_dataset(model, calibration, run.config)
     if calib is None and (run.config.finetune is not None or calibration_labels is not None):
         raise ConfigError("fine-tuning and calibration labels need calibration samples: pass --calibration-data")
@@ -708,7 +736,9 @@ def _publish(run: _Run, force: bool) -> CompressResult:
     Published last, after every check: a failed gate keeps both for inspection, as documented, and then
     raises ``ValidationFailedError`` carrying the report.
     """
+    assert run.target is not None and run.report_file is not None
     sections = _sections(run)
+    original = run.source if run.source is not None else serialized(run.model)
     with staging() as stage:
         with run.clock.stage("save"):
             written = _save_checked(run.compressed, run.model, stage, run.target, run.notes)
@@ -717,11 +747,9 @@ def _publish(run: _Run, force: bool) -> CompressResult:
                 run.notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
             staged = stage.path(run.target)
             _check_output_loads(staged)
-            report = _report(run.config, run.source, run.target, staged, sections, left)
+            report = _report(run.config, _file_info(original), _file_info(staged, run.target), sections, left)
         if run.data is not None:
-            with run.clock.stage("validation"):
-                report["validation"], more = run_validation(run.source, staged, run.data, run.validation)
-            run.notes.extend(more)
+            _validate(run, report, original, staged)
         report["warnings"] = list(run.notes)
         report["seconds"] = run.clock.section()
         for note in run.notes:
@@ -735,29 +763,83 @@ def _publish(run: _Run, force: bool) -> CompressResult:
     if gate.get("failure"):
         message = f"{gate['failure']} (model and report kept: {run.target}, {run.report_file})"
         raise ValidationFailedError(message, report)
-    return CompressResult(written, run.report_file, report)
+    return CompressResult(written, run.report_file, report, run.compressed)
+
+
+def _in_memory(run: _Run) -> CompressResult:
+    """The compressed model returned, not written: checked by ``onnx.checker`` and loaded by onnxruntime from
+    memory. Only validation touches the disk, and only a private temporary folder: onnxruntime's fold check and
+    its load-time and memory measurements in fresh processes read model files. A failed gate raises
+    ``ValidationFailedError`` whose report and ``model`` hold the result."""
+    sections = _sections(run)
+    with run.clock.stage("save"):
+        try:
+            onnx.checker.check_model(run.compressed, full_check=True)
+        except onnx.checker.ValidationError as err:
+            _tolerate_checker_failure(run.model, err, run.notes)
+        left = subgraph_weight_count(run.model.graph)
+        if left:
+            run.notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
+        data = serialized(run.compressed)
+        _check_output_loads(data)
+        original = run.source if run.source is not None else serialized(run.model)
+        report = _report(run.config, _file_info(original), _file_info(data), sections, left)
+    if run.data is not None:
+        _validate(run, report, original, data)
+    report["warnings"] = list(run.notes)
+    report["seconds"] = run.clock.section()
+    for note in run.notes:
+        warnings.warn(note, stacklevel=3)
+    gate = (report["validation"] or {}).get("gate") or {}
+    if gate.get("failure"):
+        raise ValidationFailedError(
+            f"{gate['failure']} (the compressed model is this error's .model)", report, run.compressed
+        )
+    return CompressResult([], None, report, run.compressed)
+
+
+def _validate(run: _Run, report: dict[str, Any], original: Path | bytes, compressed: Path | bytes) -> None:
+    """The report's validation section and its warnings. onnxruntime's fold check and its load-time and memory
+    measurements read model files, so a model held in memory is written to a private temporary folder for them."""
+    assert run.data is not None
+    with run.clock.stage("validation"), tempfile.TemporaryDirectory(prefix="onnxpq-") as folder:
+        paths = [
+            _as_file(m, Path(folder) / name) for m, name in ((original, "original.onnx"), (compressed, "out.onnx"))
+        ]
+        report["validation"], more = run_validation(paths[0], paths[1], run.data, run.validation)
+    run.notes.extend(more)
+
+
+def _as_file(model: Path | bytes, path: Path) -> Path:
+    """``model`` itself when it is a file, else its bytes written to ``path``."""
+    if isinstance(model, Path):
+        return model
+    path.write_bytes(model)
+    return path
+
+
+def _file_info(model: Path | bytes, published: Path | None = None) -> dict[str, Any]:
+    """The report's ``input``/``output`` entry of a model file (``published``: where a staged one will be), or of
+    serialized bytes, which have no path."""
+    if isinstance(model, bytes):
+        return {"path": None, "sha256": hashlib.sha256(model).hexdigest(), "bytes": len(model)}
+    return {"path": str(published or model), "sha256": sha256_file(model), "bytes": file_bytes(model)}
 
 
 def _report(
-    config: CompressConfig,
-    source: Path,
-    target: Path,
-    staged: Path,
-    sections: dict[str, Any],
-    left: int,
+    config: CompressConfig, source: dict[str, Any], output: dict[str, Any], sections: dict[str, Any], left: int
 ) -> dict[str, Any]:
-    """The report of a run, for the model staged at ``staged`` that will be published at ``target``; its
-    ``validation``, ``warnings`` and ``seconds`` are filled in by ``_publish``."""
-    original_bytes, compressed_bytes = file_bytes(source), file_bytes(staged)
+    """The report of a run (``source``, ``output``: ``_file_info`` of both models); its ``validation``,
+    ``warnings`` and ``seconds`` are filled in by ``_publish`` or ``_in_memory``."""
     return {
         "versions": versions(),
         "config": config.to_json(),
-        "input": {"path": str(source), "sha256": sha256_file(source), "bytes": original_bytes},
-        "output": {"path": str(target), "sha256": sha256_file(staged), "bytes": compressed_bytes},
+        "input": source,
+        "output": output,
         "files": {
-            "original_bytes": original_bytes,
-            "compressed_bytes": compressed_bytes,
-            "ratio": original_bytes / compressed_bytes,
+            "original_bytes": source["bytes"],
+            "compressed_bytes": output["bytes"],
+            "ratio": source["bytes"] / output["bytes"],
         },
         **sections,
         "subgraph_weights_left": left,

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnxpq
 
 PACKAGE = Path(onnxpq.__file__).parent
-#: Lowest first; a module's layer is that of its longest listed prefix.
+#: Lowest first; a module's layer is that of its top-level name (``quantize.stats`` is in ``quantize``).
 LAYERS = (
     ("errors", "version", "operators", "config"),
     ("model",),

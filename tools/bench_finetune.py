@@ -96,7 +96,7 @@ TASKS = {"mobilenetv2": _mobilenet, "mnist": _mnist, "ppocr": _ppocr}
 def _budget(tuning: FinetuneConfig) -> str:
     """How a fine-tuning row is labelled: its budget, and the flag when mixup is off."""
     budget = f"{tuning.time_s:.0f} s" if tuning.time_s else f"{tuning.steps} steps"
-    return budget if tuning.mixup else f"{budget}, --finetune-no-mixup"
+    return budget if tuning.mixup else f"{budget}, --no-finetune-mixup"
 
 
 def run_task(key: str, work: Path) -> list[dict]:

@@ -242,7 +242,7 @@ def status(row: dict[str, Any]) -> str:
 #: The speed benchmark's rows plotted beside the zoo's: the code they measured (docs/SPEED.md).
 SPEED_LABEL = "after (0.4.0, rows capped, probe 8 at a time)"
 PLOT = DOCS / "zoo_time_per_parameter.png"
-#: Float parameters of the speed benchmark's models, as the report counts them (``report.float_parameters``
+#: Float parameters of the speed benchmark's models, as the report counts them (``quantize.size.float_parameters``
 #: of tools/bench.py's task models, measured 2026-12-07): speed.json does not record them.
 SPEED_PARAMETERS = {"MobileNetV2": 3_487_886, "PP-OCRv4 rec": 2_690_352, "all-MiniLM-L6-v2": 22_565_426}
 

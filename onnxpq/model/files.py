@@ -37,11 +37,13 @@ from onnxpq.model.tensors import (
 __all__ = [
     "EXTERNAL_ALIGN",
     "EXTERNAL_MIN_BYTES",
+    "IN_MEMORY",
     "PROTOBUF_LIMIT",
     "Staging",
     "check_distinct",
     "check_input_path",
     "check_output_path",
+    "checked_model",
     "data_file_path",
     "external_data_files",
     "load_model",
@@ -100,6 +102,39 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     _resolve_external(model, path.parent)
     _check_opset(model, path)
     return model
+
+
+#: How messages name a model given as a ``ModelProto`` instead of a file.
+IN_MEMORY = "<in-memory model>"
+
+
+def checked_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an in-memory model, checked as ``load_model`` checks a file (a graph, valid tensors, a supported
+    opset), so the caller's object is never modified.
+
+    External data can only be read relative to a file, and a message over protobuf's 2 GB limit cannot be
+    serialised for onnxruntime, so both are refused with what to do instead.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        raise InputModelError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    where = Path(IN_MEMORY)
+    if not model.HasField("graph") or not (model.graph.node or model.graph.output):
+        raise InputModelError(f"{IN_MEMORY}: holds no graph")
+    if any(onnx.external_data_helper.uses_external_data(t) for t in all_tensors(model.graph)):
+        raise InputModelError(
+            f"{IN_MEMORY}: references external data, which only a file's folder resolves: load it with "
+            "onnx.load(path) (which reads the data in) or pass the path"
+        )
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        raise InputModelError(
+            f"{IN_MEMORY}: {model.ByteSize() / 2**30:.1f} GiB is past protobuf's 2 GB limit; save it with external "
+            "data and pass the path"
+        )
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _check_tensors(copy, where)
+    _check_opset(copy, where)
+    return copy
 
 
 def _check_tensors(model: onnx.ModelProto, path: Path) -> None:

@@ -26,9 +26,8 @@ __all__ = ["data_aware", "input_order", "unit_matrix", "weight_from_units"]
 def data_aware(c: Candidate) -> bool:
     """Whether ``U``'s rows are output units whose columns are the inputs of one node.
 
-    True where the operator registry gives the weight statistics: Conv (any group count), Gemm and 2-D
-    MatMul weights of the main graph,
-    and for the weights W and R of LSTM/GRU/RNN: W multiplies every time step's
+    True where the operator registry gives the weight statistics: Conv (any group count), 2-D Gemm, MatMul and
+    FusedMatMul weights of the main graph, and the weights W and R of LSTM/GRU/RNN: W multiplies every time step's
     input x_t and R the previous hidden state h_{t-1}, so the gate pre-activations'
     error is ‖X(W - Ŵ)‖² with X the node's input sequence (and the hidden states
     its output Y holds, for R), one row per (step, batch). On the zoo's GRU at 2.5

@@ -254,8 +254,8 @@ def _factor(h: np.ndarray) -> np.ndarray | None:
     H arrives symmetric and damped (``damped``), so the first try almost always
     succeeds and changes nothing. Round-off can still leave it indefinite (dead
     ReLU6 channels, constant inputs, fewer rows than inputs); then H is
-    symmetrised and its damping raised tenfold per try, as GPTQ's users do by
-    hand. Last, negative eigenvalues are clipped to the damping floor.
+    symmetrised and damped by ``REPAIR_FLOOR`` times 10, 100, ... of its mean diagonal, as GPTQ's users
+    do by hand. Last, negative eigenvalues are clipped to ``REPAIR_FLOOR`` of it.
     """
     if not np.isfinite(h).all():
         return None

@@ -8,8 +8,8 @@ needed at decode time.
 
 Which weights are candidates:
 
-1. The weight inputs of Conv, ConvTranspose, Gemm, MatMul, Gather, Einsum and of the
-   recurrent LSTM, GRU and RNN (W and R), when the weight is a constant.
+1. The weight inputs of the operators in ``operators.REGISTRY`` (Conv, ConvTranspose, Gemm, MatMul,
+   FusedMatMul, Gather, Einsum, and W and R of LSTM, GRU and RNN), when the weight is a constant.
 2. Readers inside If/Loop/Scan bodies count like main-graph ones (a body's own
    weights are first lifted into the main graph, see ``subgraphs``).
 3. The first Conv stays in float only when it is small (``_first_conv_kept``):

@@ -196,7 +196,7 @@ class _Reader:
     @property
     def recurrent(self) -> bool:
         """An RNN's R, read through the hidden states Y the node outputs."""
-        return self.op.statistics == "sequence" and self.index == 2
+        return self.op.reads_output(self.index)
 
     @property
     def activation(self) -> str:
