@@ -1,0 +1,210 @@
+"""The benchmark results store: docs/results.jsonl, one JSON row per measurement with where it came from, and
+the one renderer of docs/BENCHMARKS.md and of the README's results table.
+
+Every row carries the git commit it was measured at (and whether onnxpq/ had uncommitted changes then), the
+command, the date, the library versions and the machine. A row is **stale** when onnxpq/ changed after its
+commit (or it was measured on uncommitted code): the renderer says so next to it, so a reader can tell which
+numbers describe the current code. Rows are only ever appended; for each (suite, task, method, target) the
+newest row is the one shown.
+
+    python tools/results.py            # re-render docs/BENCHMARKS.md and the README table from the file
+    python tools/results.py --check    # exit 1 when either differs from what the file renders (tests run it)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results.jsonl"
+BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
+README = ROOT / "README.md"
+README_BEGIN, README_END = "<!-- results:begin (tools/results.py) -->", "<!-- results:end -->"
+#: Row keys that are not task metrics.
+FIXED = ("suite", "task", "method", "target_bpw", "bpw_all", "file_mib", "ratio", "seconds", "infeasible")
+COSTS = ("load_ratio", "rss_ratio", "latency_ratio")
+EXTRA = ("finetune_steps", "holdout_loss")
+PROVENANCE = ("commit", "dirty", "date", "command", "versions", "machine")
+#: The README's table: per task, these methods (the first row found at each target) in this order.
+README_METHODS = (
+    ("fp32", None),
+    ("onnxruntime quantize_dynamic int8 per-channel", None),
+    ("onnxpq data-aware (defaults)", None),
+    ("onnxpq data-aware", 3.0),
+)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+
+def provenance(command: str) -> dict[str, Any]:
+    """Where a measurement comes from: the commit, whether onnxpq/ differed from it, the command and the setup."""
+    from onnxpq.report import versions
+
+    return {
+        "commit": _git("rev-parse", "--short=10", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "onnxpq")),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command,
+        "versions": versions(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+
+
+def append(rows: Iterable[dict[str, Any]], path: Path = RESULTS) -> None:
+    """Add rows at the end of the file, one JSON object per line (a stopped run keeps what it measured)."""
+    with path.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def load(path: Path = RESULTS) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def current(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest row of each (suite, task, method, target), in the order each key first appeared."""
+    newest: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        newest[(row["suite"], row["task"], row["method"], row.get("target_bpw"))] = row
+    return list(newest.values())
+
+
+def last_change() -> str:
+    """The last commit that changed onnxpq/: rows measured before it may no longer describe the code."""
+    return _git("log", "-1", "--format=%H", "--", "onnxpq")
+
+
+def stale(row: dict[str, Any], change: str) -> bool:
+    """Measured on uncommitted onnxpq/ code, or at a commit that the last change to onnxpq/ is not part of."""
+    if row.get("dirty"):
+        return True
+    ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", change, row["commit"]], cwd=ROOT, check=False)
+    return ancestor.returncode != 0
+
+
+def _metric_keys(rows: Sequence[dict[str, Any]]) -> list[str]:
+    keys = dict.fromkeys(k for r in rows for k in r if k not in FIXED + COSTS + EXTRA + PROVENANCE)
+    return list(keys)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _commit_cell(row: dict[str, Any], change: str) -> str:
+    return f"{row['commit'][:7]} **stale**" if stale(row, change) else row["commit"][:7]
+
+
+def task_table(rows: Sequence[dict[str, Any]], change: str) -> list[str]:
+    """One task's rows as a markdown table: size, metrics, time, deployment costs, and the commit."""
+    keys = _metric_keys(rows)
+    head = ["method", "target", "bits/weight", "file MiB", "ratio", *keys, "compress s", "load", "peak RSS",
+            "latency", "commit"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
+    for r in rows:
+        target = f"{r['target_bpw']:g}" if r.get("target_bpw") else ""
+        if r.get("infeasible"):
+            filler = " |" * (len(head) - 4)
+            commit = _commit_cell(r, change)
+            lines.append(f"| {r['method']} | {target} | infeasible: {r['infeasible']} |{filler} {commit} |")
+            continue
+        method = r["method"] + (f" ({r['finetune_steps']} steps)" if "finetune_steps" in r else "")
+        cells = [
+            method, target, f"{r['bpw_all']:.3f}", f"{r['file_mib']:.3f}", f"{r['ratio']:.1f}×",
+            *(_cell(r.get(k)) for k in keys), f"{r['seconds']:.0f}", *(f"{r[k]:.2f}×" for k in COSTS),
+            _commit_cell(r, change),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_benchmarks(rows: Sequence[dict[str, Any]], change: str) -> str:
+    """docs/BENCHMARKS.md: how the rows are made, then one section per suite and one table per task."""
+    shown = current(rows)
+    lines = [
+        "# Benchmarks: onnxpq against the anchors on real models",
+        "",
+        "Rendered by `tools/results.py` from [results.jsonl](results.jsonl), which `tools/bench.py` appends to.",
+        "Each row names the commit it was measured at; **stale** marks a row measured before the last change to",
+        f"`onnxpq/` (at the time of rendering: {change[:7]}) or on uncommitted code. Each row's command, date, library",
+        "versions and machine are in the file. Models, data and row definitions: `tools/bench.py`'s docstring.",
+        "",
+        "- **bits/weight** counts every float parameter (log2(k)-bit indices, fp16 codebooks, all else 32-bit);",
+        "  for onnxruntime's int8 and MatMulNBits models it is the file size over the parameters. Round-to-nearest",
+        "  rows are dense fake-quant: their bits/weight is what a packed format would need, their file is fp32.",
+        "- **ratio** is the fp32 file over this file. **load** and **peak RSS** are onnxruntime session creation",
+        "  in a fresh process (median of 5, 3 in the quick suite), **latency** one warm `run` of one sample, each",
+        "  divided by fp32's in the same run. Ratios of loads of a few milliseconds (MNIST, PP-OCR) and of",
+        "  sub-millisecond latencies are mostly noise.",
+        "- **compress s** is the wall time of one compression on the 2-core machine.",
+    ]
+    for suite in dict.fromkeys(r["suite"] for r in shown):
+        lines += ["", f"## Suite: {suite}"]
+        for task in dict.fromkeys(r["task"] for r in shown if r["suite"] == suite):
+            task_rows = [r for r in shown if r["suite"] == suite and r["task"] == task]
+            commands = sorted({r["command"] for r in task_rows})
+            lines += ["", f"### {task}", "", *(f"`{c}`" for c in commands), "", *task_table(task_rows, change)]
+    return "\n".join(lines) + "\n"
+
+
+def render_readme_table(rows: Sequence[dict[str, Any]], change: str, suite: str = "quick") -> str:
+    """The README's results: per task, fp32, onnxruntime's int8, onnxpq's defaults and ``--target-bpw 3``, with
+    the task's first metric (the one its table sorts by) and bits/weight."""
+    shown = [r for r in current(rows) if r["suite"] == suite and not r.get("infeasible")]
+    lines = ["| model | metric | " + " | ".join(m if t is None else f"{m}, --target-bpw {t:g}"
+                                                for m, t in README_METHODS) + " | commit |",
+             "| --- " * (len(README_METHODS) + 3) + "|"]  # fmt: skip
+    for task in dict.fromkeys(r["task"] for r in shown):
+        task_rows = [r for r in shown if r["task"] == task]
+        metric = _metric_keys(task_rows)[0]
+        cells = []
+        for method, target in README_METHODS:
+            row = next((r for r in task_rows if r["method"] == method and r.get("target_bpw") == target), None)
+            cells.append(f"{row[metric]:.4f} at {row['bpw_all']:.2f} bits/weight" if row else "not run")
+        commits = sorted({_commit_cell(r, change) for r in task_rows})
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {', '.join(commits)} |")
+    return "\n".join(lines) + "\n"
+
+
+def with_readme_table(text: str, table: str) -> str:
+    """The README's text with ``table`` between its results markers."""
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    return f"{head}{README_BEGIN}\n{table}{README_END}{tail}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
+    args = parser.parse_args(argv)
+    rows, change = load(), last_change()
+    wanted = {
+        BENCHMARKS: render_benchmarks(rows, change),
+        README: with_readme_table(README.read_text(), render_readme_table(rows, change)),
+    }
+    if args.check:
+        differ = [path.name for path, text in wanted.items() if path.read_text() != text]
+        if differ:
+            print(f"{', '.join(differ)} differ from docs/results.jsonl: run python tools/results.py", file=sys.stderr)
+        return 1 if differ else 0
+    for path, text in wanted.items():
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
