@@ -53,7 +53,7 @@ from onnxpq.quantize.selection import Candidate, pattern_counts, with_uses_in
 from onnxpq.quantize.size import pqf_sizes
 from onnxpq.quantize.stats import LAYER_SHARE, collect_stats, inline_taken
 from onnxpq.quantize.weights import quantize_sequential, quantize_weights
-from onnxpq.report import Stopwatch, layer_rows, sha256_file, versions, write_json
+from onnxpq.report import Report, Stopwatch, layer_rows, sha256_file, versions, write_json
 from onnxpq.validate import check_gate, default_metric, file_bytes, validate_compressed
 from onnxpq.version import __version__
 
@@ -750,20 +750,18 @@ def _publish(run: _Run, force: bool) -> CompressResult:
             report = _report(run.config, _file_info(original), _file_info(staged, run.target), sections, left)
         if run.data is not None:
             _validate(run, report, original, staged)
-        report["warnings"] = list(run.notes)
-        report["seconds"] = run.clock.section()
+        report.warnings, report.seconds = list(run.notes), run.clock.section()
         for note in run.notes:
             warnings.warn(note, stacklevel=3)
         try:
-            write_json(report, stage.path(run.report_file))
+            write_json(report.to_json(), stage.path(run.report_file))
         except OSError as err:
             raise OutputPathError(f"{run.report_file}: cannot write the report: {err.strerror or err}") from None
         stage.publish(force=force)
-    gate = (report["validation"] or {}).get("gate") or {}
-    if gate.get("failure"):
-        message = f"{gate['failure']} (model and report kept: {run.target}, {run.report_file})"
-        raise ValidationFailedError(message, report)
-    return CompressResult(written, run.report_file, report, run.compressed)
+    if report.gate_failure:
+        message = f"{report.gate_failure} (model and report kept: {run.target}, {run.report_file})"
+        raise ValidationFailedError(message, report.to_json())
+    return CompressResult(written, run.report_file, report.to_json(), run.compressed)
 
 
 def _in_memory(run: _Run) -> CompressResult:
@@ -786,19 +784,16 @@ def _in_memory(run: _Run) -> CompressResult:
         report = _report(run.config, _file_info(original), _file_info(data), sections, left)
     if run.data is not None:
         _validate(run, report, original, data)
-    report["warnings"] = list(run.notes)
-    report["seconds"] = run.clock.section()
+    report.warnings, report.seconds = list(run.notes), run.clock.section()
     for note in run.notes:
         warnings.warn(note, stacklevel=3)
-    gate = (report["validation"] or {}).get("gate") or {}
-    if gate.get("failure"):
-        raise ValidationFailedError(
-            f"{gate['failure']} (the compressed model is this error's .model)", report, run.compressed
-        )
-    return CompressResult([], None, report, run.compressed)
+    if report.gate_failure:
+        message = f"{report.gate_failure} (the compressed model is this error's .model)"
+        raise ValidationFailedError(message, report.to_json(), run.compressed)
+    return CompressResult([], None, report.to_json(), run.compressed)
 
 
-def _validate(run: _Run, report: dict[str, Any], original: Path | bytes, compressed: Path | bytes) -> None:
+def _validate(run: _Run, report: Report, original: Path | bytes, compressed: Path | bytes) -> None:
     """The report's validation section and its warnings. onnxruntime's fold check and its load-time and memory
     measurements read model files, so a model held in memory is written to a private temporary folder for them."""
     assert run.data is not None
@@ -806,7 +801,7 @@ def _validate(run: _Run, report: dict[str, Any], original: Path | bytes, compres
         paths = [
             _as_file(m, Path(folder) / name) for m, name in ((original, "original.onnx"), (compressed, "out.onnx"))
         ]
-        report["validation"], more = run_validation(paths[0], paths[1], run.data, run.validation)
+        report.validation, more = run_validation(paths[0], paths[1], run.data, run.validation)
     run.notes.extend(more)
 
 
@@ -828,21 +823,20 @@ def _file_info(model: Path | bytes, published: Path | None = None) -> dict[str, 
 
 def _report(
     config: CompressConfig, source: dict[str, Any], output: dict[str, Any], sections: dict[str, Any], left: int
-) -> dict[str, Any]:
+) -> Report:
     """The report of a run (``source``, ``output``: ``_file_info`` of both models); its ``validation``,
     ``warnings`` and ``seconds`` are filled in by ``_publish`` or ``_in_memory``."""
-    return {
-        "versions": versions(),
-        "config": config.to_json(),
-        "input": source,
-        "output": output,
-        "files": {
-            "original_bytes": source["bytes"],
-            "compressed_bytes": output["bytes"],
-            "ratio": source["bytes"] / output["bytes"],
-        },
-        **sections,
-        "subgraph_weights_left": left,
-        "validation": None,
-        "warnings": [],
+    files = {
+        "original_bytes": source["bytes"],
+        "compressed_bytes": output["bytes"],
+        "ratio": source["bytes"] / output["bytes"],
     }
+    return Report(
+        versions=versions(),
+        config=config.to_json(),
+        input=source,
+        output=output,
+        files=files,
+        **sections,
+        subgraph_weights_left=left,
+    )

@@ -15,6 +15,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from onnxpq.quantize.size import MIB, layer_bits
 from onnxpq.version import __version__
 
 __all__ = [
+    "Report",
     "Stopwatch",
     "format_table",
     "layer_rows",
@@ -62,6 +64,40 @@ class Stopwatch:
         """Each stage's seconds, rounded to milliseconds, and the run's ``total`` so far."""
         total = time.perf_counter() - self._start
         return {**{k: round(v, 3) for k, v in self.seconds.items()}, "total": round(total, 3)}
+
+
+@dataclass
+class Report:
+    """A compression's report, section by section, in the order of its JSON document (``to_json``; the keys
+    are the field names). The sections' contents are plain JSON values made by the stages that know them:
+    ``pqf`` by ``quantize.size``, ``layers`` by ``layer_rows``, ``validation`` by ``validate``."""
+
+    versions: dict[str, str]
+    config: dict[str, Any]
+    input: dict[str, Any]
+    output: dict[str, Any]
+    files: dict[str, Any]
+    pqf: dict[str, Any]
+    calibration: dict[str, Any] | None
+    permutation: dict[str, Any] | None
+    bias_corrected: list[str]
+    allocation: dict[str, Any] | None
+    finetune: dict[str, Any] | None
+    layers: list[dict[str, Any]]
+    selection: dict[str, Any]
+    subgraph_weights_left: int
+    validation: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document: one key per field, in field order (the sections are already JSON values)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def gate_failure(self) -> str | None:
+        """Why the accuracy gate failed, or None (no gate, or it passed)."""
+        return ((self.validation or {}).get("gate") or {}).get("failure")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -6,8 +6,9 @@ all-MiniLM-L6-v2 on sentences, MNIST), runs ``onnxpq compress SRC OUT --calibrat
 time, the per-stage seconds of its report, the peak of the summed RSS of the child and its
 worker processes (sampled from /proc every 0.2 s), the peak RSS of an onnxruntime session of the
 original (``measure_load``), and the task's fidelity metrics on held-out data (those of
-tools/bench.py). Rows are merged into docs/speed.json by (model, target, jobs, label) and rendered
-into docs/SPEED.md, each with the commit that produced it.
+tools/bench.py). Each row is appended to docs/results.jsonl (suite ``speed``, rendered into
+docs/BENCHMARKS.md and the README by ``tools/results.py``) and merged into docs/speed.json by (model, target,
+jobs, label), the history rendered into docs/SPEED.md, each with the commit that produced it.
 
 Run it with nothing else on the machine: the wall times are the point. To measure another commit,
 point ``PYTHONPATH`` at a worktree of it (the child inherits it; the row records that commit).
@@ -30,12 +31,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
+import results as results_store  # noqa: E402
 from bench import TASKS  # noqa: E402
 
 import onnxpq  # noqa: E402
 from onnxpq.validate import measure_load  # noqa: E402
 
 RESULTS = ROOT / "docs" / "speed.json"
+#: The method name of the rows in docs/results.jsonl.
+SPEED_METHOD = "onnxpq compress --target-bpw, validation off"
 PAGE = ROOT / "docs" / "SPEED.md"
 
 
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="")
     args = parser.parse_args(argv)
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    origin = results_store.provenance(("python tools/bench_speed.py " + " ".join(argv or sys.argv[1:])).strip())
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             row = measure(name, args, Path(tmp))
@@ -170,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for r in rows if (r["model"], r["target_bpw"], r["jobs"], r["label"]) != key] + [row]
         RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
         PAGE.write_text(render(rows))
+        speed = {k: v for k, v in row.items() if k not in ("model", "commit", "command")}
+        results_store.append([{"suite": "speed", "task": row["model"], "method": SPEED_METHOD, **speed, **origin}])
+    results_store.main([])
 
 
 if __name__ == "__main__":

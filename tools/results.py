@@ -28,6 +28,7 @@ RESULTS = ROOT / "docs" / "results.jsonl"
 BENCHMARKS = ROOT / "docs" / "BENCHMARKS.md"
 README = ROOT / "README.md"
 README_BEGIN, README_END = "<!-- results:begin (tools/results.py) -->", "<!-- results:end -->"
+SPEED_BEGIN, SPEED_END = "<!-- speed:begin (tools/results.py) -->", "<!-- speed:end -->"
 #: Row keys that are not task metrics.
 FIXED = ("suite", "task", "method", "target_bpw", "bpw_all", "file_mib", "ratio", "seconds", "infeasible")
 COSTS = ("load_ratio", "rss_ratio", "latency_ratio")
@@ -130,6 +131,46 @@ def task_table(rows: Sequence[dict[str, Any]], change: str) -> list[str]:
     return lines
 
 
+def speed_table(rows: Sequence[dict[str, Any]], change: str) -> list[str]:
+    """The ``speed`` suite's rows (``tools/bench_speed.py``): wall time, its stages, memory and fidelity."""
+    lines = [
+        "| target | samples | jobs | wall s | stages (s) | peak RSS MiB | ORT session MiB | bits/weight | fidelity "
+        "| commit |",
+        "| --- " * 10 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target_bpw']:g} | {r['samples']} | {r['jobs']} | {r['wall_s']:.0f} | {_stages(r)} "
+            f"| {r['peak_rss_mib']} | {r['ort_session_peak_rss_mib']} | {r.get('bits_per_weight', '')} "
+            f"| {_fidelity(r)} | {_commit_cell(r, change)} |"
+        )
+    return lines
+
+
+def _stages(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in row.get("seconds", {}).items() if k != "total" and v >= 0.5)
+
+
+def _fidelity(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in row.get("metrics", {}).items()) or row.get("error", "")[-80:]
+
+
+def render_speed_lines(rows: Sequence[dict[str, Any]], change: str) -> str:
+    """The README's speed list: each model's newest ``speed`` row in one line."""
+    lines = []
+    for r in (r for r in current(rows) if r["suite"] == "speed"):
+        lines.append(
+            f"- {r['task']}, `--target-bpw {r['target_bpw']:g}`, {r['samples']} samples: {r['wall_s']:.0f} s "
+            f"({_stages(r)}), peak RSS {r['peak_rss_mib']} MiB (an onnxruntime session of the original: "
+            f"{r['ort_session_peak_rss_mib']} MiB), {_fidelity(r)}; {_commit_cell(r, change)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+#: How each suite's tables are drawn (``task_table`` for the others).
+TABLES = {"speed": speed_table}
+
+
 def render_benchmarks(rows: Sequence[dict[str, Any]], change: str) -> str:
     """docs/BENCHMARKS.md: how the rows are made, then one section per suite and one table per task."""
     shown = current(rows)
@@ -155,7 +196,8 @@ def render_benchmarks(rows: Sequence[dict[str, Any]], change: str) -> str:
         for task in dict.fromkeys(r["task"] for r in shown if r["suite"] == suite):
             task_rows = [r for r in shown if r["suite"] == suite and r["task"] == task]
             commands = sorted({r["command"] for r in task_rows})
-            lines += ["", f"### {task}", "", *(f"`{c}`" for c in commands), "", *task_table(task_rows, change)]
+            table = TABLES.get(suite, task_table)(task_rows, change)
+            lines += ["", f"### {task}", "", *(f"`{c}`" for c in commands), "", *table]
     return "\n".join(lines) + "\n"
 
 
@@ -178,11 +220,11 @@ def render_readme_table(rows: Sequence[dict[str, Any]], change: str, suite: str 
     return "\n".join(lines) + "\n"
 
 
-def with_readme_table(text: str, table: str) -> str:
-    """The README's text with ``table`` between its results markers."""
-    head, rest = text.split(README_BEGIN)
-    _, tail = rest.split(README_END)
-    return f"{head}{README_BEGIN}\n{table}{README_END}{tail}"
+def between(text: str, markers: tuple[str, str], block: str) -> str:
+    """``text`` with ``block`` between the two markers."""
+    head, rest = text.split(markers[0])
+    _, tail = rest.split(markers[1])
+    return f"{head}{markers[0]}\n{block}{markers[1]}{tail}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,7 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, change = load(), last_change()
     wanted = {
         BENCHMARKS: render_benchmarks(rows, change),
-        README: with_readme_table(README.read_text(), render_readme_table(rows, change)),
+        README: between(
+            between(README.read_text(), (README_BEGIN, README_END), render_readme_table(rows, change)),
+            (SPEED_BEGIN, SPEED_END),
+            render_speed_lines(rows, change),
+        ),
     }
     if args.check:
         differ = [path.name for path, text in wanted.items() if path.read_text() != text]
