@@ -522,6 +522,8 @@ def _quantize(
             "unexercised": found.unexercised,
         }
         targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
+        # The sequential pass quantizes the graph the statistics saw: with the allocated layouts, not the defaults.
+        seen_candidates = with_uses_in(seen, candidates) if taken else candidates
     with clock.stage("quantization"):
         if config.sequential and fit is not None:
             results = quantize_sequential(

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 from onnxpq import CompressConfig, compress
 from onnxpq.calibration import Dataset
 from onnxpq.config import PROBE_SAMPLES
+from onnxpq.encode import pq_name
 from onnxpq.errors import ConfigError
 from onnxpq.model.graph import constant_tensors, constants_as_inputs, replace_constants
 from onnxpq.pipeline import ValidationSettings
@@ -119,6 +120,20 @@ def test_target_bpw_is_never_exceeded(tmp_path, rng, target):
     result = _compress_mlp(tmp_path, rng, target_bpw=target)
     bpw = result.report["pqf"]["bits_per_weight_all_parameters"]
     assert target * 0.9 <= bpw <= target
+
+
+@pytest.mark.parametrize("sequential", [0, 2])
+def test_the_written_codebooks_are_the_allocated_ones(tmp_path, rng, sequential):
+    """Every compressed layer of the output has the (k, d) the allocator chose and the report lists. With
+    --sequential, the layers used to be quantized at the default layout while the report listed the allocated
+    one: the file missed the budget and the report said it met it."""
+    result = _compress_mlp(tmp_path, rng, target_bpw=2.0, sequential=sequential)
+    books = {t.name: tuple(t.dims) for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer}
+    rows = [r for r in result.report["layers"] if r["skip_reason"] is None]
+    assert rows
+    for r in rows:  # the codebook is [k, d], or [d, k] for a strided MatMul weight
+        shape = books[pq_name(r["weight"], "codebook")]
+        assert r["k"] in shape and np.prod(shape) == r["k"] * r["d"], (r["weight"], shape, r["k"], r["d"])
 
 
 @pytest.mark.slow
