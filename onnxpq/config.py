@@ -175,6 +175,10 @@ class CompressConfig:
     target_bpw, target_mib : a size budget (bits per weight over all parameters, or MiB, in
         PQF's accounting); each layer then gets the (d, k) or float setting that meets it
         with the least estimated output error (see ``allocate``). At most one of the two.
+    auto_budget : with calibration data and neither target, the budget is the size the fixed layout
+        (``block_size``, ``subvector_dim``, ``n_codewords``, ``min_elements``) would have, and the allocator
+        spreads it over the layers: the same size, less output error. False keeps every layer at the fixed
+        layout.
     finetune : distil the original model into the compressed one (needs calibration data and
         torch); None skips it.
     statistics_memory_mib : memory for the layer statistics H and their use, MiB (see
@@ -215,6 +219,7 @@ class CompressConfig:
     sequential: int = 0
     target_bpw: float | None = None
     target_mib: float | None = None
+    auto_budget: bool = True
     finetune: FinetuneConfig | None = None
     statistics_memory_mib: float = STATISTICS_MEMORY_MIB
     shrinkage_grid: tuple[float, ...] = SHRINKAGE_GRID
@@ -508,6 +513,15 @@ COMPRESS = (
         low_open=True,
         metavar="MIB",
         exclusive="size",
+    ),
+    Setting(
+        "auto_budget",
+        CALIBRATION,
+        "with calibration data and no --target-bpw/--target-size, give the model the size its fixed layout "
+        "(--block-size, --subvector-dim, -k) would have and let the bit allocation spread it over the layers; "
+        "off: every layer at the fixed layout",
+        ("--auto-budget",),
+        bool,
     ),
     *_INTERNAL_SETTINGS,
 )

@@ -46,14 +46,14 @@ from onnxpq.model.session import session
 from onnxpq.model.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.parallel import Workers
 from onnxpq.permute.search import consumer_distortion, permute_model
-from onnxpq.quantize.allocate import allocate_bits, budget_candidates, probe_split
+from onnxpq.quantize.allocate import allocate_bits, budget_candidates, fixed_layout_budget, probe_split
 from onnxpq.quantize.bias import bias_targets, corrected_biases
 from onnxpq.quantize.layer import LayerResult
 from onnxpq.quantize.selection import Candidate, pattern_counts, with_uses_in
 from onnxpq.quantize.size import pqf_sizes
 from onnxpq.quantize.stats import LAYER_SHARE, collect_stats, inline_taken
 from onnxpq.quantize.weights import quantize_sequential, quantize_weights
-from onnxpq.report import Report, Stopwatch, layer_rows, sha256_file, versions, write_json
+from onnxpq.report import DATA_FREE_NOTE, Report, Stopwatch, layer_rows, sha256_file, versions, write_json
 from onnxpq.validate import check_gate, default_metric, file_bytes, validate_compressed
 from onnxpq.version import __version__
 
@@ -651,6 +651,8 @@ def _prepare(run: _Run, given: onnx.ModelProto | None, calibration: Any, calibra
     check_runtime_loads(run.source, model, run.data[0] if run.data is not None else None)
     # If/Loop/Scan bodies read their weights from the main graph from here on (same function).
     run.model = lift_subgraph_weights(model)
+    if calib is not None and run.config.auto_budget and not run.config.has_budget:
+        run.config = fixed_layout_budget(run.model, run.config)
     run.candidates, run.config, widened = budget_candidates(run.model, run.config)
     if widened:
         run.notes.append(widened)
@@ -707,11 +709,7 @@ def _data_notes(run: _Run) -> None:
             "calibrated on synthetic random inputs (--calibration-data random): layer statistics are not real"
         )
     if calib is None and any(c.compressed for c in run.candidates):
-        run.notes.append(
-            "quantized without data (no --calibration-data): the codebooks fit the weights, not the outputs, which "
-            "on real models costs far more accuracy at the same size (docs/BENCHMARKS.md); pass a few hundred "
-            "samples of the model's inputs with --calibration-data"
-        )
+        run.notes.append(DATA_FREE_NOTE)
     if run.validation.enabled and run.validation.data is not None and run.validation.data is calib:
         run.notes.append("validated on the calibration samples: pass --validation-data for an unbiased measurement")
 

@@ -29,6 +29,7 @@ from onnxpq.quantize.size import MIB, layer_bits
 from onnxpq.version import __version__
 
 __all__ = [
+    "DATA_FREE_NOTE",
     "Report",
     "Stopwatch",
     "format_table",
@@ -38,6 +39,15 @@ __all__ = [
     "versions",
     "write_json",
 ]
+
+
+#: The warning of a run that quantized without calibration data, printed before the table, not after it: on
+#: real models it costs most of the accuracy at these sizes (docs/BENCHMARKS.md, suites quick and samples).
+DATA_FREE_NOTE = (
+    "quantized without data (no --calibration-data): the codebooks fit the weights, not the outputs, which on "
+    "real models costs most of their accuracy at these sizes, while a few dozen calibration samples recover most "
+    "of it (docs/BENCHMARKS.md, suite samples); pass samples of the model's inputs with --calibration-data"
+)
 
 
 class Stopwatch:
@@ -270,8 +280,10 @@ def _pattern_lines(patterns: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def format_table(report: Mapping[str, Any], *, max_layers: int = 25) -> str:
-    """The human summary printed after a run."""
+    """The human summary printed after a run; a data-free run says so first (``DATA_FREE_NOTE``)."""
+    warnings = report["warnings"]
     lines = [f"onnxpq {report['versions']['onnxpq']}: {report['input']['path']} -> {report['output']['path']}"]
+    lines += [f"WARNING: {w}" for w in warnings if w == DATA_FREE_NOTE]
     lines += _size_lines(report)
     lines.append("")
     lines += _layer_lines(report["layers"], max_layers)
@@ -283,6 +295,5 @@ def format_table(report: Mapping[str, Any], *, max_layers: int = 25) -> str:
         lines += validation_lines(report["validation"])
     if report.get("seconds"):
         lines.append("time: " + ", ".join(f"{stage} {s:.1f} s" for stage, s in report["seconds"].items()))
-    for warning in report["warnings"]:
-        lines.append(f"warning: {warning}")
+    lines += [f"warning: {w}" for w in warnings if w != DATA_FREE_NOTE]
     return "\n".join(lines)

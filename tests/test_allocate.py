@@ -266,7 +266,8 @@ def test_the_probe_samples_are_held_out_of_the_statistics_when_there_are_enough(
 
 @pytest.mark.parametrize("target", [None, pytest.param(4.0, marks=pytest.mark.slow)])
 def test_the_report_says_how_many_samples_the_statistics_came_from(tmp_path, rng, target):
-    result = _compress_mlp(tmp_path, rng, samples=HOLD_OUT, target_bpw=target, calibration_samples=HOLD_OUT)
+    budget = {"target_bpw": target} if target is not None else {"auto_budget": False}
+    result = _compress_mlp(tmp_path, rng, samples=HOLD_OUT, calibration_samples=HOLD_OUT, **budget)
     section = result.report["calibration"]
     assert section["samples"] == HOLD_OUT
     assert section["samples_fitted"] == (HOLD_OUT if target is None else HOLD_OUT - PROBE_SAMPLES)
@@ -353,3 +354,20 @@ def test_a_budget_within_reach_keeps_the_default_selection(rng):
     candidates, used, note = budget_candidates(model, config)
     assert used is config and note is None
     assert not any(c.compressed for c in candidates)  # every conv is under the floor, and 32 bits need none
+
+
+def test_calibration_data_without_a_target_allocates_the_fixed_layouts_size(tmp_path, rng):
+    """auto_budget: the size the fixed layout gives, spread by the allocator (never more bits than that layout);
+    off, or without data, every layer keeps the fixed layout and nothing is allocated."""
+    (tmp_path / "fixed").mkdir()
+    fixed = _compress_mlp(tmp_path / "fixed", np.random.default_rng(0), auto_budget=False)
+    auto = _compress_mlp(tmp_path, np.random.default_rng(0))
+    size = fixed.report["pqf"]["bits_per_weight_all_parameters"]
+    assert fixed.report["allocation"] is None and fixed.report["config"]["target_bpw"] is None
+    assert auto.report["allocation"] is not None and auto.report["config"]["target_bpw"] == pytest.approx(size)
+    assert auto.report["pqf"]["bits_per_weight_all_parameters"] <= size + 1e-9
+    model = _mlp(rng)
+    onnx.save(model, tmp_path / "free.onnx")
+    free = compress(tmp_path / "free.onnx", tmp_path / "free_pq.onnx", CompressConfig(min_elements=1024),
+                    validation=ValidationSettings(enabled=False))  # fmt: skip
+    assert free.report["allocation"] is None and free.report["config"]["target_bpw"] is None

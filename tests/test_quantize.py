@@ -54,7 +54,8 @@ def _compress(model, tmp_path: Path, x: np.ndarray | None, name: str = "x", **co
     if x is not None:
         np.savez(tmp_path / "calib.npz", **{name: x})
         calibration = tmp_path / "calib.npz"
-    settings = {"min_elements": 1, "keep_first": False, "n_codewords": 16, **config}
+    # The quantizer's own steps, at a fixed layout: the default bit allocation would pick other layouts per run.
+    settings = {"min_elements": 1, "keep_first": False, "n_codewords": 16, "auto_budget": False, **config}
     out = tmp_path / "out.onnx"
     compress(
         tmp_path / "in.onnx",

@@ -23,9 +23,10 @@ recognizer, no detection), plus PP-OCRv4 det: calibrated on 64 rendered 320x480 
 evaluated with RapidOCR on 6 rendered 600x800 pages of the evaluation lines (a line is
 found when a detected box has IoU >= 0.5 with its ink box).
 
-``--quick`` (about 15 minutes on 2 cores once the wheels and photos are cached) runs
-every model with the anchors, plain k-means, the data-aware defaults and ``--target-bpw 3``, on 128
-calibration samples.
+``--quick`` (about 25 minutes on 2 cores once the wheels and photos are cached) runs
+every model with the anchors, plain k-means, the data-aware fixed layout, the defaults (the same size,
+allocated) and ``--target-bpw 3``, on 128 calibration samples. ``--samples-curve`` runs the defaults
+without data and with 16, 32, 64, 128 and 256 calibration samples (suite ``samples``).
 
 Usage: python tools/bench.py [--quick] [--models mnist mobilenetv2 ppocr ppocr_det minilm]
        [--targets 1 1.5 2 3] [--finetune-time 120]
@@ -240,6 +241,7 @@ def run(bench: Bench, targets: list[float], finetune_time: float, samples: int) 
     bench.onnxpq("k-means PQ, PQF settings (d=9/4, k=256), data-free", DATA_FREE, False)
     data_aware = CompressConfig(calibration_samples=samples)
     if bench.quick:
+        bench.onnxpq("onnxpq data-aware, fixed layout (--no-auto-budget)", replace(data_aware, auto_budget=False), True)
         bench.onnxpq("onnxpq data-aware (defaults)", data_aware, True)
         bench.onnxpq("onnxpq data-aware", data_aware, True, 3.0)
         return bench.rows
@@ -249,6 +251,20 @@ def run(bench: Bench, targets: list[float], finetune_time: float, samples: int) 
         out = bench.onnxpq("onnxpq data-aware", data_aware, True, target)
         if out is not None:
             bench.finetuned(out, samples, finetune_time, target)
+    return bench.rows
+
+
+#: Calibration sample counts of the ``samples`` suite (issue 24: how few samples data-aware quantization needs).
+SAMPLE_COUNTS = (16, 32, 64, 128, 256)
+
+
+def samples_curve(bench: Bench) -> list[dict]:
+    """The ``samples`` suite: the defaults without data, then with 16 ... 256 calibration samples (the first n of
+    the same file), at the same size: what a handful of samples buys over none."""
+    bench.add("fp32", bench.task.source, 32.0, 0.0)
+    bench.onnxpq("onnxpq data-free (no samples)", CompressConfig(), False)
+    for n in SAMPLE_COUNTS:
+        bench.onnxpq(f"onnxpq data-aware (defaults), {n} samples", CompressConfig(calibration_samples=n), True)
     return bench.rows
 
 
@@ -286,13 +302,16 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--quick", action="store_true", help="anchors, the defaults and --target-bpw 3 (about 15 min)")
+    parser.add_argument("--quick", action="store_true", help="anchors, the defaults and --target-bpw 3 (about 25 min)")
+    parser.add_argument(
+        "--samples-curve", action="store_true", help="the defaults at 0, 16, ..., 256 calibration samples instead"
+    )
     parser.add_argument("--targets", nargs="+", type=float, default=[1.0, 1.5, 2.0, 3.0])
     parser.add_argument("--finetune-time", type=float, default=120.0, help="seconds of distillation per budget")
     parser.add_argument("--calibration-samples", type=int, default=None, help="default 128 quick, 256 full")
     args = parser.parse_args(argv)
     samples = args.calibration_samples or (128 if args.quick else 256)
-    suite = "quick" if args.quick else "full"
+    suite = "samples" if args.samples_curve else "quick" if args.quick else "full"
     command = "python tools/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     origin = results_store.provenance(command.strip())
 
@@ -310,11 +329,16 @@ def main(argv: list[str] | None = None) -> None:
             work = Path(tmp) / key
             work.mkdir()
             task = TASKS[key](work)
-            run(Bench(task, work, args.quick, record(task.name)), args.targets, args.finetune_time, samples)
+            bench = Bench(task, work, args.quick, record(task.name))
+            if args.samples_curve:
+                samples_curve(bench)
+            else:
+                run(bench, args.targets, args.finetune_time, samples)
     results_store.main([])
     shown = [r for r in results_store.current(results_store.load()) if r["suite"] == suite]
     by_task = {t: [r for r in shown if r["task"] == t] for t in dict.fromkeys(r["task"] for r in shown)}
-    plot(by_task, ROOT / "docs" / f"bench_rate{'_quick' if args.quick else ''}.png")
+    if suite != "samples":
+        plot(by_task, ROOT / "docs" / f"bench_rate{'_quick' if args.quick else ''}.png")
     print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 

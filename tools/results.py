@@ -38,6 +38,7 @@ PROVENANCE = ("commit", "dirty", "date", "command", "versions", "machine")
 README_METHODS = (
     ("fp32", None),
     ("onnxruntime quantize_dynamic int8 per-channel", None),
+    ("onnxpq data-aware, fixed layout (--no-auto-budget)", None),
     ("onnxpq data-aware (defaults)", None),
     ("onnxpq data-aware", 3.0),
 )

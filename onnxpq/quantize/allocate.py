@@ -28,7 +28,7 @@ from onnxpq.quantize.bias import BiasTarget, corrected_biases
 from onnxpq.quantize.kmeans import coarsened
 from onnxpq.quantize.layer import LayerResult, decoded_weight, layer_rng, quantize_layer
 from onnxpq.quantize.selection import Candidate, find_candidates, variants
-from onnxpq.quantize.size import float_parameters, layer_bits
+from onnxpq.quantize.size import float_parameters, layer_bits, pqf_sizes
 from onnxpq.quantize.stats import LayerStats
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "budget_bits",
     "budget_candidates",
     "choose",
+    "fixed_layout_budget",
     "output_errors",
     "probe_split",
 ]
@@ -115,6 +116,16 @@ def _widened(config: CompressConfig) -> Iterator[tuple[CompressConfig, str]]:
     if config.op_types == OP_TYPES:
         every = f"every float constant of 2 or more axes and {floor} elements or more (--op-types all)"
         yield replace(config, min_elements=floor, op_types=("all",)), every
+
+
+def fixed_layout_budget(model: onnx.ModelProto, config: CompressConfig) -> CompressConfig:
+    """``config`` with the budget its fixed layout would spend (``CompressConfig.auto_budget``): PQF's size of
+    the model with every selected layer at its ``block_size``/``subvector_dim``/``n_codewords`` layout, as bits
+    per weight. Unchanged when that layout compresses nothing: there is nothing to spread."""
+    candidates = find_candidates(model, config)
+    if not any(c.compressed for c in candidates):
+        return config
+    return replace(config, target_bpw=pqf_sizes(model, candidates)["bits_per_weight_all_parameters"])
 
 
 def budget_candidates(
