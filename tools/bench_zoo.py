@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results as results_store
 import zoo
 
 ROOT = zoo.ROOT
@@ -385,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         save(results.get("rows", []), anchors, argv)
         return 0
     new = []
+    origin = results_store.provenance(
+        "python tools/bench_zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    )
     for budget in args.budgets:  # every model at the first budget before any at the second: coverage first
         for name in args.models or zoo.MODELS:
             row = compress(zoo.build(name, args.small), name, budget, args)
@@ -398,7 +402,18 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             save(merge(results.get("rows", []), new), anchors, argv)
+            results_store.append([zoo_result(row, origin)])
+    results_store.main([])
     return 0
+
+
+def zoo_result(row: Row, origin: dict[str, Any]) -> dict[str, Any]:
+    """A zoo row as docs/results.jsonl keeps it: suite ``zoo``, the model as the task, the flags as the method."""
+    fields = {k: v for k, v in asdict(row).items() if k not in ("model", "commit", "command", "budget", "extra")}
+    method = f"--target-bpw {row.budget:g}" + (f" {row.extra}" if row.extra else "")
+    size = "small" if row.small else "full"
+    return {"suite": "zoo", "task": f"{row.model} ({size})", "method": method, "target_bpw": row.budget,
+            "status": status(asdict(row)), **fields, **origin}  # fmt: skip
 
 
 def save(rows: list[dict[str, Any]], anchors: dict[str, dict[str, float]], argv: list[str] | None) -> None:

@@ -66,7 +66,7 @@ def append(rows: Iterable[dict[str, Any]], path: Path = RESULTS) -> None:
     """Add rows at the end of the file, one JSON object per line (a stopped run keeps what it measured)."""
     with path.open("a") as f:
         for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(json.dumps(row) + "\n")  # in the order the tool wrote it: a task's metrics, primary first
 
 
 def load(path: Path = RESULTS) -> list[dict[str, Any]]:
@@ -103,6 +103,10 @@ def _cell(value: object) -> str:
     if value is None:
         return ""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _rounded(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def _commit_cell(row: dict[str, Any], change: str) -> str:
@@ -168,8 +172,26 @@ def render_speed_lines(rows: Sequence[dict[str, Any]], change: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: How each suite's tables are drawn (``task_table`` for the others).
-TABLES = {"speed": speed_table}
+def zoo_table(rows: Sequence[dict[str, Any]], change: str) -> list[str]:
+    """The ``zoo`` suite (``tools/bench_zoo.py``): every model at each budget in one table."""
+    head = ["model", "flags", "status", "wall s", "CPU µs/param", "peak RSS MiB", "params", "bits/weight", "cosine",
+            "top-1", "folded", "Silero Δp max", "commit"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
+    for r in rows:
+        cells = [r["task"], r["method"], r["status"], _rounded(r["wall_s"], ".0f"),
+                 _rounded(r["us_per_parameter"], ".1f"), _rounded(r["peak_rss_mib"], ".0f"), f"{r['parameters']:,}",
+                 _rounded(r["bits_per_weight"], ".3f"), _cell(r["cosine"]),
+                 _cell(r["top1_agreement"]), _cell(r["decode_folded"]), _cell(r["silero_max_dp"]),
+                 _commit_cell(r, change)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+#: Each suite's plot in docs/, drawn by the tool that measures the suite.
+PLOTS = {"quick": "bench_rate_quick.png", "full": "bench_rate.png", "zoo": "zoo_time_per_parameter.png"}
+#: How each suite's tables are drawn (``task_table`` for the others); ``WHOLE`` suites get one table, not one per task.
+TABLES = {"speed": speed_table, "zoo": zoo_table}
+WHOLE = frozenset({"zoo"})
 
 
 def render_benchmarks(rows: Sequence[dict[str, Any]], change: str) -> str:
@@ -194,6 +216,13 @@ def render_benchmarks(rows: Sequence[dict[str, Any]], change: str) -> str:
     ]
     for suite in dict.fromkeys(r["suite"] for r in shown):
         lines += ["", f"## Suite: {suite}"]
+        if (BENCHMARKS.parent / PLOTS.get(suite, "-")).exists():
+            lines += ["", f"Plot: [{PLOTS[suite]}]({PLOTS[suite]}) (drawn by the suite's tool from the same rows)."]
+        if suite in WHOLE:
+            suite_rows = [r for r in shown if r["suite"] == suite]
+            commands = sorted({r["command"] for r in suite_rows})
+            lines += ["", *(f"`{c}`" for c in commands), "", *TABLES[suite](suite_rows, change)]
+            continue
         for task in dict.fromkeys(r["task"] for r in shown if r["suite"] == suite):
             task_rows = [r for r in shown if r["suite"] == suite and r["task"] == task]
             commands = sorted({r["command"] for r in task_rows})
@@ -202,16 +231,26 @@ def render_benchmarks(rows: Sequence[dict[str, Any]], change: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The metric the README quotes per task (the others are in BENCHMARKS.md); lower is better for ``kl``.
+PRIMARY_METRIC = {
+    "MNIST CNN": "accuracy",
+    "MobileNetV2": "kl",
+    "PP-OCRv4 rec": "char_accuracy",
+    "PP-OCRv4 det": "mean_iou",
+    "all-MiniLM-L6-v2": "mean_cosine",
+}
+
+
 def render_readme_table(rows: Sequence[dict[str, Any]], change: str, suite: str = "quick") -> str:
-    """The README's results: per task, fp32, onnxruntime's int8, onnxpq's defaults and ``--target-bpw 3``, with
-    the task's first metric (the one its table sorts by) and bits/weight."""
+    """The README's results: per task, fp32, onnxruntime's int8, onnxpq's fixed layout, its defaults (the same
+    size, allocated) and ``--target-bpw 3``, with the task's ``PRIMARY_METRIC`` and bits/weight."""
     shown = [r for r in current(rows) if r["suite"] == suite and not r.get("infeasible")]
     lines = ["| model | metric | " + " | ".join(m if t is None else f"{m}, --target-bpw {t:g}"
                                                 for m, t in README_METHODS) + " | commit |",
              "| --- " * (len(README_METHODS) + 3) + "|"]  # fmt: skip
     for task in dict.fromkeys(r["task"] for r in shown):
         task_rows = [r for r in shown if r["task"] == task]
-        metric = _metric_keys(task_rows)[0]
+        metric = PRIMARY_METRIC.get(task) or _metric_keys(task_rows)[0]
         cells = []
         for method, target in README_METHODS:
             row = next((r for r in task_rows if r["method"] == method and r.get("target_bpw") == target), None)
