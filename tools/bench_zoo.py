@@ -221,12 +221,6 @@ def merge(old: list[dict[str, Any]], new: list[Row]) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: (r["small"], order.get(r["model"], 99), r["extra"], r["budget"]))
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "onnxpq"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() + ("+dirty onnxpq/" if dirty.stdout.strip() else "")
-
-
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -392,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     for budget in args.budgets:  # every model at the first budget before any at the second: coverage first
         for name in args.models or zoo.MODELS:
             row = compress(zoo.build(name, args.small), name, budget, args)
-            row.commit = git_commit()
+            row.commit = results_store.commit_label()
             new.append(row)
             print(
                 f"{name:26s} {budget:4g} bpw  exit {row.exit_code}  {row.wall_s:7.1f} s  {row.cpu_s:7.1f} s CPU  "
@@ -420,7 +414,7 @@ def save(rows: list[dict[str, Any]], anchors: dict[str, dict[str, float]], argv:
     """Write docs/zoo.json and re-render docs/ZOO.md and the plot from it."""
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
+        "commit": results_store.commit_label(),
         "command": "python tools/bench_zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
     }
     RESULTS.write_text(json.dumps({"meta": meta, "rows": rows, "silero_anchors": anchors}, indent=1) + "\n")

@@ -48,13 +48,25 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
 
+def commit_state() -> tuple[str, bool]:
+    """The checked-out commit, and whether onnxpq/ differs from it (uncommitted code measured)."""
+    return _git("rev-parse", "--short=10", "HEAD"), bool(_git("status", "--porcelain", "onnxpq"))
+
+
+def commit_label() -> str:
+    """``commit_state`` in one short string, as the per-tool JSON files record it: ``abc1234+dirty onnxpq/``."""
+    commit, dirty = commit_state()
+    return commit[:7] + ("+dirty onnxpq/" if dirty else "")
+
+
 def provenance(command: str) -> dict[str, Any]:
     """Where a measurement comes from: the commit, whether onnxpq/ differed from it, the command and the setup."""
     from onnxpq.report import versions
 
+    commit, dirty = commit_state()
     return {
-        "commit": _git("rev-parse", "--short=10", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "onnxpq")),
+        "commit": commit,
+        "dirty": dirty,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command,
         "versions": versions(),
