@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from onnxpq.calibration import RandomInputs, parse_shapes
 from onnxpq.config import (
+    AUTO,
     CALIBRATION,
     COMPRESS,
     DEFAULT_FINETUNE_STEPS,
@@ -38,6 +39,7 @@ from onnxpq.config import (
 )
 from onnxpq.errors import ConfigError, OnnxpqError, ValidationFailedError
 from onnxpq.parallel import Workers
+from onnxpq.validate import METRICS
 from onnxpq.version import __version__
 
 if TYPE_CHECKING:
@@ -56,6 +58,20 @@ def _jobs(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number of processes nor 'auto'") from None
 
 
+def _or_auto(kind: type) -> Any:
+    """An option type that also takes ``auto`` (a value the run searches for)."""
+
+    def parse(text: str) -> Any:
+        if text == AUTO:
+            return AUTO
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+    return parse
+
+
 def _add_setting(group: Any, setting: Setting, default: Any, dest: str) -> None:
     """One config ``Setting`` as an option: flags, type, bounds' help, choices and default all from the table."""
     kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": _setting_help(setting, default)}
@@ -65,7 +81,7 @@ def _add_setting(group: Any, setting: Setting, default: Any, dest: str) -> None:
     if setting.kind is tuple:
         kwargs.update(nargs="+", default=list(default))
     else:
-        kwargs["type"] = setting.kind
+        kwargs["type"] = _or_auto(setting.kind) if setting.auto else setting.kind
     if setting.choices is not None:
         kwargs["choices"] = setting.choices
     if setting.metavar is not None:
@@ -223,9 +239,10 @@ def _add_validation_options(p: argparse.ArgumentParser, *, data_flag: str, defau
     v.add_argument("--max-samples", type=int, default=None, metavar="N", help="compare on at most N samples")
     v.add_argument(
         "--metric",
-        choices=("top1", "cosine", "rel_l2", "max_abs", "accuracy"),
+        choices=METRICS,
         default=None,
-        help="gate metric (default: top1 for logits, else cosine)",
+        help="gate metric: top1 (agreement), kl (mean KL divergence of the class distributions, nats), cosine, "
+        "rel_l2, max_abs, accuracy (needs --labels) (default: top1 for class scores, else cosine)",
     )
     v.add_argument(
         "--max-degradation",
@@ -533,7 +550,7 @@ def _check_floats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for action in sub.choices[args.command]._actions:
         value = getattr(args, action.dest, None)
-        if action.type is float and value is not None and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{action.option_strings[-1]} {value}: must be a finite number")
 
 
@@ -555,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("onnxpq").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # what a run says as it goes
     handlers = {"compress": _compress, "inspect": _inspect, "validate": _validate}
     try:
         with warnings.catch_warnings(), _signals_interrupt():

@@ -78,6 +78,8 @@ SAMPLE_PER_CODEWORD = 64
 #: Synthetic samples for ``--calibration-data random`` (validation without data draws as many; the field
 #: ``synthetic_samples`` sets the calibration's only).
 SYNTHETIC_SAMPLES = 8
+#: The value of ``target_bpw``/``target_mib`` that asks for the smallest budget passing the accuracy gate.
+AUTO = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,7 +176,9 @@ class CompressConfig:
         model whose earlier groups are already quantized (GPTQ/BGD's sequential mode).
     target_bpw, target_mib : a size budget (bits per weight over all parameters, or MiB, in
         PQF's accounting); each layer then gets the (d, k) or float setting that meets it
-        with the least estimated output error (see ``allocate``). At most one of the two.
+        with the least estimated output error (see ``allocate``). At most one of the two. ``AUTO``: the
+        smallest budget whose model passes the accuracy gate on the validation data (``search``); the
+        config the output records holds the budget found.
     auto_budget : with calibration data and neither target, the budget is the size the fixed layout
         (``block_size``, ``subvector_dim``, ``n_codewords``, ``min_elements``) would have, and the allocator
         spreads it over the layers: the same size, less output error. False keeps every layer at the fixed
@@ -217,8 +221,8 @@ class CompressConfig:
     bias_correction: bool = True
     calibration_samples: int = 512
     sequential: int = 0
-    target_bpw: float | None = None
-    target_mib: float | None = None
+    target_bpw: float | str | None = None
+    target_mib: float | str | None = None
     auto_budget: bool = True
     finetune: FinetuneConfig | None = None
     statistics_memory_mib: float = STATISTICS_MEMORY_MIB
@@ -248,6 +252,11 @@ class CompressConfig:
         if self.target_bpw is not None and self.target_mib is not None:
             raise ConfigError("give either target_bpw or target_mib, not both")
         check_settings(self, COMPRESS, "")
+
+    @property
+    def searches_budget(self) -> bool:
+        """The budget is ``AUTO``: the smallest that passes the accuracy gate (``search``)."""
+        return AUTO in (self.target_bpw, self.target_mib)
 
     @property
     def has_budget(self) -> bool:
@@ -301,10 +310,11 @@ class Setting:
     default_text: str | None = None
     unit: str = ""
     exclusive: str | None = None
+    auto: bool = False
 
     def check(self, value: Any, prefix: str) -> None:
         """Refuse a value outside the declared choices or bounds (NaN included), naming the field."""
-        if value is None:
+        if value is None or (self.auto and value == AUTO):
             return
         name = f"{prefix}{self.field}={value!r}" if isinstance(value, str) else f"{prefix}{self.field}={value}"
         if self.choices is not None and self.kind is str and value not in self.choices:
@@ -493,7 +503,8 @@ COMPRESS = (
         "target_bpw",
         CALIBRATION,
         "choose each layer's (d, k), or float, to meet B bits/weight over all parameters (PQF accounting) with "
-        "the least estimated output error",
+        "the least estimated output error; auto: the smallest B whose model passes the accuracy gate "
+        "(--max-degradation, --metric) on the validation data",
         ("--target-bpw",),
         float,
         low=0,
@@ -502,17 +513,19 @@ COMPRESS = (
         metavar="B",
         unit=" bits per weight",
         exclusive="size",
+        auto=True,
     ),
     Setting(
         "target_mib",
         CALIBRATION,
-        "... or a size in MiB",
+        "... or a size in MiB (auto: as for --target-bpw)",
         ("--target-size",),
         float,
         low=0,
         low_open=True,
         metavar="MIB",
         exclusive="size",
+        auto=True,
     ),
     Setting(
         "auto_budget",

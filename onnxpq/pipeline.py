@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnxpq.calibration import Dataset, RandomInputs, batches, check_synthetic, load_dataset, random_dataset
-from onnxpq.config import SYNTHETIC_SAMPLES, CompressConfig
+from onnxpq.config import AUTO, SYNTHETIC_SAMPLES, CompressConfig
 from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
 from onnxpq.errors import (
     ConfigError,
@@ -46,16 +47,27 @@ from onnxpq.model.session import session
 from onnxpq.model.subgraphs import lift_subgraph_weights, subgraph_weight_count
 from onnxpq.parallel import Workers
 from onnxpq.permute.search import consumer_distortion, permute_model
-from onnxpq.quantize.allocate import allocate_bits, budget_candidates, fixed_layout_budget, probe_split
-from onnxpq.quantize.bias import bias_targets, corrected_biases
+from onnxpq.quantize.allocate import (
+    allocate,
+    budget_bits,
+    budget_candidates,
+    fixed_layout_budget,
+    price_settings,
+    probe_split,
+)
+from onnxpq.quantize.bias import BiasTarget, bias_targets, corrected_biases
 from onnxpq.quantize.layer import LayerResult
 from onnxpq.quantize.selection import Candidate, pattern_counts, with_uses_in
-from onnxpq.quantize.size import pqf_sizes
+from onnxpq.quantize.size import MIB, float_parameters, pqf_sizes
 from onnxpq.quantize.stats import LAYER_SHARE, collect_stats, inline_taken
 from onnxpq.quantize.weights import quantize_sequential, quantize_weights
 from onnxpq.report import DATA_FREE_NOTE, Report, Stopwatch, layer_rows, sha256_file, versions, write_json
-from onnxpq.validate import check_gate, default_metric, file_bytes, validate_compressed
+from onnxpq.search import Search, Try, search_allocation
+from onnxpq.validate import Gate, check_gate, default_metric, file_bytes, validate_compressed
 from onnxpq.version import __version__
+
+#: Where a run logs what it does as it goes (a budget search's tries); the CLI prints it.
+LOG = logging.getLogger("onnxpq")
 
 __all__ = [
     "CompressResult",
@@ -453,6 +465,7 @@ class _Quantized:
     allocation: dict[str, Any] | None
     fitted_samples: int | None
     branches: dict[str, str]
+    search: Search | None
 
 
 #: A layer task's working set in units of the largest weight: its settings' codes and decoded copies.
@@ -479,8 +492,10 @@ def _quantize(
     progress: bool,
     workers: Workers,
     clock: Stopwatch,
+    gate: Gate | None = None,
 ) -> _Quantized:
-    """Statistics -> per-layer quantization (or bit allocation) -> bias correction.
+    """Statistics -> per-layer quantization (or bit allocation, or a budget search against ``gate``) -> bias
+    correction.
 
     When allocating, the samples the allocator measures on are kept out of the statistics (see ``probe_split``).
     """
@@ -488,11 +503,10 @@ def _quantize(
     with clock.stage("statistics"):
         # Statistics run on the graph with the If branches the samples take inlined (their weights get data).
         seen, taken = inline_taken(model, fit) if fit is not None else (model, {})
-        seen_candidates = with_uses_in(seen, candidates) if taken else candidates
         stats = (
             collect_stats(
                 seen,
-                seen_candidates,
+                with_uses_in(seen, candidates) if taken else candidates,
                 fit,
                 progress=progress,
                 memory_mib=config.statistics_memory_mib,
@@ -502,47 +516,78 @@ def _quantize(
             else {}
         )
     targets = bias_targets(model, candidates) if config.bias_correction and stats else {}
-    allocation = None
+    quantize = _quantizer(model, (seen, taken), config, fit, stats, targets, progress, workers)
+    allocation = search = None
     if config.has_budget:
         with clock.stage("allocation"):
-            found = allocate_bits(
-                model,
-                candidates,
-                config,
-                stats=stats,
-                calibration=probe,
-                targets=targets,
-                progress=progress,
-                workers=workers,
-            )
+            settings = {"stats": stats, "calibration": probe, "targets": targets, "progress": progress}
+            pricing = price_settings(model, candidates, config, **settings, workers=workers)
+        if gate is not None:
+            with clock.stage("search"):
+                found, search = search_allocation(model, pricing, config, gate, quantize, targets, _say(gate))
+        else:
+            budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
+            found = allocate(model, pricing, config, budget)
         candidates = found.candidates
         allocation = {
             "budget_bits": found.budget_bits,
             "output_error": found.output_error,
             "unexercised": found.unexercised,
         }
-        targets = {n: t for n, t in targets.items() if any(c.name == n and c.compressed for c in candidates)}
-        # The sequential pass quantizes the graph the statistics saw: with the allocated layouts, not the defaults.
-        seen_candidates = with_uses_in(seen, candidates) if taken else candidates
     with clock.stage("quantization"):
-        if config.sequential and fit is not None:
-            results = quantize_sequential(
-                seen, seen_candidates, config, fit, targets, first_stats=stats, progress=progress
-            )
-        else:
-            results = quantize_weights(
-                model,
-                candidates,
-                config,
-                stats=stats,
-                bias_weights=frozenset(targets),
-                progress=progress,
-                workers=workers,
-            )
+        results = quantize(candidates)
     shifts = {n: r.shift for n, r in results.items() if r.shift is not None}
     fitted = fit.n_samples if fit is not None else None
-    biases = corrected_biases(model, targets, shifts)
-    return _Quantized(candidates, results, biases, stats, allocation, fitted, taken)
+    biases = corrected_biases(model, _compressed_targets(targets, candidates), shifts)
+    return _Quantized(candidates, results, biases, stats, allocation, fitted, taken, search)
+
+
+def _compressed_targets(targets: dict[str, BiasTarget], candidates: Sequence[Candidate]) -> dict[str, BiasTarget]:
+    compressed = {c.name for c in candidates if c.compressed}
+    return {n: t for n, t in targets.items() if n in compressed}
+
+
+def _quantizer(
+    model: onnx.ModelProto,
+    inlined: tuple[onnx.ModelProto, dict[str, str]],
+    config: CompressConfig,
+    fit: Dataset | None,
+    stats: dict[str, Any],
+    targets: dict[str, BiasTarget],
+    progress: bool,
+    workers: Workers,
+) -> Callable[[Sequence[Candidate]], dict[str, LayerResult]]:
+    """The real quantizer of a list of candidates (the chosen layouts).
+
+    Per layer, each (weight, d, k) is quantized once however often it is asked for: a budget search asks for
+    many allocations that share most of their settings. The sequential mode quantizes every layer on the
+    model whose earlier layers are already quantized, so it has nothing to reuse.
+    """
+    seen, taken = inlined
+    done: dict[tuple[str, int, int], LayerResult] = {}
+
+    def quantize(candidates: Sequence[Candidate]) -> dict[str, LayerResult]:
+        targeted = _compressed_targets(targets, candidates)
+        if config.sequential and fit is not None:
+            # On the graph the statistics saw, with these layouts.
+            chosen = with_uses_in(seen, list(candidates)) if taken else list(candidates)
+            return quantize_sequential(seen, chosen, config, fit, targeted, first_stats=stats, progress=progress)
+        todo = [c for c in candidates if c.compressed and _setting(c) not in done]
+        settings = {"stats": stats, "bias_weights": frozenset(targets), "progress": progress, "workers": workers}
+        new = quantize_weights(model, todo, config, **settings)
+        done.update((_setting(c), new[c.name]) for c in todo)
+        return {c.name: done[_setting(c)] for c in candidates if c.compressed}
+
+    return quantize
+
+
+def _setting(c: Candidate) -> tuple[str, int, int]:
+    return c.name, c.subvector_dim, c.n_codewords
+
+
+def _say(gate: Gate) -> Callable[[Try], None]:
+    """Log each try of a budget search as it ends (the CLI prints onnxpq's log at INFO)."""
+    return lambda t: LOG.info(t.line(gate.metric, gate.max_degradation))
 
 
 @dataclass
@@ -648,6 +693,7 @@ def _prepare(run: _Run, given: onnx.ModelProto | None, calibration: Any, calibra
     if run.validation.data is None and isinstance(calibration, RandomInputs):
         run.validation = replace(run.validation, data=calibration)  # the sizes the user gave, not guessed ones
     run.data = prepare_validation(model, run.validation, run.config.seed) if run.validation.enabled else None
+    _check_search(run.config, calib, run.validation)
     check_runtime_loads(run.source, model, run.data[0] if run.data is not None else None)
     # If/Loop/Scan bodies read their weights from the main graph from here on (same function).
     run.model = lift_subgraph_weights(model)
@@ -658,6 +704,19 @@ def _prepare(run: _Run, given: onnx.ModelProto | None, calibration: Any, calibra
         run.notes.append(widened)
     run.workers = _workers(run.workers, run.candidates, run.config)
     run.clock.seconds["prepare"] = run.clock.section()["total"]
+
+
+def _check_search(config: CompressConfig, calib: Dataset | None, validation: ValidationSettings) -> None:
+    """A budget search needs what it searches with: samples to quantize with, and a gate to pass."""
+    if not config.searches_budget:
+        return
+    flag = "--target-bpw auto" if config.target_bpw == AUTO else "--target-size auto"
+    if calib is None:
+        raise ConfigError(f"{flag} needs calibration samples (--calibration-data): it searches data-aware budgets")
+    if not validation.enabled:
+        raise ConfigError(f"{flag} judges each budget on the validation data: drop --no-validate")
+    if validation.max_degradation is None:
+        raise ConfigError(f"{flag} needs --max-degradation X: it finds the smallest budget within it")
 
 
 def _permute(run: _Run) -> None:
@@ -674,9 +733,27 @@ def _permute(run: _Run) -> None:
 
 
 def _quantize_stage(run: _Run) -> None:
-    """PQF's Q: statistics, bit allocation and the per-layer quantizer (``_quantize``)."""
-    run.quantized = _quantize(run.model, run.candidates, run.config, run.calib, run.progress, run.workers, run.clock)
+    """PQF's Q: statistics, bit allocation (or the budget search) and the per-layer quantizer (``_quantize``)."""
+    gate = None
+    if run.config.searches_budget:
+        assert run.data is not None and run.validation.max_degradation is not None
+        original = run.source if run.source is not None else serialized(run.model)
+        gate = Gate(original, run.model, run.data, run.validation.metric, run.validation.max_degradation)
+    args = (run.model, run.candidates, run.config, run.calib, run.progress, run.workers, run.clock)
+    run.quantized = _quantize(*args, gate=gate)
     run.candidates = run.quantized.candidates
+    search = run.quantized.search
+    if search is not None:
+        run.config = _with_budget(run.model, run.config, search.best)
+        if search.winner is None:
+            run.notes.append(f"the budget search found no passing budget: {search.reason}; that model is kept")
+
+
+def _with_budget(model: onnx.ModelProto, config: CompressConfig, bpw: float) -> CompressConfig:
+    """``config`` with the budget a search found, in the unit the user asked in (what the output records)."""
+    if config.target_mib == AUTO:
+        return replace(config, target_mib=bpw * float_parameters(model) / 8 / MIB)
+    return replace(config, target_bpw=bpw)
 
 
 def _encode(run: _Run) -> None:
@@ -724,6 +801,7 @@ def _sections(run: _Run) -> dict[str, Any]:
         "permutation": run.permutation,
         "bias_corrected": sorted(q.biases),
         "allocation": q.allocation,
+        "search": q.search.to_json() if q.search is not None else None,
         "finetune": run.tuned,
         "layers": layer_rows(run.candidates, {n: r.error for n, r in q.results.items()}),
         "selection": {"patterns": pattern_counts(run.model, run.config)},

@@ -92,6 +92,7 @@ class Report:
     permutation: dict[str, Any] | None
     bias_corrected: list[str]
     allocation: dict[str, Any] | None
+    search: dict[str, Any] | None
     finetune: dict[str, Any] | None
     layers: list[dict[str, Any]]
     selection: dict[str, Any]
@@ -251,6 +252,8 @@ def validation_lines(v: Mapping[str, Any]) -> list[str]:
         line = f"  {m['name']}: max_abs {m['max_abs']:.4g}  rel_l2 {m['rel_l2']:.4g}  cosine {m['cosine']:.6f}"
         if m["top1_agreement"] is not None:
             line += f"  top1 agreement {m['top1_agreement']:.4f}"
+        if m.get("kl") is not None:
+            line += f"  KL {m['kl']:.4g}"
         if m["accuracy_original"] is not None:
             line += f"  accuracy {m['accuracy_original']:.4f} -> {m['accuracy_compressed']:.4f}"
         lines.append(line)

@@ -1,14 +1,15 @@
 """Compare the compressed model with the original in onnxruntime, and check the deployment claims.
 
-Fidelity: per-output max-abs error, relative L2, cosine and (for logits)
-top-1 agreement, optionally accuracy against labels. Deployment: the decode
-chain must be folded by onnxruntime at load; load time and peak RSS are
+Fidelity: per-output max-abs error, relative L2, cosine and (for class scores)
+top-1 agreement and the KL divergence of the class distributions, optionally
+accuracy against labels. Deployment: the decode chain must be folded by onnxruntime at load; load time and peak RSS are
 measured in fresh processes, latency on a warm session.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,21 +33,29 @@ from onnxpq.model.session import session
 __all__ = [
     "METRICS",
     "STATUS_FILE",
+    "Gate",
     "LoadStats",
     "OutputMetrics",
     "check_gate",
     "compare_models",
+    "compare_outputs",
     "decode_nodes_left",
     "default_metric",
     "degradation",
     "file_bytes",
+    "kl_divergence",
     "measure_latency_ms",
     "measure_load",
     "validate_compressed",
 ]
 
 #: Gate metrics and how each one turns into a degradation (higher is worse).
-METRICS = ("top1", "cosine", "rel_l2", "max_abs", "accuracy")
+METRICS = ("top1", "kl", "cosine", "rel_l2", "max_abs", "accuracy")
+#: How far the last axis of an output may sum from 1 and still be read as probabilities (a softmax output)
+#: rather than logits; float32 softmax over a thousand classes sums to 1 within about 1e-6.
+PROBABILITY_SUM_TOLERANCE = 1e-3
+#: Floor for a probability under the logarithm: a class the compressed model rounds to exactly 0.
+_PROBABILITY_FLOOR = 1e-12
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class OutputMetrics:
     rel_l2: float
     cosine: float
     top1_agreement: float | None
+    kl: float | None = None
     accuracy_original: float | None = None
     accuracy_compressed: float | None = None
     nonfinite_original: int = 0
@@ -79,6 +89,29 @@ def _looks_like_logits(out: np.ndarray) -> bool:
     return np.issubdtype(out.dtype, np.floating) and out.ndim >= 2 and out.shape[-1] > 1
 
 
+def _distribution(scores: np.ndarray) -> np.ndarray:
+    """Class probabilities along the last axis, float64: as given when they already are probabilities (a
+    softmax output), else the softmax of the logits."""
+    scores = scores.astype(np.float64)
+    sums = scores.sum(axis=-1)
+    if scores.min() >= 0 and np.all(np.abs(sums - 1) <= PROBABILITY_SUM_TOLERANCE):
+        return scores
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def kl_divergence(ref: np.ndarray, test: np.ndarray) -> float:
+    """Mean over positions of KL(original || compressed) between the class distributions of two score
+    arrays (nats); positions where either model is not finite are left out."""
+    p, q = _distribution(ref), _distribution(test)
+    finite = np.isfinite(p).all(axis=-1) & np.isfinite(q).all(axis=-1)
+    p, q = p[finite], np.maximum(q[finite], _PROBABILITY_FLOOR)
+    if not p.size:
+        return 0.0
+    terms = np.where(p > 0, p * (np.log(np.maximum(p, _PROBABILITY_FLOOR)) - np.log(q)), 0.0)
+    return float(np.mean(terms.sum(axis=-1)))
+
+
 def output_metrics(name: str, ref: np.ndarray, test: np.ndarray, labels: np.ndarray | None) -> OutputMetrics:
     """Errors over the values both models give finitely; a model that already outputs NaN or Inf would
     otherwise turn every metric into NaN. Values finite in one model and not the other are counted."""
@@ -92,10 +125,11 @@ def output_metrics(name: str, ref: np.ndarray, test: np.ndarray, labels: np.ndar
     ref_norm = float(np.linalg.norm(ref64))
     denom = ref_norm * float(np.linalg.norm(test64))
     cosine = float(ref64 @ test64 / denom) if denom > 0 else float(np.array_equal(ref64, test64))
-    top1 = acc_ref = acc_test = None
+    top1 = kl = acc_ref = acc_test = None
     if _looks_like_logits(ref):
         ref_top, test_top = ref.argmax(-1), test.argmax(-1)
         top1 = float(np.mean(ref_top == test_top))
+        kl = kl_divergence(ref, test)
         if labels is not None:
             if labels.shape != ref_top.shape:
                 raise ConfigError(
@@ -108,6 +142,7 @@ def output_metrics(name: str, ref: np.ndarray, test: np.ndarray, labels: np.ndar
         rel_l2=float(np.linalg.norm(diff) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(diff)),
         cosine=cosine,
         top1_agreement=top1,
+        kl=kl,
         accuracy_original=acc_ref,
         accuracy_compressed=acc_test,
         nonfinite_original=int(np.sum(~finite_ref)),
@@ -129,6 +164,13 @@ def compare_models(
     """
     ref = run_session(session(original), dataset, model)
     test = run_session(session(compressed), dataset, model)
+    return compare_outputs(model, ref, test, labels)
+
+
+def compare_outputs(
+    model: onnx.ModelProto, ref: Sequence[np.ndarray], test: Sequence[np.ndarray], labels: np.ndarray | None
+) -> list[OutputMetrics]:
+    """Each output's difference; ``labels`` score the first output that holds class scores."""
     names = [o.name for o in model.graph.output]
     first_logits = next((i for i, r in enumerate(ref) if _looks_like_logits(r)), None)
     return [
@@ -137,11 +179,41 @@ def compare_models(
     ]
 
 
+class Gate:
+    """The accuracy gate on fixed validation samples, for judging many compressed models (a budget search):
+    the original's outputs are computed once, each compressed model costs one onnxruntime run."""
+
+    def __init__(
+        self,
+        original: str | os.PathLike[str] | bytes,
+        model: onnx.ModelProto,
+        data: tuple[Dataset, np.ndarray | None],
+        metric: str | None,
+        max_degradation: float,
+    ) -> None:
+        self.model, (self.dataset, self.labels) = model, data
+        self.reference = run_session(session(original), self.dataset, model)
+        same = to_json(compare_outputs(model, self.reference, self.reference, self.labels))
+        self.metric = metric or default_metric(same)
+        self.max_degradation = max_degradation
+        check_gate(same, self.metric, max_degradation)  # the metric applies to some output, or a ConfigError
+
+    def degradation(self, compressed: bytes) -> float:
+        """The worst degradation over the outputs the metric applies to (infinite when a value turns NaN/Inf)."""
+        test = run_session(session(compressed), self.dataset, self.model)
+        outputs = to_json(compare_outputs(self.model, self.reference, test, self.labels))
+        if any(o["nonfinite_mismatch"] for o in outputs):
+            return math.inf
+        return max(d for o in outputs if (d := degradation(o, self.metric)) is not None)
+
+
 def degradation(output: Mapping[str, Any], metric: str) -> float | None:
     """Loss of one output on ``metric`` as a number where higher is worse; None when it does not apply."""
     if metric == "top1":
         agreement = output["top1_agreement"]
         return None if agreement is None else 1.0 - agreement
+    if metric == "kl":
+        return output.get("kl")
     if metric == "cosine":
         return 1.0 - output["cosine"]
     if metric == "accuracy":
@@ -158,7 +230,7 @@ def check_gate(outputs: Sequence[Mapping[str, Any]], metric: str, max_degradatio
     applicable = [(o, degradation(o, metric)) for o in outputs if degradation(o, metric) is not None]
     if not applicable:
         raise ConfigError(
-            f"metric {metric!r} applies to no output of this model (top1 and accuracy need logits, "
+            f"metric {metric!r} applies to no output of this model (top1, kl and accuracy need class scores, "
             "accuracy also --labels)"
         )
     for output in outputs:

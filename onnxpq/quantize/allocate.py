@@ -34,12 +34,15 @@ from onnxpq.quantize.stats import LayerStats
 __all__ = [
     "Allocation",
     "Option",
+    "Pricing",
+    "allocate",
     "allocate_bits",
     "budget_bits",
     "budget_candidates",
     "choose",
     "fixed_layout_budget",
     "output_errors",
+    "price_settings",
     "probe_split",
 ]
 
@@ -136,10 +139,10 @@ def budget_candidates(
     Returns the candidates, the config that selected them (recorded in the output's metadata) and a note
     naming the widening, or None. Only defaults are widened (``_widened``): an explicit ``--min-elements``
     or ``--op-types`` is kept, and a budget that even the widest selection misses fails in ``allocate_bits``
-    with the layers kept in float.
+    with the layers kept in float. A budget search (``AUTO``) searches the default selection's sizes.
     """
     candidates = find_candidates(model, config)
-    if not config.has_budget or _least_bits(model, candidates, config) <= 0:
+    if not config.has_budget or config.searches_budget or _least_bits(model, candidates, config) <= 0:
         return candidates, config, None
     for wider, what in _widened(config):
         candidates, config = find_candidates(model, wider), wider
@@ -356,6 +359,23 @@ class Allocation:
     budget_bits: float
     output_error: dict[str, float]
     unexercised: list[str]
+    chosen: dict[str, Option]
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Every setting of every compressed layer with its size and estimated cost: what the allocator chooses
+    from, whatever the budget (``allocate`` fits one budget; a budget search fits many from one pricing)."""
+
+    candidates: list[Candidate]
+    options: dict[str, list[Option]]
+    unexercised: list[str]
+
+    def bits_range(self) -> tuple[int, int]:
+        """(the fewest bits the compressed layers can take, the most they take with none kept in float)."""
+        least = sum(min(o.bits for o in opts) for opts in self.options.values())
+        most = sum(max(o.bits for o in opts if o.result is not None) for opts in self.options.values())
+        return least, most
 
 
 def allocate_bits(
@@ -369,7 +389,25 @@ def allocate_bits(
     progress: bool = False,
     workers: Workers | None = None,
 ) -> Allocation:
-    """Quantize every layer at each of its ``variants``, measure each setting's output error, fit the budget.
+    """Price every setting of every layer (``price_settings``), then fit the config's budget (``allocate``)."""
+    settings = {"stats": stats, "calibration": calibration, "targets": targets, "progress": progress}
+    pricing = price_settings(model, candidates, config, **settings, workers=workers)
+    budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
+    return allocate(model, pricing, config, budget)
+
+
+def price_settings(
+    model: onnx.ModelProto,
+    candidates: Sequence[Candidate],
+    config: CompressConfig,
+    *,
+    stats: Mapping[str, LayerStats],
+    calibration: Dataset | None,
+    targets: Mapping[str, BiasTarget],
+    progress: bool = False,
+    workers: Workers | None = None,
+) -> Pricing:
+    """Quantize every layer at each of its ``variants`` and measure each setting's output error.
 
     The settings are only estimated here, with a cheaper quantizer (no error
     feedback, fewer iterations, no shrinkage grid); the caller quantizes the chosen
@@ -378,7 +416,6 @@ def allocate_bits(
     constants = constant_tensors(model.graph)
     quick = replace(config, error_feedback=False, kmeans_iters=min(config.kmeans_iters, config.estimate_iters))
     todo = [c for c in candidates if c.compressed]
-    by_name = {c.name: c for c in todo}
 
     # One task per (layer, subvector length), largest first: the chains of one large layer (MobileNetV2's
     # classifier holds a third of its weights) then run side by side instead of keeping one worker busy alone.
@@ -409,14 +446,20 @@ def allocate_bits(
         for c in todo
     }
     unexercised = [c.name for c in todo if calibration is not None and max(costs[c.name]) <= _UNEXERCISED]
-    budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
-    options = _price_unexercised(options, unexercised, by_name, budget)
+    return Pricing(list(candidates), options, unexercised)
+
+
+def allocate(model: onnx.ModelProto, pricing: Pricing, config: CompressConfig, budget: float) -> Allocation:
+    """The settings that fit ``budget`` bits (for the compressed layers) at the least summed cost; a
+    ``ConfigError`` naming how small the model can get when even the smallest settings do not fit."""
+    by_name = {c.name: c for c in pricing.candidates if c.compressed}
+    options = _price_unexercised(pricing.options, pricing.unexercised, by_name, budget)
     smallest = sum(min(o.bits for o in opts) for opts in options.values())
     if smallest > budget:
-        raise ConfigError(_infeasible(model, config, candidates, budget, smallest))
+        raise ConfigError(_infeasible(model, config, pricing.candidates, budget, smallest))
     chosen = choose(options, budget)
-    final = [chosen[c.name].candidate if c.name in chosen else c for c in candidates]
-    return Allocation(final, budget, {n: o.cost for n, o in chosen.items()}, unexercised)
+    final = [chosen[c.name].candidate if c.name in chosen else c for c in pricing.candidates]
+    return Allocation(final, budget, {n: o.cost for n, o in chosen.items()}, pricing.unexercised, chosen)
 
 
 def _chains(settings: Sequence[Candidate]) -> list[list[Candidate]]:
