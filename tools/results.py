@@ -199,10 +199,44 @@ def zoo_table(rows: Sequence[dict[str, Any]], change: str) -> list[str]:
     return lines
 
 
+def search_table(rows: Sequence[dict[str, Any]], change: str) -> list[str]:
+    """The ``search`` suite (``tools/bench_search.py``): the hand sweep, then ``--target-bpw auto``, then how
+    the search compares with the smallest budget that passed by hand."""
+    head = ["method", "target", "bits/weight", "degradation", "gate", "wall s", "tries", "task metrics", "commit"]
+    lines = ["| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
+    ordered = sorted(rows, key=lambda r: (r["target_bpw"] is None, r["target_bpw"] or 0))
+    for r in ordered:
+        tries = r.get("tries") or []
+        finals = sum(t["kind"] == "final" for t in tries)
+        kinds = f"{len(tries) - finals} estimates, {finals} finals"
+        cells = [r["method"], _rounded(r["target_bpw"], "g"), _rounded(r.get("bits_per_weight"), ".3f"),
+                 _rounded(r.get("degradation"), ".4f"), "pass" if r.get("passed") else "fail", f"{r['wall_s']:.0f}",
+                 kinds if tries else "", _fidelity(r) if tries else "", _commit_cell(r, change)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", *_search_summary(ordered)]
+
+
+def _search_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The search against the hand sweep: how far above the smallest passing hand budget, at what time."""
+    hand = [r for r in rows if r["target_bpw"] is not None and r.get("passed")]
+    auto = next((r for r in rows if r["target_bpw"] is None), None)
+    if not hand or auto is None or not auto.get("passed"):
+        return []
+    best = min(hand, key=lambda r: r["target_bpw"])
+    gate = f"gate: {auto['metric']} <= {auto['max_degradation']:g}"
+    return [
+        f"Smallest passing budget by hand ({gate}): {best['target_bpw']:g} bits/weight, {best['wall_s']:.0f} s. "
+        f"The search: {auto['bits_per_weight']:.3f} bits/weight ({auto['bits_per_weight'] - best['target_bpw']:+.3f}), "
+        f"{auto['wall_s']:.0f} s = {auto['wall_s'] / best['wall_s']:.2f}x that one run "
+        f"({len(hand) + sum(not r.get('passed') for r in rows if r['target_bpw'] is not None)} hand runs took "
+        f"{sum(r['wall_s'] for r in rows if r['target_bpw'] is not None):.0f} s)."
+    ]
+
+
 #: Each suite's plot in docs/, drawn by the tool that measures the suite.
 PLOTS = {"quick": "bench_rate_quick.png", "full": "bench_rate.png", "zoo": "zoo_time_per_parameter.png"}
 #: How each suite's tables are drawn (``task_table`` for the others); ``WHOLE`` suites get one table, not one per task.
-TABLES = {"speed": speed_table, "zoo": zoo_table}
+TABLES = {"speed": speed_table, "zoo": zoo_table, "search": search_table}
 WHOLE = frozenset({"zoo"})
 
 
