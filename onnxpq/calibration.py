@@ -269,7 +269,9 @@ def _check(arrays: Mapping[str, Any], specs: list[InputSpec], source: str, cut: 
     exact = {s.name for s in specs if _at_declared_shape(s, checked[s.name])}
     batched = {n for n, a in checked.items() if a.ndim} - exact - set(ones)
     axes = _later_sample_axes(specs, checked, exact, batched, cut, ones)
-    for name in set(ones) - set(axes):
+    unplaced = sorted(set(ones) - set(axes))
+    if unplaced:
+        name = unplaced[0]
         raise ConfigError(
             f"{source}: input {name!r} holds {checked[name].shape[ones[name]]} slices on axis {ones[name]}, "
             f"declared 1 there (one per sample for a model that runs one sample per call), but the other inputs "

@@ -294,6 +294,18 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="show a compression report, or draw it as an HTML page",
+        description="Print the table of OUT.report.json, or with --html write one self-contained HTML page "
+        "(plots embedded) of it.",
+    )
+    p.add_argument("report_json", type=Path, metavar="REPORT")
+    p.add_argument("--html", type=Path, default=None, metavar="PATH", help="write the page here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --html file")
+
+
 def options_markdown() -> str:
     """``onnxpq compress``'s options as the README's markdown table, one section per option group: rendered from
     the parser itself, so the README says what ``--help`` says (tests/test_cli.py checks they agree)."""
@@ -332,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress(sub)
     _add_inspect(sub)
     _add_validate(sub)
+    _add_report(sub)
     return parser
 
 
@@ -495,6 +508,22 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from onnxpq.html_report import load_report, render_html
+    from onnxpq.model.files import check_output_path
+    from onnxpq.report import format_table, write_text
+
+    if args.html is not None:
+        check_output_path(args.html, protected={args.report_json: "the report"}, force=args.force, what="page")
+    report = load_report(args.report_json)
+    if args.html is None:
+        print(format_table(report))
+        return 0
+    write_text(render_html(report), args.html)
+    print(f"page: {args.html}")
+    return 0
+
+
 def _check_same_inputs(original: onnx.ModelProto, compressed: onnx.ModelProto) -> None:
     """Both models must take the same inputs, or no sample can be fed to both."""
     initializers = [{t.name for t in m.graph.initializer} for m in (original, compressed)]
@@ -556,7 +585,8 @@ def _check_floats(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def _subject(args: argparse.Namespace) -> str:
     """What an unexpected error is about: the input file of the command."""
-    return f"{args.compressed}" if args.command == "validate" else f"{args.input}"
+    subjects = {"validate": "compressed", "report": "report_json"}
+    return f"{getattr(args, subjects.get(args.command, 'input'))}"
 
 
 def _one_line(text: str) -> str:
@@ -573,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("onnxpq").setLevel(logging.DEBUG if args.verbose else logging.INFO)  # what a run says as it goes
-    handlers = {"compress": _compress, "inspect": _inspect, "validate": _validate}
+    handlers = {"compress": _compress, "inspect": _inspect, "validate": _validate, "report": _report}
     try:
         with warnings.catch_warnings(), _signals_interrupt():
             # The report already lists every warning; Python's own display would print them twice.

@@ -321,6 +321,13 @@ class Setting:
             raise ConfigError(f"{name}; choose from {', '.join(self.choices)}")
         if self.low is None and self.high is None:
             return
+        if self.kind is tuple:  # bounds apply to each element
+            for item in value:
+                self._check_bounds(item, f"each of {prefix}{self.field}={value!r}")
+            return
+        self._check_bounds(value, name)
+
+    def _check_bounds(self, value: Any, name: str) -> None:
         above = self.low is None or (value > self.low if self.low_open else value >= self.low)
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         if not (above and below):
@@ -345,7 +352,9 @@ FINETUNING = "fine-tuning (distillation from the original on the calibration dat
 INTERNALS = "algorithm constants (Python API only)"
 #: The algorithm's constants as settings: validated and recorded, not command-line options.
 _INTERNAL_SETTINGS = (
-    Setting("shrinkage_grid", INTERNALS, "shrinkage weights tried on rank-deficient statistics", kind=tuple),
+    Setting(
+        "shrinkage_grid", INTERNALS, "shrinkage weights tried on rank-deficient statistics", kind=tuple, low=0, high=1
+    ),
     Setting("damping", INTERNALS, "GPTQ's damping of H", kind=float, low=0, low_open=True),
     Setting("kmeans_tolerance", INTERNALS, "changed-code fraction that stops Lloyd", kind=float, low=0, high=1),
     Setting("max_rows", INTERNALS, "statistics rows per layer before sampling", kind=int, low=1),

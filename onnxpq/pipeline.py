@@ -815,22 +815,13 @@ def _publish(run: _Run, force: bool) -> CompressResult:
     raises ``ValidationFailedError`` carrying the report.
     """
     assert run.target is not None and run.report_file is not None
-    sections = _sections(run)
     original = run.source if run.source is not None else serialized(run.model)
     with staging() as stage:
         with run.clock.stage("save"):
             written = _save_checked(run.compressed, run.model, stage, run.target, run.notes)
-            left = subgraph_weight_count(run.model.graph)
-            if left:
-                run.notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
             staged = stage.path(run.target)
             _check_output_loads(staged)
-            report = _report(run.config, _file_info(original), _file_info(staged, run.target), sections, left)
-        if run.data is not None:
-            _validate(run, report, original, staged)
-        report.warnings, report.seconds = list(run.notes), run.clock.section()
-        for note in run.notes:
-            warnings.warn(note, stacklevel=3)
+        report = _finished_report(run, original, staged, run.target)
         try:
             write_json(report.to_json(), stage.path(run.report_file))
         except OSError as err:
@@ -847,28 +838,34 @@ def _in_memory(run: _Run) -> CompressResult:
     memory. Only validation touches the disk, and only a private temporary folder: onnxruntime's fold check and
     its load-time and memory measurements in fresh processes read model files. A failed gate raises
     ``ValidationFailedError`` whose report and ``model`` hold the result."""
-    sections = _sections(run)
     with run.clock.stage("save"):
         try:
             onnx.checker.check_model(run.compressed, full_check=True)
         except onnx.checker.ValidationError as err:
             _tolerate_checker_failure(run.model, err, run.notes)
-        left = subgraph_weight_count(run.model.graph)
-        if left:
-            run.notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
         data = serialized(run.compressed)
         _check_output_loads(data)
-        original = run.source if run.source is not None else serialized(run.model)
-        report = _report(run.config, _file_info(original), _file_info(data), sections, left)
-    if run.data is not None:
-        _validate(run, report, original, data)
-    report.warnings, report.seconds = list(run.notes), run.clock.section()
-    for note in run.notes:
-        warnings.warn(note, stacklevel=3)
+    original = run.source if run.source is not None else serialized(run.model)
+    report = _finished_report(run, original, data)
     if report.gate_failure:
         message = f"{report.gate_failure} (the compressed model is this error's .model)"
         raise ValidationFailedError(message, report.to_json(), run.compressed)
     return CompressResult([], None, report.to_json(), run.compressed)
+
+
+def _finished_report(run: _Run, original: Path | bytes, output: Path | bytes, published: Path | None = None) -> Report:
+    """The report of a checked output (``published``: where a staged file will be), validated when asked, with
+    the run's warnings, each also issued as a Python warning, and its stage times."""
+    left = subgraph_weight_count(run.model.graph)
+    if left:
+        run.notes.append(f"{left} weight(s) returned directly as If/Loop/Scan body outputs were left in float")
+    report = _report(run.config, _file_info(original), _file_info(output, published), _sections(run), left)
+    if run.data is not None:
+        _validate(run, report, original, output)
+    report.warnings, report.seconds = list(run.notes), run.clock.section()
+    for note in run.notes:
+        warnings.warn(note, stacklevel=4)  # at the caller of compress()
+    return report
 
 
 def _validate(run: _Run, report: Report, original: Path | bytes, compressed: Path | bytes) -> None:
@@ -903,7 +900,7 @@ def _report(
     config: CompressConfig, source: dict[str, Any], output: dict[str, Any], sections: dict[str, Any], left: int
 ) -> Report:
     """The report of a run (``source``, ``output``: ``_file_info`` of both models); its ``validation``,
-    ``warnings`` and ``seconds`` are filled in by ``_publish`` or ``_in_memory``."""
+    ``warnings`` and ``seconds`` are filled in by ``_finished_report``."""
     files = {
         "original_bytes": source["bytes"],
         "compressed_bytes": output["bytes"],

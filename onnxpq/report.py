@@ -38,6 +38,7 @@ __all__ = [
     "validation_lines",
     "versions",
     "write_json",
+    "write_text",
 ]
 
 
@@ -174,13 +175,18 @@ def _finite(x: float) -> float | str:
 
 
 def write_json(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write the report atomically: a temp file unique to this run beside ``path``, then a rename.
+    """Write the report atomically (``write_text``).
 
     JSON has no NaN or Infinity: non-finite numbers are written as strings (``"nan"``,
     ``"inf"``), as ``_finite`` does, so any JSON parser reads the report.
     """
+    write_text(json.dumps(_json_safe(report), indent=2, sort_keys=False, allow_nan=False) + "\n", path)
+
+
+def write_text(text: str, path: str | os.PathLike[str]) -> None:
+    """Write ``text`` atomically: a temp file unique to this run beside ``path``, then a rename, so a reader never
+    sees half a file and a failure leaves the old one."""
     path = Path(path)
-    text = json.dumps(_json_safe(report), indent=2, sort_keys=False, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); a report is as readable as any file the user writes.
@@ -282,6 +288,17 @@ def _pattern_lines(patterns: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+def _search_line(search: Mapping[str, Any]) -> str:
+    """The budget search in one line (each try was printed as it ran; the JSON keeps them all)."""
+    finals = sum(t["kind"] == "final" for t in search["tries"])
+    found = search["winner_bits_per_weight"]
+    head = f"{found:.3f} bits/weight passes" if found is not None else "no budget passes"
+    return (
+        f"budget search ({search['metric']} <= {search['max_degradation']:g}): {head}; "
+        f"{len(search['tries']) - finals} estimate and {finals} final tries"
+    )
+
+
 def format_table(report: Mapping[str, Any], *, max_layers: int = 25) -> str:
     """The human summary printed after a run; a data-free run says so first (``DATA_FREE_NOTE``)."""
     warnings = report["warnings"]
@@ -293,6 +310,8 @@ def format_table(report: Mapping[str, Any], *, max_layers: int = 25) -> str:
     lines += _pattern_lines((report.get("selection") or {}).get("patterns", []))
     if report["subgraph_weights_left"]:
         lines.append(f"{report['subgraph_weights_left']} weights inside If/Loop/Scan subgraphs left in float")
+    if report.get("search"):
+        lines.append(_search_line(report["search"]))
     if report.get("validation"):
         lines.append("")
         lines += validation_lines(report["validation"])

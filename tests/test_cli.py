@@ -276,3 +276,14 @@ def test_benchmarks_and_readme_numbers_are_rendered_from_the_results_file() -> N
         [sys.executable, str(ROOT / "tools" / "results.py"), "--check"], capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.parametrize("grid", [(0.1, 2.0), (float("nan"),), (-0.1, 0.5)])
+def test_the_bounds_of_a_tuple_setting_hold_for_each_element(grid) -> None:
+    """``shrinkage_grid`` is recorded in every model's metadata: a weight outside [0, 1] would quantize with a
+    metric that is not a shrinkage of H, so it is refused at once, naming the field."""
+    from onnxpq import CompressConfig
+    from onnxpq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"each of shrinkage_grid=.* must be in \[0, 1\]"):
+        CompressConfig(shrinkage_grid=grid)

@@ -13,8 +13,12 @@ Each run is a child process (wall time and peak RSS as in bench_speed.py), valid
 ``search``): per run the budget, its degradation and gate verdict and the wall time; for the search also its
 tries, the budget found and the task's own metrics on that model. ``tools/results.py`` renders them.
 
+Run it with nothing else on the machine: the wall times are the point. To re-time the search beside the one
+hand run it is compared with (the smallest passing budget), without the whole sweep:
+``python tools/bench_search.py --models mobilenetv2 --grid 3.3 --no-fine``.
+
 Usage: python tools/bench_search.py [--models mobilenetv2 ppocr] [--grid 1.5 2 2.5 3 3.5 4]
-       [--max-degradation mobilenetv2=0.25 ppocr=0.05] [--skip-sweep]
+       [--max-degradation mobilenetv2=0.25 ppocr=0.05] [--skip-sweep] [--no-fine]
 """
 
 from __future__ import annotations
@@ -91,11 +95,11 @@ def run(task, gate: Path, target: str, threshold: float, work: Path) -> dict:
     return row
 
 
-def sweep(task, gate: Path, threshold: float, grid: list[float], work: Path, log) -> list[dict]:
-    """The hand sweep: the grid, then the 0.1 steps between its last failing and first passing budget."""
+def sweep(task, gate: Path, threshold: float, grid: list[float], work: Path, log, fine: bool) -> list[dict]:
+    """The hand sweep: the grid, then (``fine``) the 0.1 steps between its last failing and first passing budget."""
     rows = {b: log(run(task, gate, f"{b:g}", threshold, work)) for b in grid}
     passing = [b for b in grid if rows[b].get("passed")]
-    if passing:
+    if passing and fine:
         first = min(passing)
         below = max((b for b in grid if b < first), default=None)
         if below is not None:
@@ -110,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", nargs="+", type=float, default=[1.5, 2.0, 2.5, 3.0, 3.5, 4.0])
     parser.add_argument("--max-degradation", nargs="+", default=[], metavar="MODEL=X")
     parser.add_argument("--skip-sweep", action="store_true", help="run only the search")
+    parser.add_argument(
+        "--no-fine", dest="fine", action="store_false", help="the grid only (to re-time one hand run beside the search)"
+    )
     args = parser.parse_args(argv)
     gates = {**MAX_DEGRADATION, **{k: float(v) for k, v in (x.split("=") for x in args.max_degradation)}}
     origin = results_store.provenance(("python tools/bench_search.py " + " ".join(argv or sys.argv[1:])).strip())
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                 return row
 
             if not args.skip_sweep:
-                sweep(task, gate, gates[name], args.grid, work, log)
+                sweep(task, gate, gates[name], args.grid, work, log, args.fine)
             log(run(task, gate, "auto", gates[name], work))
     results_store.main([])
 
