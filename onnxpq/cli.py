@@ -295,6 +295,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
+    """``onnxpq report``: a saved report read again, as the table or as a page of plots."""
     p = sub.add_parser(
         "report",
         help="show a compression report, or draw it as an HTML page",
@@ -509,6 +510,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    """Print the table, or write the HTML page (never over the report itself, nor an existing file unasked)."""
     from onnxpq.html_report import load_report, render_html
     from onnxpq.model.files import check_output_path
     from onnxpq.report import format_table, write_text

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,8 +25,8 @@ __all__ = ["load_report", "render_html"]
 
 #: Layers drawn in the per-layer plots (the largest, or the worst); the page's table lists them all.
 PLOTTED_LAYERS = 40
-#: The report sections a page needs; anything else written by onnxpq is optional.
-REQUIRED = ("versions", "files", "pqf", "layers")
+#: The report sections the page and the table need; anything else written by onnxpq is optional.
+REQUIRED = ("versions", "input", "output", "files", "pqf", "layers", "warnings", "subgraph_weights_left")
 
 Figure = Any
 
@@ -92,55 +93,65 @@ def _png(plt: Any, figure: Figure) -> str:
 
 
 def _e(value: object) -> str:
+    """Text safe inside HTML: weight names are the model's and may hold anything."""
     return html.escape(str(value), quote=True)
 
 
 def _layer_bits(row: Mapping[str, Any]) -> float:
+    """A layer's bits per weight in PQF's accounting (float layers: 32)."""
     return 8 * row["bytes_pqf"] / row["elements"]
 
 
+def _barh(plt: Any, labels: Sequence[str], values: Sequence[float], color: Any, xlabel: str) -> Figure:
+    """One horizontal bar per layer, the first at the top, sized to the number of bars."""
+    figure, ax = plt.subplots(figsize=(10, 0.25 * len(labels) + 1.2))
+    ax.barh([label[:40] for label in labels], values, color=color)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    return figure
+
+
 def _bits_figure(plt: Any, report: Mapping[str, Any]) -> Figure | None:
+    """Bits/weight of the largest layers against the model's: which layers the budget favoured."""
     rows = sorted(report["layers"], key=lambda r: -r["elements"])[:PLOTTED_LAYERS]
     if not rows:
         return None
-    figure, ax = plt.subplots(figsize=(10, 0.25 * len(rows) + 1.2))
     colors = ["tab:blue" if r["skip_reason"] is None else "tab:gray" for r in rows]
-    ax.barh([r["weight"][:40] for r in rows], [_layer_bits(r) for r in rows], color=colors)
-    ax.invert_yaxis()
+    xlabel = "bits per weight (PQF accounting; grey: kept in float)"
+    figure = _barh(plt, [r["weight"] for r in rows], [_layer_bits(r) for r in rows], colors, xlabel)
+    ax = figure.axes[0]
     ax.axvline(report["pqf"]["bits_per_weight_all_parameters"], color="tab:red", linestyle="--", label="model")
     ax.set_xscale("log")
-    ax.set_xlabel("bits per weight (PQF accounting; grey: kept in float)")
     ax.set_title(f"largest {len(rows)} layers")
     ax.legend(loc="lower right")
     return figure
 
 
 def _bytes_figure(plt: Any, report: Mapping[str, Any]) -> Figure | None:
+    """The layers holding most of the compressed size: where a smaller model has to cut."""
     rows = sorted(report["layers"], key=lambda r: -r["bytes_pqf"])
     if not rows:
         return None
     shown = rows[: PLOTTED_LAYERS // 2]
     rest = sum(r["bytes_pqf"] for r in rows[len(shown) :])
-    labels = [r["weight"][:40] for r in shown] + ([f"{len(rows) - len(shown)} other layers"] if rest else [])
+    labels = [r["weight"] for r in shown] + ([f"{len(rows) - len(shown)} other layers"] if rest else [])
     sizes = [r["bytes_pqf"] / 1024 for r in shown] + ([rest / 1024] if rest else [])
-    figure, ax = plt.subplots(figsize=(10, 0.25 * len(labels) + 1.2))
-    ax.barh(labels, sizes, color="tab:green")
-    ax.invert_yaxis()
-    ax.set_xlabel("KiB in PQF accounting (indices + fp16 codebook, or float)")
-    return figure
+    return _barh(plt, labels, sizes, "tab:green", "KiB in PQF accounting (indices + fp16 codebook, or float)")
 
 
 def _error_figure(plt: Any, report: Mapping[str, Any]) -> Figure | None:
+    """Each compressed layer's SQNR, worst first (the report's order): where the error comes from."""
     rows = [r for r in report["layers"] if r["skip_reason"] is None and _sqnr(r) is not None][:PLOTTED_LAYERS]
     if not rows:
         return None
-    output = any(r["output_sqnr_db"] is not None for r in rows)
-    figure, ax = plt.subplots(figsize=(10, 0.25 * len(rows) + 1.2))
-    ax.barh([r["weight"][:40] for r in rows], [_sqnr(r) for r in rows], color="tab:orange")
-    ax.invert_yaxis()
-    what = "output SQNR on the calibration data" if output else "weight SQNR (no calibration data)"
-    ax.set_xlabel(f"{what}, dB (lower is worse)")
-    return figure
+    measured = {r["output_sqnr_db"] is not None for r in rows}
+    what = {
+        frozenset({True}): "output SQNR on the calibration data",
+        frozenset({False}): "weight SQNR (no calibration data)",
+    }.get(frozenset(measured), "output SQNR on the calibration data (weight SQNR where a layer had none)")
+    return _barh(
+        plt, [r["weight"] for r in rows], [_sqnr(r) for r in rows], "tab:orange", f"{what}, dB (lower is worse)"
+    )
 
 
 def _sqnr(row: Mapping[str, Any]) -> float | None:
@@ -152,21 +163,24 @@ def _sqnr(row: Mapping[str, Any]) -> float | None:
 
 
 def _search_figure(plt: Any, report: Mapping[str, Any]) -> Figure | None:
+    """A budget search's tries: degradation against bits/weight, the gate and the budget chosen."""
     search = report.get("search")
     if not search or not search.get("tries"):
         return None
     figure, ax = plt.subplots(figsize=(8, 4.5))
     for kind, marker in (("estimate", "o"), ("final", "s")):
-        tries = sorted((t for t in search["tries"] if t["kind"] == kind), key=lambda t: t["bits_per_weight"])
-        if tries:
-            xs, ys = [t["bits_per_weight"] for t in tries], [t["degradation"] for t in tries]
-            ax.plot(xs, ys, marker=marker, label=f"{kind} tries")
-    threshold = search["max_degradation"]
-    ax.axhline(threshold, color="tab:red", linestyle="--", label="--max-degradation")
+        # The JSON writes an infinite degradation (NaN outputs) as "inf": such tries have no point to draw.
+        points = sorted((t["bits_per_weight"], float(t["degradation"])) for t in search["tries"] if t["kind"] == kind)
+        points = [(x, y) for x, y in points if math.isfinite(y)]
+        if points:
+            ax.plot([x for x, _ in points], [y for _, y in points], marker=marker, label=f"{kind} tries")
+    threshold = float(search["max_degradation"])
+    if math.isfinite(threshold):
+        ax.axhline(threshold, color="tab:red", linestyle="--", label="--max-degradation")
     if search.get("winner_bits_per_weight") is not None:
         ax.axvline(search["winner_bits_per_weight"], color="tab:green", linestyle=":", label="chosen")
     # Degradations span decades; a perfect (0) or better-than-original (< 0) try needs the linear part near 0.
-    ax.set_yscale("symlog", linthresh=threshold / 10 if threshold > 0 else 1e-6)
+    ax.set_yscale("symlog", linthresh=threshold / 10 if 0 < threshold < math.inf else 1e-6)
     ax.set_xlabel("bits per weight over all parameters")
     ax.set_ylabel(f"{search.get('metric') or 'gate'} degradation")
     ax.legend()
@@ -174,12 +188,14 @@ def _search_figure(plt: Any, report: Mapping[str, Any]) -> Figure | None:
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """An HTML table, every cell escaped."""
     cells = "".join(f"<th>{_e(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
 def _summary(report: Mapping[str, Any]) -> str:
+    """What a reader wants first: the files, the size and the time."""
     files, pqf = report["files"], report["pqf"]
     rows = [
         ("input", (report.get("input") or {}).get("path") or "(in memory)"),
@@ -196,6 +212,7 @@ def _summary(report: Mapping[str, Any]) -> str:
 
 
 def _validation(report: Mapping[str, Any]) -> str:
+    """Per-output fidelity, the gate's verdict and the deployment costs, or that validation did not run."""
     v = report.get("validation")
     if not v:
         return "<h2>Validation</h2><p>not run</p>"
@@ -219,10 +236,12 @@ def _validation(report: Mapping[str, Any]) -> str:
 
 
 def _number(value: object) -> str:
+    """A metric cell: six significant digits, blank for a metric that does not apply."""
     return f"{value:.6g}" if isinstance(value, float) else "" if value is None else str(value)
 
 
 def _warnings(report: Mapping[str, Any]) -> str:
+    """The run's warnings, as the table prints them."""
     notes = report.get("warnings") or []
     if not notes:
         return ""
@@ -230,6 +249,7 @@ def _warnings(report: Mapping[str, Any]) -> str:
 
 
 def _layer_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Every layer, in the report's worst-first order: the plots show only the largest or worst."""
     head = ("weight", "op", "shape", "k", "d", "bits/weight", "KiB", "SQNR dB", "output SQNR dB", "note")
     cells: list[Sequence[object]] = [
         (

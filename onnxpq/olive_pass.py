@@ -81,6 +81,7 @@ def _description(setting: Setting) -> str:
 
 
 def _setting_param(setting: Setting) -> PassConfigParam:
+    """One ``CompressConfig`` setting as an Olive pass option, with onnxpq's default (tuples as lists)."""
     default = _DEFAULTS[setting.field]
     return PassConfigParam(
         type_=_param_type(setting),
@@ -129,6 +130,7 @@ def _pass_params() -> dict[str, PassConfigParam]:
 
 
 def _finetune(value: bool | dict[str, Any]) -> FinetuneConfig | None:
+    """The ``finetune`` option as a ``FinetuneConfig``: off, the defaults, or the fields given (checked)."""
     if not isinstance(value, dict):
         return FinetuneConfig() if value else None
     unknown = sorted(set(value) - _FINETUNE_FIELDS)

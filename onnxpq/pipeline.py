@@ -543,6 +543,7 @@ def _quantize(
 
 
 def _compressed_targets(targets: dict[str, BiasTarget], candidates: Sequence[Candidate]) -> dict[str, BiasTarget]:
+    """The bias targets of the layers an allocation compresses: the others keep their bias."""
     compressed = {c.name for c in candidates if c.compressed}
     return {n: t for n, t in targets.items() if n in compressed}
 
@@ -561,17 +562,23 @@ def _quantizer(
 
     Per layer, each (weight, d, k) is quantized once however often it is asked for: a budget search asks for
     many allocations that share most of their settings. The sequential mode quantizes every layer on the
-    model whose earlier layers are already quantized, so it has nothing to reuse.
+    model whose earlier layers are already quantized, so it reuses only whole allocations (the winner of a
+    search is not quantized twice).
     """
     seen, taken = inlined
     done: dict[tuple[str, int, int], LayerResult] = {}
+    sequential: dict[tuple, dict[str, LayerResult]] = {}
 
     def quantize(candidates: Sequence[Candidate]) -> dict[str, LayerResult]:
         targeted = _compressed_targets(targets, candidates)
         if config.sequential and fit is not None:
-            # On the graph the statistics saw, with these layouts.
-            chosen = with_uses_in(seen, list(candidates)) if taken else list(candidates)
-            return quantize_sequential(seen, chosen, config, fit, targeted, first_stats=stats, progress=progress)
+            key = tuple(_setting(c) for c in candidates if c.compressed)  # the whole allocation
+            if key not in sequential:
+                # On the graph the statistics saw, with these layouts.
+                chosen = with_uses_in(seen, list(candidates)) if taken else list(candidates)
+                settings = {"first_stats": stats, "progress": progress}
+                sequential[key] = quantize_sequential(seen, chosen, config, fit, targeted, **settings)
+            return sequential[key]
         todo = [c for c in candidates if c.compressed and _setting(c) not in done]
         settings = {"stats": stats, "bias_weights": frozenset(targets), "progress": progress, "workers": workers}
         new = quantize_weights(model, todo, config, **settings)
@@ -582,6 +589,7 @@ def _quantizer(
 
 
 def _setting(c: Candidate) -> tuple[str, int, int]:
+    """What a layer's quantization depends on besides the run's fixed statistics and config."""
     return c.name, c.subvector_dim, c.n_codewords
 
 

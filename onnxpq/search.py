@@ -12,11 +12,12 @@ validation run. There are two kinds of tries:
 
 The search brackets the gate's threshold with estimates, then with finals, each time trying the budget the
 measured rate-degradation curve predicts (log-degradation interpolated between the bracket's ends, kept away
-from them so the bracket always shrinks). The finals start where the estimates predict the real quantizer
-passes: the estimate curve scaled by the measured ratio of final to estimate degradation. The search stops
-when the final bracket is ``tolerance`` wide or its tries are spent; the winner is the smallest budget whose
-final passed. A degradation that is not monotone in the budget can make it stop above the smallest passing
-budget, never below a failing one it tried.
+from them so the bracket always shrinks). The finals start at the smallest budget whose estimate passed, then
+step to where the estimate curve, scaled through the last final (the measured ratio of final to estimate
+degradation), predicts the threshold. The search stops when the final bracket is ``tolerance`` wide, at the
+smallest budget passing, or when its tries are spent (``converged`` says which); the winner is the smallest
+budget whose final passed, so it always passed. With a degradation that is not monotone in the budget, a
+smaller budget than the winner may pass too, and a larger one may fail.
 """
 
 from __future__ import annotations
@@ -85,14 +86,17 @@ class Search:
     winner: float | None
     best: float
     reason: str | None
+    converged: bool
     metric: str = ""
 
     def to_json(self) -> dict[str, object]:
+        """The report's ``search`` section: the gate, the range searched, the outcome and every try."""
         return {
             "metric": self.metric,
             "max_degradation": self.threshold,
             "range_bits_per_weight": list(self.range_bpw),
             "winner_bits_per_weight": self.winner,
+            "converged": self.converged,
             "kept_bits_per_weight": self.best,
             "reason": self.reason,
             "tries": [asdict(t) for t in self.tries],
@@ -119,13 +123,16 @@ def search_allocation(
     total = float_parameters(model)
     uncompressed = -budget_bits(model, pricing.candidates, target_bpw=0.0)  # the float parameters' bits
     least, most = pricing.bits_range()
-    bounds = ((least + uncompressed) / total, (most + uncompressed) / total)
+    lo, hi = (least + uncompressed) / total, (most + uncompressed) / total
+    while budget_bits(model, pricing.candidates, target_bpw=lo) < least:  # round-off: lo must be reachable
+        lo = math.nextafter(lo, math.inf)
     allocations: dict[float, Allocation] = {}
 
     def measure(bpw: float, kind: str) -> float:
         if bpw not in allocations:
             budget = budget_bits(model, pricing.candidates, target_bpw=bpw)
-            allocations[bpw] = allocate(model, pricing, config, budget)
+            numeric = replace(config, target_bpw=bpw, target_mib=None)  # what --target-bpw FOUND will say
+            allocations[bpw] = allocate(model, pricing, numeric, budget)
         found = allocations[bpw]
         if kind == "estimate":
             results = {n: o.result for n, o in found.chosen.items() if o.result is not None}
@@ -133,7 +140,7 @@ def search_allocation(
             results = quantize(found.candidates)
         return gate.degradation(serialized(built_model(model, results, targets)))
 
-    search = replace(find_budget(bounds, measure, gate.max_degradation, on_try=on_try), metric=gate.metric)
+    search = replace(find_budget((lo, max(lo, hi)), measure, gate.max_degradation, on_try=on_try), metric=gate.metric)
     return allocations[search.best], search
 
 
@@ -154,12 +161,14 @@ class _Bracket:
         self.passed: tuple[float, float] | None = None
 
     def add(self, bpw: float, degradation: float, ok: bool) -> None:
+        """Keep the try if it narrows the bracket (a larger failing or a smaller passing budget)."""
         if ok and (self.passed is None or bpw < self.passed[0]):
             self.passed = (bpw, degradation)
         if not ok and (self.fail is None or bpw > self.fail[0]):
             self.fail = (bpw, degradation)
 
     def width(self) -> float:
+        """Bits/weight between the largest failing and the smallest passing try; infinite until both exist."""
         if self.fail is None or self.passed is None:
             return math.inf
         return self.passed[0] - self.fail[0]
@@ -183,6 +192,8 @@ def find_budget(
     def run(bpw: float, kind: str) -> Try:
         start = time.perf_counter()
         degradation = measure(bpw, kind)
+        if not math.isfinite(degradation):  # NaN or Inf outputs: the worst a try can be, and ordered
+            degradation = math.inf
         done = Try(bpw, kind, degradation, degradation <= threshold, time.perf_counter() - start)
         tries.append(done)
         if on_try is not None:
@@ -195,13 +206,17 @@ def find_budget(
     finals = _finals(lo, hi, start, curve, lambda b: run(b, "final"), threshold, tolerance, final_tries)
     done = [t for t in tries if t.kind == "final"]
     if finals.passed is not None:
-        return Search(bounds, threshold, tries, finals.passed[0], finals.passed[0], None)
+        winner = finals.passed[0]
+        converged = finals.width() <= tolerance or winner <= lo
+        return Search(bounds, threshold, tries, winner, winner, None, converged)
     best = min(done, key=lambda t: (t.degradation, -t.bits_per_weight))
+    largest = max(t.bits_per_weight for t in done)
+    what = "every layer compressed at its largest setting" if largest >= hi else f"the largest tried; up to {hi:.3f}"
     reason = (
-        f"no budget up to {hi:.3f} bits/weight (every layer compressed at its largest setting) passes: the "
-        f"least {best.degradation:.4g} at {best.bits_per_weight:.3f} bits/weight"
+        f"no budget up to {largest:.3f} bits/weight ({what}) passes: the least degradation "
+        f"{best.degradation:.4g} at {best.bits_per_weight:.3f} bits/weight"
     )
-    return Search(bounds, threshold, tries, None, best.bits_per_weight, reason)
+    return Search(bounds, threshold, tries, None, best.bits_per_weight, reason, largest >= hi)
 
 
 def _bracket(
@@ -236,10 +251,10 @@ def _finals(
     the estimate ``curve`` scaled by the measured final/estimate ratio predicts the threshold."""
     bracket = _Bracket()
     bpw = start
-    for _ in range(budget):
+    for left in range(budget - 1, -1, -1):
         t = run(bpw)
         bracket.add(bpw, t.degradation, t.passed)
-        if bracket.width() <= tolerance:
+        if bracket.width() <= tolerance or not left:
             break
         if bracket.fail is not None and bracket.passed is not None:
             bpw = _inside(bracket, threshold)
@@ -248,17 +263,23 @@ def _finals(
         if t.passed:
             if bpw <= lo:
                 break
-            bpw = min(max(predicted, lo), bpw - tolerance)
+            bpw = max(lo, min(predicted, bpw - tolerance))
         else:
             if bpw >= hi:
                 break
-            bpw = max(min(predicted, hi), min(bpw + tolerance, hi))
+            # The last try without a pass goes to the top: "nothing passes" then holds for the whole range.
+            bpw = hi if left == 1 else min(hi, max(predicted, bpw + tolerance))
     return bracket
 
 
+#: Ceiling of a degradation on the log scale: an infinite one (NaN outputs) must not make the
+#: interpolation NaN.
+_CEILING = 1e30
+
+
 def _log(degradation: float, threshold: float) -> float:
-    """A degradation on a log scale, floored (a perfect try has degradation 0)."""
-    return math.log(max(degradation, threshold * 1e-3, 1e-30))
+    """A degradation on a log scale, floored (a perfect try has degradation 0) and capped (an infinite one)."""
+    return math.log(min(max(degradation, threshold * 1e-3, 1e-30), _CEILING))
 
 
 def _inside(bracket: _Bracket, threshold: float) -> float:

@@ -89,12 +89,16 @@ def _looks_like_logits(out: np.ndarray) -> bool:
     return np.issubdtype(out.dtype, np.floating) and out.ndim >= 2 and out.shape[-1] > 1
 
 
-def _distribution(scores: np.ndarray) -> np.ndarray:
-    """Class probabilities along the last axis, float64: as given when they already are probabilities (a
-    softmax output), else the softmax of the logits."""
+def _are_probabilities(scores: np.ndarray) -> bool:
+    """Whether class scores already are probabilities (a softmax output): non-negative, summing to 1."""
+    return bool(scores.min() >= 0) and bool(np.all(np.abs(scores.sum(axis=-1) - 1) <= PROBABILITY_SUM_TOLERANCE))
+
+
+def _distribution(scores: np.ndarray, probabilities: bool) -> np.ndarray:
+    """Class probabilities along the last axis, float64: the scores themselves when they are probabilities,
+    else their softmax."""
     scores = scores.astype(np.float64)
-    sums = scores.sum(axis=-1)
-    if scores.min() >= 0 and np.all(np.abs(sums - 1) <= PROBABILITY_SUM_TOLERANCE):
+    if probabilities:
         return scores
     shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
@@ -102,8 +106,10 @@ def _distribution(scores: np.ndarray) -> np.ndarray:
 
 def kl_divergence(ref: np.ndarray, test: np.ndarray) -> float:
     """Mean over positions of KL(original || compressed) between the class distributions of two score
-    arrays (nats); positions where either model is not finite are left out."""
-    p, q = _distribution(ref), _distribution(test)
+    arrays (nats); positions where either model is not finite are left out. Whether the scores are
+    probabilities is decided once, from the original: both outputs are then read the same way."""
+    probabilities = _are_probabilities(ref[np.isfinite(ref).all(axis=-1)])
+    p, q = _distribution(ref, probabilities), _distribution(test, probabilities)
     finite = np.isfinite(p).all(axis=-1) & np.isfinite(q).all(axis=-1)
     p, q = p[finite], np.maximum(q[finite], _PROBABILITY_FLOOR)
     if not p.size:

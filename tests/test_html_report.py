@@ -86,6 +86,15 @@ def test_a_report_without_data_draws_what_it_has(report_file, tmp_path):
     assert titles == ["Bits per weight of each layer", "Where the compressed bytes go", "Error per layer, worst first"]
 
 
+def test_a_search_with_infinite_degradations_draws_its_finite_tries(report_file, tmp_path):
+    """The JSON writes an infinite degradation (NaN outputs) as "inf": the curve draws the finite tries."""
+    report = json.loads(report_file.read_text())
+    report["search"]["tries"][0]["degradation"] = "inf"
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps(report))
+    assert "Budget search: degradation against size" in [t for t, _ in IMAGE.findall(_page(odd, tmp_path))]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [("{", "not a readable JSON report"), ('{"a": 1}', "not an onnxpq report"), (None, "report not found")],

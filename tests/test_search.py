@@ -69,6 +69,32 @@ def test_a_final_that_fails_where_the_estimates_pass_searches_upwards():
     assert any(t.kind == "final" and not t.passed for t in search.tries)
 
 
+@pytest.mark.parametrize("bounds", [(2.0, 6.0), (0.5, 8.0), (3.0, 3.05)])
+@pytest.mark.parametrize("offset", [0.1, 1.0, 1.9])
+def test_no_try_leaves_the_range(bounds, offset):
+    """A pass just above the smallest budget used to step a final below it (unreachable: the allocator raised)."""
+    lo, hi = bounds
+    estimate, final = (lambda b: 0.02 / (b - lo + offset)), (lambda b: 0.01 / (b - lo + offset))
+    search = find_budget(bounds, lambda b, kind: (final if kind == "final" else estimate)(b), 0.15)
+    assert all(lo <= t.bits_per_weight <= hi for t in search.tries)
+    assert search.winner is not None and search.converged
+
+
+def test_outputs_that_turn_nan_are_the_worst_degradation_and_the_search_goes_on():
+    """Below 2.5 the outputs are not finite (infinite degradation, NaN from a metric): no try may land at a NaN
+    budget, and the winner is within the tolerance above the real boundary (3.5)."""
+
+    def degradation(bpw: float, kind: str) -> float:
+        if bpw < 2.5:
+            return math.inf if kind == "final" else math.nan
+        return 0.02 / (bpw - 1.5)
+
+    search = find_budget((1.0, 6.0), degradation, 0.01)
+    assert all(math.isfinite(t.bits_per_weight) for t in search.tries)
+    assert 3.5 <= search.winner <= 3.5 + TOLERANCE_BPW + 1e-9
+    assert search.converged
+
+
 def test_kl_of_logits_and_of_probabilities():
     rng = np.random.default_rng(0)
     a, b = rand(rng, 5, 7, 10), rand(rng, 5, 7, 10)
@@ -78,6 +104,15 @@ def test_kl_of_logits_and_of_probabilities():
     assert kl_divergence(a, b) == pytest.approx(expected, rel=1e-6)  # expected: float32
     assert kl_divergence(p, q) == pytest.approx(expected, rel=1e-5)  # a softmax output is used as it is
     assert kl_divergence(a, a) == 0.0
+
+
+def test_kl_reads_both_outputs_as_the_original_is_read():
+    """A softmax output whose compressed rows drift from summing to 1 is still compared as probabilities: read
+    as logits, a second softmax would flatten them and the KL would be meaningless."""
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
+    q = np.array([[0.69, 0.2, 0.1], [0.1, 0.12, 0.8]], dtype=np.float32)  # row sums 0.99 and 1.02
+    expected = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=-1)))
+    assert kl_divergence(p, q) == pytest.approx(expected, rel=1e-5)
 
 
 def test_kl_is_a_gate_metric():

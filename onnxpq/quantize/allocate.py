@@ -36,7 +36,6 @@ __all__ = [
     "Option",
     "Pricing",
     "allocate",
-    "allocate_bits",
     "budget_bits",
     "budget_candidates",
     "choose",
@@ -138,7 +137,7 @@ def budget_candidates(
 
     Returns the candidates, the config that selected them (recorded in the output's metadata) and a note
     naming the widening, or None. Only defaults are widened (``_widened``): an explicit ``--min-elements``
-    or ``--op-types`` is kept, and a budget that even the widest selection misses fails in ``allocate_bits``
+    or ``--op-types`` is kept, and a budget that even the widest selection misses fails in ``allocate``
     with the layers kept in float. A budget search (``AUTO``) searches the default selection's sizes.
     """
     candidates = find_candidates(model, config)
@@ -184,6 +183,11 @@ def _infeasible(
     other = float_parameters(model) - sum(c.size for c in candidates)
     rest = f"; {other} other float parameters (biases, norms ...) stay at 32 bits" if other > 0 else ""
     return head + _kept_in_float(candidates) + rest
+
+
+def _least(options: Mapping[str, Sequence[Option]]) -> int:
+    """Bits of every layer at its smallest option: the least the budget must hold."""
+    return sum(min(o.bits for o in opts) for opts in options.values())
 
 
 def _pick(options: Mapping[str, Sequence[Option]], lam: float) -> dict[str, Option]:
@@ -373,27 +377,9 @@ class Pricing:
 
     def bits_range(self) -> tuple[int, int]:
         """(the fewest bits the compressed layers can take, the most they take with none kept in float)."""
-        least = sum(min(o.bits for o in opts) for opts in self.options.values())
+        least = _least(self.options)
         most = sum(max(o.bits for o in opts if o.result is not None) for opts in self.options.values())
         return least, most
-
-
-def allocate_bits(
-    model: onnx.ModelProto,
-    candidates: Sequence[Candidate],
-    config: CompressConfig,
-    *,
-    stats: Mapping[str, LayerStats],
-    calibration: Dataset | None,
-    targets: Mapping[str, BiasTarget],
-    progress: bool = False,
-    workers: Workers | None = None,
-) -> Allocation:
-    """Price every setting of every layer (``price_settings``), then fit the config's budget (``allocate``)."""
-    settings = {"stats": stats, "calibration": calibration, "targets": targets, "progress": progress}
-    pricing = price_settings(model, candidates, config, **settings, workers=workers)
-    budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
-    return allocate(model, pricing, config, budget)
 
 
 def price_settings(
@@ -454,7 +440,7 @@ def allocate(model: onnx.ModelProto, pricing: Pricing, config: CompressConfig, b
     ``ConfigError`` naming how small the model can get when even the smallest settings do not fit."""
     by_name = {c.name: c for c in pricing.candidates if c.compressed}
     options = _price_unexercised(pricing.options, pricing.unexercised, by_name, budget)
-    smallest = sum(min(o.bits for o in opts) for opts in options.values())
+    smallest = _least(options)
     if smallest > budget:
         raise ConfigError(_infeasible(model, config, pricing.candidates, budget, smallest))
     chosen = choose(options, budget)
@@ -509,7 +495,7 @@ def _price_unexercised(
     """
     defaults = {n: [_default_option(by_name[n], options[n])] for n in unexercised}
     fixed = {**options, **defaults}
-    if not unexercised or sum(min(o.bits for o in opts) for opts in fixed.values()) <= budget:
+    if not unexercised or _least(fixed) <= budget:
         return fixed
     ratios = [
         o.cost / layer_error(o.result)
