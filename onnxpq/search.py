@@ -40,7 +40,16 @@ from onnxpq.quantize.selection import Candidate
 from onnxpq.quantize.size import float_parameters
 from onnxpq.validate import Gate
 
-__all__ = ["ESTIMATE_TRIES", "FINAL_TRIES", "TOLERANCE_BPW", "Search", "Try", "find_budget", "search_allocation"]
+__all__ = [
+    "ESTIMATE_TRIES",
+    "FINAL_TRIES",
+    "RESCUE_TRIES",
+    "TOLERANCE_BPW",
+    "Search",
+    "Try",
+    "find_budget",
+    "search_allocation",
+]
 
 #: Width in bits/weight at which a bracket stops shrinking: the winner is then at most this far above the
 #: smallest passing budget (for a degradation monotone in the budget).
@@ -49,6 +58,8 @@ TOLERANCE_BPW = 0.1
 #: no earlier final had, so their number bounds the search's cost against one ``--target-bpw`` run.
 ESTIMATE_TRIES = 8
 FINAL_TRIES = 4
+#: Finals allowed beyond ``FINAL_TRIES`` while none has passed (see ``_finals``).
+RESCUE_TRIES = 3
 #: Where in a bracket the next try may fall, as fractions of its width: a prediction near an end would shrink
 #: it by almost nothing.
 _SAFE = (0.15, 0.85)
@@ -173,6 +184,10 @@ class _Bracket:
             return math.inf
         return self.passed[0] - self.fail[0]
 
+    def closed(self, tolerance: float) -> bool:
+        """At most ``tolerance`` wide, round-off aside (a step of exactly the tolerance closes it)."""
+        return self.width() <= tolerance * (1 + 1e-9)
+
 
 def find_budget(
     bounds: tuple[float, float],
@@ -207,7 +222,7 @@ def find_budget(
     done = [t for t in tries if t.kind == "final"]
     if finals.passed is not None:
         winner = finals.passed[0]
-        converged = finals.width() <= tolerance or winner <= lo
+        converged = finals.closed(tolerance) or winner <= lo
         return Search(bounds, threshold, tries, winner, winner, None, converged)
     best = min(done, key=lambda t: (t.degradation, -t.bits_per_weight))
     largest = max(t.bits_per_weight for t in done)
@@ -230,7 +245,7 @@ def _bracket(
         bracket.add(bpw, t.degradation, t.passed)
         if t.passed == (bpw == lo) or hi - lo <= tolerance:  # nothing passes, or everything does
             return bracket
-    while bracket.width() > tolerance and budget > 2:
+    while not bracket.closed(tolerance) and budget > 2:
         budget -= 1
         t = run(_inside(bracket, threshold))
         bracket.add(t.bits_per_weight, t.degradation, t.passed)
@@ -248,28 +263,36 @@ def _finals(
     budget: int,
 ) -> _Bracket:
     """Bracket the threshold with finals, from ``start`` (where the estimates first pass), stepping to where
-    the estimate ``curve`` scaled by the measured final/estimate ratio predicts the threshold."""
+    the estimate ``curve`` scaled by the measured final/estimate ratio predicts the threshold.
+
+    While no final has passed, the steps up at least double and ``RESCUE_TRIES`` more tries are allowed, the
+    last at ``hi``: where the degradation sits on a plateau the prediction keeps stepping short of a pass. (A
+    two-input zoo model failed at 3.43, 3.65 and 3.80 bits/weight with the same degradation, then got the whole
+    range's top, 8.5 bits/weight, as the winner.)
+    """
     bracket = _Bracket()
-    bpw = start
-    for left in range(budget - 1, -1, -1):
+    bpw, step, tried = start, tolerance, 0
+    while True:
         t = run(bpw)
+        tried += 1
         bracket.add(bpw, t.degradation, t.passed)
-        if bracket.width() <= tolerance or not left:
-            break
+        left = (budget if bracket.passed is not None else budget + RESCUE_TRIES) - tried
+        if bracket.closed(tolerance) or left <= 0:
+            return bracket
         if bracket.fail is not None and bracket.passed is not None:
             bpw = _inside(bracket, threshold)
             continue
         predicted = _predicted(curve, bpw, t.degradation, threshold, lo, hi)
         if t.passed:
             if bpw <= lo:
-                break
+                return bracket
             bpw = max(lo, min(predicted, bpw - tolerance))
+        elif bpw >= hi:
+            return bracket
+        elif left == 1:  # the last try without a pass: the top, so "nothing passes" holds for the whole range
+            bpw = hi
         else:
-            if bpw >= hi:
-                break
-            # The last try without a pass goes to the top: "nothing passes" then holds for the whole range.
-            bpw = hi if left == 1 else min(hi, max(predicted, bpw + tolerance))
-    return bracket
+            bpw, step = min(hi, max(predicted, bpw + step)), 2 * step
 
 
 #: Ceiling of a degradation on the log scale: an infinite one (NaN outputs) must not make the

@@ -16,7 +16,7 @@ from onnxpq import CompressConfig, compress
 from onnxpq.cli import main
 from onnxpq.errors import ConfigError
 from onnxpq.pipeline import ValidationSettings
-from onnxpq.search import ESTIMATE_TRIES, FINAL_TRIES, TOLERANCE_BPW, find_budget
+from onnxpq.search import ESTIMATE_TRIES, FINAL_TRIES, RESCUE_TRIES, TOLERANCE_BPW, find_budget
 from onnxpq.validate import check_gate, kl_divergence
 
 BOUNDS = (0.5, 8.0)
@@ -43,7 +43,7 @@ def test_the_winner_is_within_the_tolerance_above_the_smallest_passing_budget(fi
     assert truth <= search.winner <= truth + TOLERANCE_BPW + 1e-9
     assert final(search.winner) <= threshold
     kinds = [t.kind for t in search.tries]
-    assert kinds.count("estimate") <= ESTIMATE_TRIES and kinds.count("final") <= FINAL_TRIES
+    assert kinds.count("estimate") <= ESTIMATE_TRIES and kinds.count("final") <= FINAL_TRIES + RESCUE_TRIES
     assert kinds == sorted(kinds, key=("estimate", "final").index)  # estimates first, then finals
 
 
@@ -78,6 +78,27 @@ def test_no_try_leaves_the_range(bounds, offset):
     search = find_budget(bounds, lambda b, kind: (final if kind == "final" else estimate)(b), 0.15)
     assert all(lo <= t.bits_per_weight <= hi for t in search.tries)
     assert search.winner is not None and search.converged
+
+
+def test_a_plateau_above_the_threshold_does_not_send_the_winner_to_the_top():
+    """Finals that fail with the same degradation while the estimates pass (one layer's error dominates until
+    4 bits/weight) used to end at the range's top, 8.5 bits/weight; the steps up now double until one passes."""
+
+    def degradation(bpw: float, kind: str) -> float:
+        if kind == "estimate":
+            return 0.2 * math.exp(-bpw)
+        return 0.0125 if bpw < 4.0 else 0.003
+
+    search = find_budget((1.0, 8.5), degradation, 0.01)
+    assert search.winner is not None and 4.0 <= search.winner <= 5.0
+    assert sum(t.kind == "final" for t in search.tries) <= FINAL_TRIES + RESCUE_TRIES
+
+
+def test_a_bracket_one_tolerance_wide_is_closed():
+    """A final one tolerance below a pass closes the bracket, whatever the round-off of the subtraction."""
+    search = find_budget((0.4, 8.1), lambda b, kind: 0.01 / b if kind == "final" else 0.012 / b, 0.0063)
+    finals = [t for t in search.tries if t.kind == "final"]
+    assert search.converged and any(not t.passed for t in finals)
 
 
 def test_outputs_that_turn_nan_are_the_worst_degradation_and_the_search_goes_on():
