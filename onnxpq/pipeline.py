@@ -55,7 +55,7 @@ from onnxpq.quantize.allocate import (
     price_settings,
     probe_split,
 )
-from onnxpq.quantize.bias import BiasTarget, bias_targets, corrected_biases
+from onnxpq.quantize.bias import BiasTarget, bias_targets, result_biases
 from onnxpq.quantize.layer import LayerResult
 from onnxpq.quantize.selection import Candidate, pattern_counts, with_uses_in
 from onnxpq.quantize.size import MIB, float_parameters, pqf_sizes
@@ -536,9 +536,8 @@ def _quantize(
         }
     with clock.stage("quantization"):
         results = quantize(candidates)
-    shifts = {n: r.shift for n, r in results.items() if r.shift is not None}
     fitted = fit.n_samples if fit is not None else None
-    biases = corrected_biases(model, _compressed_targets(targets, candidates), shifts)
+    biases = result_biases(model, targets, results)
     return _Quantized(candidates, results, biases, stats, allocation, fitted, taken, search)
 
 

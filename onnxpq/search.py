@@ -34,7 +34,7 @@ from onnxpq.config import CompressConfig
 from onnxpq.encode import encode_weights
 from onnxpq.model.files import serialized
 from onnxpq.quantize.allocate import Allocation, Pricing, allocate, budget_bits
-from onnxpq.quantize.bias import BiasTarget, corrected_biases
+from onnxpq.quantize.bias import BiasTarget, result_biases
 from onnxpq.quantize.layer import LayerResult
 from onnxpq.quantize.selection import Candidate
 from onnxpq.quantize.size import float_parameters
@@ -159,8 +159,7 @@ def built_model(
     model: onnx.ModelProto, results: Mapping[str, LayerResult], targets: Mapping[str, BiasTarget]
 ) -> onnx.ModelProto:
     """The compressed model of a try: the decode chains and the corrected biases, without metadata."""
-    shifts = {n: r.shift for n, r in results.items() if r.shift is not None}
-    biases = corrected_biases(model, {n: t for n, t in targets.items() if n in results}, shifts)
+    biases = result_biases(model, targets, results)
     return encode_weights(model, [r.quantized for r in results.values()], metadata={}, constants=biases)
 
 

@@ -210,7 +210,7 @@ class Gate:
         outputs = to_json(compare_outputs(self.model, self.reference, test, self.labels))
         if any(o["nonfinite_mismatch"] for o in outputs):
             return math.inf
-        return max(d for o in outputs if (d := degradation(o, self.metric)) is not None)
+        return max(d for _, d in _applicable(outputs, self.metric))
 
 
 def degradation(output: Mapping[str, Any], metric: str) -> float | None:
@@ -229,16 +229,22 @@ def degradation(output: Mapping[str, Any], metric: str) -> float | None:
     return float(output[metric])
 
 
-def check_gate(outputs: Sequence[Mapping[str, Any]], metric: str, max_degradation: float) -> str | None:
-    """None when every output is within the gate, else a message naming the failing output and value."""
+def _applicable(outputs: Sequence[Mapping[str, Any]], metric: str) -> list[tuple[Mapping[str, Any], float]]:
+    """Each output the metric applies to, with its degradation; a ``ConfigError`` when there is none."""
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    applicable = [(o, degradation(o, metric)) for o in outputs if degradation(o, metric) is not None]
+    applicable = [(o, d) for o in outputs if (d := degradation(o, metric)) is not None]
     if not applicable:
         raise ConfigError(
             f"metric {metric!r} applies to no output of this model (top1, kl and accuracy need class scores, "
             "accuracy also --labels)"
         )
+    return applicable
+
+
+def check_gate(outputs: Sequence[Mapping[str, Any]], metric: str, max_degradation: float) -> str | None:
+    """None when every output is within the gate, else a message naming the failing output and value."""
+    applicable = _applicable(outputs, metric)
     for output in outputs:
         if output.get("nonfinite_mismatch"):
             return (

@@ -24,7 +24,7 @@ from onnxpq.model.files import serialized
 from onnxpq.model.graph import constant_tensors, constants_as_inputs
 from onnxpq.operators import OP_TYPES
 from onnxpq.parallel import Workers, map_tasks
-from onnxpq.quantize.bias import BiasTarget, corrected_biases
+from onnxpq.quantize.bias import BiasTarget, result_biases
 from onnxpq.quantize.kmeans import coarsened
 from onnxpq.quantize.layer import LayerResult, decoded_weight, layer_rng, quantize_layer
 from onnxpq.quantize.selection import Candidate, find_candidates, variants
@@ -348,10 +348,7 @@ def _decoded_values(
     model: onnx.ModelProto, name: str, result: LayerResult, targets: Mapping[str, BiasTarget]
 ) -> dict[str, np.ndarray]:
     """The decoded weight with the corrected bias that goes with it."""
-    values = {name: decoded_weight(result.quantized)}
-    if result.shift is not None and name in targets:
-        values.update(corrected_biases(model, targets, {name: result.shift}))
-    return values
+    return {name: decoded_weight(result.quantized), **result_biases(model, targets, {name: result})}
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,10 @@ import onnx
 from onnxpq.model.graph import ConstantTensor, attributes, constant_tensors, display_name, readers
 from onnxpq.model.tensors import FLOAT_TYPES
 from onnxpq.operators import operator
+from onnxpq.quantize.layer import LayerResult
 from onnxpq.quantize.selection import Candidate
 
-__all__ = ["BiasTarget", "bias_targets", "corrected_biases"]
+__all__ = ["BiasTarget", "bias_targets", "result_biases"]
 
 
 @dataclass(frozen=True)
@@ -74,15 +75,18 @@ def bias_targets(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dic
     return out
 
 
-def corrected_biases(
-    model: onnx.ModelProto, targets: Mapping[str, BiasTarget], shifts: Mapping[str, np.ndarray]
+def result_biases(
+    model: onnx.ModelProto, targets: Mapping[str, BiasTarget], results: Mapping[str, LayerResult]
 ) -> dict[str, np.ndarray]:
-    """New bias values: the old ones plus each layer's mean output shift, in the bias's own dtype and shape."""
+    """New bias values: the old ones plus each layer's mean output shift, in the bias's own dtype and shape. Only
+    a layer quantized with bias correction measured a shift, so only those have (and need) a target."""
     constants = constant_tensors(model.graph)
     out = {}
-    for weight, shift in shifts.items():
+    for weight, result in results.items():
+        if result.shift is None:
+            continue
         target = targets[weight]
         old = constants[target.tensor].to_array()
-        new = old.astype(np.float64) + (shift * target.scale).reshape(old.shape)
+        new = old.astype(np.float64) + (result.shift * target.scale).reshape(old.shape)
         out[target.tensor] = new.astype(old.dtype)
     return out

@@ -15,7 +15,7 @@ from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
 from onnxpq.model.graph import constant_tensors, display_name, replace_constants
 from onnxpq.parallel import Workers, map_tasks
-from onnxpq.quantize.bias import BiasTarget, corrected_biases
+from onnxpq.quantize.bias import BiasTarget, result_biases
 from onnxpq.quantize.layer import LayerResult, decoded_weight, quantize_layer
 from onnxpq.quantize.layout import data_aware
 from onnxpq.quantize.selection import Candidate
@@ -104,8 +104,7 @@ def quantize_sequential(
         done = quantize_weights(current, chunk, config, stats=stats, bias_weights=frozenset(targets), progress=False)
         results.update(done)
         dense = {c.name: decoded_weight(done[c.name].quantized) for c in chunk}
-        shifts = {name: r.shift for name, r in done.items() if r.shift is not None}
-        replace_constants(current.graph, {**dense, **corrected_biases(current, targets, shifts)})
+        replace_constants(current.graph, {**dense, **result_biases(current, targets, done)})
     rest = [c for c in todo if c.name not in results]
     results.update(quantize_weights(model, rest, config, progress=False))
     return {c.name: results[c.name] for c in todo}
