@@ -54,6 +54,13 @@ DAMPING = 0.01
 #: Lloyd (and the output-aware refinement) stops once at most this fraction of codes changes in an iteration:
 #: the last iterations of a big layer move a handful of subvectors and cost as much as the first.
 KMEANS_TOLERANCE = 1e-3
+#: The codebook refit (conjugate gradients) stops once its squared residual is this fraction of the right-hand
+#: side's: a relative residual of 1e-5, where the output error has stopped moving in its sixth digit.
+REFIT_TOLERANCE = 1e-10
+#: The same for the allocator's estimates, which rank settings whose errors differ by tens of percent: on
+#: MiniLM's and PP-OCRv4 rec's largest layers it halved the refit's iterations and moved the estimated
+#: output error by at most 0.04 % (``tools/bench_speed.py`` rows of 0.5.0.dev, CHANGELOG).
+ESTIMATE_REFIT_TOLERANCE = 1e-6
 #: Input rows per layer (or ``ROWS_PER_INPUT`` per input of a group, if more) beyond which the statistics use
 #: a random subset of them, the same share from every batch. MobileNetV2's first layers see 224 x 12 544
 #: patches for an H of 9 x 9 to 32 x 32, and PP-OCRv4 rec's 5 x 5 depthwise convs 320 000 for 240 H of 25 x 25:
@@ -196,6 +203,8 @@ class CompressConfig:
     shrinkage_grid, damping : the statistics' shrinkage weights tried on rank-deficient layers, and GPTQ's
         damping of H.
     kmeans_tolerance : the fraction of changed codes at which Lloyd and the refinement stop.
+    refit_tolerance, estimate_refit_tolerance : the squared relative residual at which the codebook refit
+        stops, in the final quantization and in the allocator's estimates.
     max_rows, rows_per_input : the row sample of the statistics.
     probe_samples, measured_settings, estimate_iters, estimate_units, sample_per_codeword : the bit
         allocator's measurements and quick estimates.
@@ -229,6 +238,8 @@ class CompressConfig:
     shrinkage_grid: tuple[float, ...] = SHRINKAGE_GRID
     damping: float = DAMPING
     kmeans_tolerance: float = KMEANS_TOLERANCE
+    refit_tolerance: float = REFIT_TOLERANCE
+    estimate_refit_tolerance: float = ESTIMATE_REFIT_TOLERANCE
     max_rows: int = MAX_ROWS
     rows_per_input: int = ROWS_PER_INPUT
     probe_samples: int = PROBE_SAMPLES
@@ -357,6 +368,8 @@ _INTERNAL_SETTINGS = (
     ),
     Setting("damping", INTERNALS, "GPTQ's damping of H", kind=float, low=0, low_open=True),
     Setting("kmeans_tolerance", INTERNALS, "changed-code fraction that stops Lloyd", kind=float, low=0, high=1),
+    Setting("refit_tolerance", INTERNALS, "squared relative residual that stops the refit", kind=float, low=0),
+    Setting("estimate_refit_tolerance", INTERNALS, "the same in the allocator's estimates", kind=float, low=0),
     Setting("max_rows", INTERNALS, "statistics rows per layer before sampling", kind=int, low=1),
     Setting("rows_per_input", INTERNALS, "statistics rows per input before sampling", kind=int, low=1),
     Setting("probe_samples", INTERNALS, "samples of the allocator's error probe", kind=int, low=1),

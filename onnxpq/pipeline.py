@@ -45,9 +45,10 @@ from onnxpq.model.files import (
 from onnxpq.model.graph import check_conv_channels, constant_tensors, replace_constants
 from onnxpq.model.session import session
 from onnxpq.model.subgraphs import lift_subgraph_weights, subgraph_weight_count
-from onnxpq.parallel import Workers
+from onnxpq.parallel import Workers, trim_heap
 from onnxpq.permute.search import consumer_distortion, permute_model
 from onnxpq.quantize.allocate import (
+    Allocation,
     allocate,
     budget_bits,
     budget_candidates,
@@ -515,19 +516,14 @@ def _quantize(
             if fit is not None
             else {}
         )
+        trim_heap()  # the activation batches are freed; give them back before the workers start
     targets = bias_targets(model, candidates) if config.bias_correction and stats else {}
     quantize = _quantizer(model, (seen, taken), config, fit, stats, targets, progress, workers)
     allocation = search = None
     if config.has_budget:
-        with clock.stage("allocation"):
-            settings = {"stats": stats, "calibration": probe, "targets": targets, "progress": progress}
-            pricing = price_settings(model, candidates, config, **settings, workers=workers)
-        if gate is not None:
-            with clock.stage("search"):
-                found, search = search_allocation(model, pricing, config, gate, quantize, targets, _say(gate))
-        else:
-            budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
-            found = allocate(model, pricing, config, budget)
+        settings = {"stats": stats, "calibration": probe, "targets": targets, "progress": progress, "workers": workers}
+        found, search = _allocated(model, candidates, config, settings, clock, gate, quantize)
+        trim_heap()  # the estimates of every setting are gone; give their memory back before quantizing
         candidates = found.candidates
         allocation = {
             "budget_bits": found.budget_bits,
@@ -539,6 +535,29 @@ def _quantize(
     fitted = fit.n_samples if fit is not None else None
     biases = result_biases(model, targets, results)
     return _Quantized(candidates, results, biases, stats, allocation, fitted, taken, search)
+
+
+def _allocated(
+    model: onnx.ModelProto,
+    candidates: list[Candidate],
+    config: CompressConfig,
+    settings: dict[str, Any],
+    clock: Stopwatch,
+    gate: Gate | None,
+    quantize: Callable[[Sequence[Candidate]], dict[str, LayerResult]],
+) -> tuple[Allocation, Search | None]:
+    """The allocation for the budget (or, with a ``gate``, the budget search's winner) and the search.
+
+    Every setting's estimate (its codes: on MiniLM about 9 bytes per weight over all settings) lives only
+    here; the allocation keeps the chosen ones.
+    """
+    with clock.stage("allocation"):
+        pricing = price_settings(model, candidates, config, **settings)
+    if gate is not None:
+        with clock.stage("search"):
+            return search_allocation(model, pricing, config, gate, quantize, settings["targets"], _say(gate))
+    budget = budget_bits(model, candidates, target_bpw=config.target_bpw, target_mib=config.target_mib)
+    return allocate(model, pricing, config, budget), None
 
 
 def _compressed_targets(targets: dict[str, BiasTarget], candidates: Sequence[Candidate]) -> dict[str, BiasTarget]:

@@ -122,6 +122,25 @@ def test_target_bpw_is_never_exceeded(tmp_path, rng, target):
     assert target * 0.9 <= bpw <= target
 
 
+def test_estimates_refit_to_their_own_tolerance_and_the_chosen_settings_to_the_final_one(tmp_path, rng, monkeypatch):
+    """The allocator only ranks settings, so its refits may stop early; the written codebooks may not."""
+    from onnxpq.quantize import output_aware
+
+    seen: list[float] = []
+    real = output_aware.refit
+
+    def recording(*args, tol, **kwargs):
+        seen.append(tol)
+        return real(*args, tol=tol, **kwargs)
+
+    monkeypatch.setattr(output_aware, "refit", recording)
+    _compress_mlp(tmp_path, rng, target_bpw=4.0, refit_tolerance=1e-9, estimate_refit_tolerance=1e-5)
+    assert set(seen) == {1e-9, 1e-5}
+    assert seen[-1] == 1e-9  # the final quantization comes last
+    with pytest.raises(ConfigError, match="refit_tolerance"):
+        CompressConfig(refit_tolerance=-1.0)
+
+
 @pytest.mark.parametrize("sequential", [0, 2])
 def test_the_written_codebooks_are_the_allocated_ones(tmp_path, rng, sequential):
     """Every compressed layer of the output has the (k, d) the allocator chose and the report lists. With

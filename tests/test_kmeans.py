@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from onnxpq.quantize.kmeans import assign, coarsened, kmeans, nearest_scalar
+from onnxpq.quantize import kmeans as kmeans_module
+from onnxpq.quantize.kmeans import _draw, assign, block_rows, coarsened, kmeans, nearest, nearest_scalar
 
 
 def test_hand_worked_case():
@@ -57,12 +58,51 @@ def test_assign_matches_brute_force():
     np.testing.assert_allclose(dist, brute.min(1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 3, 256])
+def test_assign_gives_the_same_codes_and_distances_whatever_the_block_size(k, monkeypatch):
+    # The blocks bound memory and keep the scores in cache; each row's scores do not depend on its block.
+    rng = np.random.default_rng(k)
+    x, c = rng.standard_normal((5000, 4)).astype(np.float32), rng.standard_normal((k, 4)).astype(np.float32)
+    codes, dist = assign(x, c)
+    monkeypatch.setattr(kmeans_module, "SCORES_PER_BLOCK", 7 * k)  # 7-row blocks, the last one short
+    assert block_rows(k) == 7
+    small_codes, small_dist = assign(x, c)
+    np.testing.assert_array_equal(codes, small_codes)
+    np.testing.assert_array_equal(dist, small_dist)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_nearest_gives_assigns_codes(d):
+    rng = np.random.default_rng(d)
+    x, c = rng.standard_normal((4000, d)).astype(np.float32), rng.standard_normal((50, d)).astype(np.float32)
+    np.testing.assert_array_equal(nearest(x, c), assign(x, c)[0])
+
+
+def test_block_rows_stays_within_the_score_budget_and_the_row_cap():
+    assert block_rows(256) * 256 <= kmeans_module.SCORES_PER_BLOCK
+    assert block_rows(1) == kmeans_module.CHUNK
+    assert block_rows(10**9) == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_draw_picks_what_numpy_choice_picks_from_the_same_stream(seed):
+    # k-means++ seeds must not change with the faster draw: same uniform number, same index.
+    p = np.random.default_rng(seed).random(1000) ** 4
+    p[::7] = 0.0  # points already on a centre
+    p /= p.sum()
+    ours, theirs = np.random.default_rng(seed + 100), np.random.default_rng(seed + 100)
+    assert [_draw(p, ours) for _ in range(200)] == [int(theirs.choice(len(p), p=p)) for _ in range(200)]
+
+
 def test_rejects_more_clusters_than_points():
     with pytest.raises(ValueError, match="n_samples=3 should be >= n_clusters=4"):
         kmeans(np.zeros((3, 2), np.float32), 4, n_iter=1, rng=np.random.default_rng(0))
 
 
-def test_nearest_scalar_is_the_exact_nearest_value_with_ties_to_the_lowest_index():
+@pytest.mark.parametrize("block", [None, 999])
+def test_nearest_scalar_is_the_exact_nearest_value_with_ties_to_the_lowest_index(block, monkeypatch):
+    if block is not None:  # the same codes when the elements go in blocks, the last one short
+        monkeypatch.setattr(kmeans_module, "SCALARS_PER_BLOCK", block)
     rng = np.random.default_rng(5)
     values = rng.standard_normal(64).astype(np.float32)
     values[[7, 40]] = values[3]  # duplicates: index 3 must win
@@ -74,7 +114,10 @@ def test_nearest_scalar_is_the_exact_nearest_value_with_ties_to_the_lowest_index
     assert codes[5000 + 3] == 3
 
 
-def test_scalar_assign_matches_the_brute_force_nearest_centroid():
+@pytest.mark.parametrize("block", [None, 999])
+def test_scalar_assign_matches_the_brute_force_nearest_centroid(block, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(kmeans_module, "SCALARS_PER_BLOCK", block)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3000, 1)).astype(np.float32)
     centroids = rng.standard_normal((16, 1)).astype(np.float32)

@@ -98,3 +98,26 @@ def test_bad_worker_options_are_named(tmp_path, capsys):
     source = _mlp(tmp_path)
     assert main(["compress", str(source), str(tmp_path / "o.onnx"), "--jobs", "0"]) == 2
     assert "--jobs 0 must be >= 1" in capsys.readouterr().err
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not parallel.ctypes.util.find_library("c"), reason="no C library to trim")
+def test_trim_heap_gives_freed_heap_memory_back():
+    """Blocks freed between live ones stay in the process (glibc) until trimmed; on other C libraries
+    trimming is a no-op that must not fail."""
+    np.ones(1 << 18)  # freeing a 2 MiB mapping raises glibc's mmap threshold above the blocks below
+    blocks = [np.ones(1 << 15) for _ in range(4000)]  # 256 KiB each, ~1 GiB of heap in all
+    kept = blocks[::16]  # live blocks all along the heap: it cannot shrink from the top
+    held = _rss_kib()
+    del blocks
+    parallel.trim_heap()
+    assert _rss_kib() < held - (512 << 10)
+    assert all(k[0] == 1.0 for k in kept)
+
+
+def test_workers_return_each_tasks_result_after_trimming():
+    assert map_tasks(pow, [(2, 3), (3, 2)], Workers(jobs=2), total=2, desc="pow") == [8, 9]

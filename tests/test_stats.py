@@ -235,3 +235,19 @@ def test_a_layer_with_far_more_inputs_than_outputs_gets_affordable_blocks():
     blocks = plan_blocks({"narrow": narrow, "wide": wide}, 4096 * 2**20)
     assert blocks["wide"] == 4096
     assert blocks["narrow"] < 4096 and narrow.affordable(blocks["narrow"]) and 4096 % blocks["narrow"] == 0
+
+
+def test_a_held_covariance_is_the_computed_one_and_does_not_follow_a_reordering(rng):
+    """The allocator computes a layer's covariance once for all its settings; another column order gets its own."""
+    w = rand(rng, 64, 32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["n", 64])], ["y"], {"w": w})
+    data = Dataset({"x": rand(rng, 40, 64) + rand(rng, 1, 64)}, source="test")
+    (four,) = find_candidates(model, CompressConfig(min_elements=1, subvector_dim=4))
+    (eight,) = find_candidates(model, CompressConfig(min_elements=1, subvector_dim=8))
+    stats = collect_stats(model, [four], data)["w"]
+    held = stats.with_covariance()
+    np.testing.assert_array_equal(held.covariance(), stats.covariance())
+    assert held.covariance() is held.covariance()
+    np.testing.assert_array_equal(
+        held.reordered(input_order(eight)).covariance(), stats.reordered(input_order(eight)).covariance()
+    )

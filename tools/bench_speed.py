@@ -11,7 +11,9 @@ docs/BENCHMARKS.md and the README by ``tools/results.py``) and merged into docs/
 jobs, label), the history rendered into docs/SPEED.md, each with the commit that produced it.
 
 Run it with nothing else on the machine: the wall times are the point. To measure another commit,
-point ``PYTHONPATH`` at a worktree of it (the child inherits it; the row records that commit).
+check its ``onnxpq/`` out into this tree (the row records the commit of the code it imported): with
+onnxpq installed editable, as the README installs it, the editable finder takes precedence over
+``PYTHONPATH``, so pointing that at a worktree measures this tree's code.
 
 Usage: python tools/bench_speed.py [--models mobilenetv2 ppocr minilm] [--target-bpw 3]
        [--samples 256] [--jobs auto] [--label LABEL]

@@ -27,6 +27,7 @@ from onnxpq.parallel import Workers, map_tasks
 from onnxpq.quantize.bias import BiasTarget, result_biases
 from onnxpq.quantize.kmeans import coarsened
 from onnxpq.quantize.layer import LayerResult, decoded_weight, layer_rng, quantize_layer
+from onnxpq.quantize.layout import input_order
 from onnxpq.quantize.selection import Candidate, find_candidates, variants
 from onnxpq.quantize.size import float_parameters, layer_bits, pqf_sizes
 from onnxpq.quantize.stats import LayerStats
@@ -397,7 +398,12 @@ def price_settings(
     ones for real. Layers are independent, so ``workers`` may estimate them anywhere.
     """
     constants = constant_tensors(model.graph)
-    quick = replace(config, error_feedback=False, kmeans_iters=min(config.kmeans_iters, config.estimate_iters))
+    quick = replace(
+        config,
+        error_feedback=False,
+        kmeans_iters=min(config.kmeans_iters, config.estimate_iters),
+        refit_tolerance=max(config.refit_tolerance, config.estimate_refit_tolerance),
+    )
     todo = [c for c in candidates if c.compressed]
 
     # One task per (layer, subvector length), largest first: the chains of one large layer (MobileNetV2's
@@ -465,6 +471,9 @@ def _estimate_task(
     Each smaller codebook starts from the one before it, coarsened (``kmeans.coarsened``),
     instead of a fresh k-means++ seeding and Lloyd's iterations over the whole layer.
     """
+    if stats is not None:  # every setting of the chain reads the inputs in one order (the layout's)
+        stats = stats.reordered(input_order(chain[0]))
+        stats = None if stats is None else stats.with_covariance()
     results: list[LayerResult] = []
     for v in chain:
         init = (

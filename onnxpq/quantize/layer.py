@@ -19,7 +19,7 @@ from onnx import helper
 
 from onnxpq.config import CompressConfig
 from onnxpq.quantize import output_aware
-from onnxpq.quantize.kmeans import Codebook, assign, kmeans, residual_energy
+from onnxpq.quantize.kmeans import Codebook, kmeans, nearest, residual_energy
 from onnxpq.quantize.layout import input_order, unit_matrix, weight_from_units
 from onnxpq.quantize.selection import Candidate
 from onnxpq.quantize.stats import LayerStats
@@ -198,7 +198,7 @@ def _refine(units: np.ndarray, book: Codebook, h: np.ndarray, config: CompressCo
         fed_back = fed is not None
         codes = codes if fed is None else fed
     if config.refit:
-        centroids = output_aware.refit(units, codes, centroids, h)
+        centroids = output_aware.refit(units, codes, centroids, h, tol=config.refit_tolerance)
     centroids = centroids.astype(np.float32)
     inertia = residual_energy(units.reshape(-1, d), centroids, codes)
     return Codebook(centroids=centroids, codes=codes, inertia=inertia), fed_back
@@ -251,7 +251,8 @@ def quantize_layer(
         book, output_rel = _coded_by(units, book, stats if output_rel is not None else None, correct_bias, config)
     # Kept until encoding: int64 codes of every layer would hold 8 bytes per subvector for the whole run.
     q = QuantizedWeight(candidate, replace(book, codes=book.codes.astype(np.min_scalar_type(k - 1))))
-    decoded = _decoded_units(book).reshape(units.shape)
+    del book  # the int64 codes: decoded from q's, the layer's largest arrays are not held twice
+    decoded = _decoded_units(q.codebook).reshape(units.shape)
     if output_rel is not None and correct_bias:
         shift = _mean_shift(_blocked(units, stats), _blocked(decoded, stats), stats)
     error = weight_error(array, weight_from_units(decoded, candidate), output_rel, form)
@@ -286,7 +287,7 @@ def _coded_by(
     d = book.centroids.shape[1]
     centroids = book.centroids
     if stats is None:
-        codes, _ = assign(units.reshape(-1, d), centroids)
+        codes = nearest(units.reshape(-1, d), centroids)
         return Codebook(centroids, codes, residual_energy(units.reshape(-1, d), centroids, codes)), None
     cov = stats.covariance()
     blocked = _blocked(units, stats)

@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from onnxpq.config import DAMPING
-from onnxpq.quantize.kmeans import nearest_scalar
+from onnxpq.config import DAMPING, REFIT_TOLERANCE
+from onnxpq.quantize.kmeans import block_rows, nearest_scalar
 
 __all__ = [
     "assign",
@@ -35,8 +35,6 @@ __all__ = [
     "update",
 ]
 
-#: Rows of (subvector x codeword) scores computed at once: bounds memory and stays in cache.
-CHUNK = 1 << 13
 #: The repair of an H that round-off left indefinite (``_factor``): first damping step and eigenvalue floor,
 #: as fractions of the mean diagonal.
 REPAIR_FLOOR = 0.01
@@ -67,21 +65,22 @@ def _scores_argmin(uh: np.ndarray, centroids: np.ndarray, chc: np.ndarray) -> np
     are one batched product plus each position's cᵀHc broadcast over its units: all
     groups in one pass (a depthwise layer has one group per channel, and a Python loop
     over them cost more than the arithmetic), and no per-row copy of cᵀHc (which cost
-    as much as the product), within about ``CHUNK`` rows of scores at a time.
+    as much as the product), a cache-sized block of scores at a time (``kmeans.block_rows``).
     """
     g, p, n, d = uh.shape
     slabs = uh.reshape(g * p, n, d)
     table = chc.reshape(g * p, 1, -1)
     minus_two_ct = -2.0 * centroids.T
     codes = np.empty((g * p, n), dtype=np.int64)
-    rows = min(n, CHUNK)
-    step = max(1, CHUNK // rows)
+    per_block = block_rows(chc.shape[-1])
+    rows = min(n, per_block)
+    step = max(1, per_block // rows)
     for first in range(0, g * p, step):
         for row in range(0, n, rows):
             part = slabs[first : first + step, row : row + rows]
-            codes[first : first + step, row : row + rows] = np.argmin(
-                part @ minus_two_ct + table[first : first + step], axis=2
-            )
+            scores = part @ minus_two_ct
+            scores += table[first : first + step]
+            codes[first : first + step, row : row + rows] = np.argmin(scores, axis=2)
     return codes.reshape(g, p, n).transpose(0, 2, 1).ravel()
 
 
@@ -188,7 +187,13 @@ def output_error(units: np.ndarray, decoded: np.ndarray, h: np.ndarray, h_noise:
 
 
 def refit(
-    units: np.ndarray, codes: np.ndarray, centroids: np.ndarray, h: np.ndarray, *, iters: int = 50, tol: float = 1e-10
+    units: np.ndarray,
+    codes: np.ndarray,
+    centroids: np.ndarray,
+    h: np.ndarray,
+    *,
+    iters: int = 50,
+    tol: float = REFIT_TOLERANCE,
 ) -> np.ndarray:
     """The codebook minimising ‖X(W - Ŵ)‖² for fixed codes (preconditioned conjugate gradients).
 
