@@ -121,22 +121,6 @@ def _nearest(x: np.ndarray, centroids: np.ndarray, *, distances: bool) -> tuple[
             x_sq = np.einsum("ij,ij->i", block, block)
             dist[start : start + rows] = np.maximum(x_sq + scores[np.arange(len(block)), best], 0.0)
     return codes, dist
-    c_sq = np.einsum("ij,ij->i", centroids, centroids)
-    # Scaling by -2 is exact in floating point, so x @ (-2 cᵀ) equals -2 (x @ cᵀ) bit for bit, with no temporary.
-    minus_two_ct = -2.0 * centroids.T
-    codes = np.empty(len(x), dtype=np.int64)
-    dist = np.empty(len(x), dtype=np.float64)
-    rows = block_rows(len(centroids))
-    for start in range(0, len(x), rows):
-        block = x[start : start + rows]
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the ||x||^2 term does not change the argmin.
-        scores = block @ minus_two_ct
-        scores += c_sq
-        best = np.argmin(scores, axis=1)
-        codes[start : start + rows] = best
-        x_sq = np.einsum("ij,ij->i", block, block)
-        dist[start : start + rows] = np.maximum(x_sq + scores[np.arange(len(block)), best], 0.0)
-    return codes, dist
 
 
 def kmeans_plusplus(
