@@ -267,7 +267,7 @@ def _finals(
     While no final has passed, the steps up at least double and ``RESCUE_TRIES`` more tries are allowed, the
     last at ``hi``: where the degradation sits on a plateau the prediction keeps stepping short of a pass. (A
     two-input zoo model failed at 3.43, 3.65 and 3.80 bits/weight with the same degradation, then got the whole
-    range's top, 8.5 bits/weight, as the winner.)
+    range's top, 8.3 bits/weight, as the winner.)
     """
     bracket = _Bracket()
     bpw, step, tried = start, tolerance, 0
