@@ -11,7 +11,7 @@ from conftest import conv_model, make_model, rand, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
-from onnxpq.encode import pq_name
+from onnxpq.encode import layer_outputs, pq_name
 from onnxpq.model.graph import constant_foldable_nodes
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.quantize.selection import find_candidates
@@ -23,7 +23,11 @@ NO_VALIDATION = ValidationSettings(enabled=False)
 def decoded_weights(original: onnx.ModelProto, compressed: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Decode every compressed weight in numpy, independently of onnxpq's own decode helper."""
     inits = {t.name: t for t in compressed.graph.initializer}
-    axes = {n.name: helper.get_node_attr_value(n, "axis") for n in compressed.graph.node if n.op_type == "Gather"}
+    axes = {
+        n.name: helper.get_node_attr_value(n, "axis")
+        for n in compressed.graph.node
+        if n.name.endswith("_pq_decode_gather")
+    }
     out = {}
     for t in original.graph.initializer:
         if pq_name(t.name, "codebook") in inits:
@@ -159,6 +163,57 @@ def test_gather_embedding_matches_dense(tmp_path, rng):
     compressed = compress_model(model, tmp_path)
     ids = rng.integers(0, 1000, size=(2, 7)).astype(np.int64)
     assert_equivalent(model, compressed, {"ids": ids})
+
+
+def _lookup_model(
+    rng: np.random.Generator, nodes: list[onnx.NodeProto], ids_shape: list[int] | None, outputs: list[str]
+) -> onnx.ModelProto:
+    """A [1000, 32] table read by ``nodes``; ``ids`` declared with ``ids_shape`` (None: no shape at all)."""
+    graph = helper.make_graph(
+        nodes,
+        "lookups",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ids_shape)],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        initializer=[numpy_helper.from_array(rand(rng, 1000, 32), "table")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("ids_shape", [[2, 7], [5], []], ids=["rank2", "rank1", "scalar"])
+def test_embedding_lookups_reshape_their_rows_not_the_table(ids_shape, tmp_path, rng):
+    """Only Gather lookups read the table: the table keeps its [rows, n, d] shape, each lookup's rows are reshaped."""
+    lookups = [helper.make_node("Gather", ["table", "ids"], [out], out) for out in ("y", "z")]
+    model = _lookup_model(rng, lookups, ids_shape, ["y", "z"])
+    compressed = compress_model(model, tmp_path)
+    names = {n.name for n in compressed.graph.node}
+    assert pq_name("table", "decode_reshape") not in names
+    assert {pq_name("table", "rows_reshape_0"), pq_name("table", "rows_reshape_1")} <= names
+    assert layer_outputs(compressed.graph) == ["y", "z"]  # the original model's names, for feature matching
+    ids = rng.integers(0, 1000, size=ids_shape).astype(np.int64)
+    assert_equivalent(model, compressed, {"ids": ids})
+    decode = [n.name for n in constant_foldable_nodes(compressed.graph)]
+    assert decode_nodes_left(tmp_path / "out.onnx", decode) == []
+
+
+def _tied_head(rng: np.random.Generator) -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], "embed"),
+        helper.make_node("Gemm", ["e", "table"], ["y"], "head", transB=1),
+    ]
+    return _lookup_model(rng, nodes, [4], ["y"])
+
+
+def _undeclared_rank(rng: np.random.Generator) -> onnx.ModelProto:
+    return _lookup_model(rng, [helper.make_node("Gather", ["table", "ids"], ["y"], "embed")], None, ["y"])
+
+
+@pytest.mark.parametrize("build", [_tied_head, _undeclared_rank], ids=["tied_head", "undeclared_rank"])
+def test_table_is_reshaped_when_not_only_looked_up(build, tmp_path, rng):
+    """A tied head reads the whole table, and an index of undeclared rank cannot size the rows' Reshape."""
+    model = build(rng)
+    compressed = compress_model(model, tmp_path)
+    assert pq_name("table", "decode_reshape") in {n.name for n in compressed.graph.node}
+    assert_equivalent(model, compressed, {"ids": rng.integers(0, 1000, size=4).astype(np.int64)})
 
 
 def test_fp16_weights_decode_to_fp16_without_cast(tmp_path, rng):

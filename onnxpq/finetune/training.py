@@ -33,6 +33,7 @@ import onnx
 
 from onnxpq.calibration import Dataset, per_sample_scalars, run_session, run_size
 from onnxpq.config import FinetuneConfig
+from onnxpq.encode import layer_outputs
 from onnxpq.errors import ConfigError, UnsupportedGraphError
 from onnxpq.model.files import serialized
 from onnxpq.model.graph import constant_tensors, readers, replace_constants
@@ -343,12 +344,6 @@ class _FeatureMatch:
         return self.weight * torch.stack(terms).mean()
 
 
-def _layer_outputs(model: onnx.ModelProto) -> list[str]:
-    """The outputs of the nodes that read a decoded weight: where quantization error enters."""
-    decoded = {n.removesuffix("_pq_codebook") for n in constant_tensors(model.graph) if n.endswith("_pq_codebook")}
-    return [n.output[0] for n in model.graph.node if any(i in decoded for i in n.input)]
-
-
 def _check_executor(runner: _Runner, model: onnx.ModelProto, dataset: Dataset) -> None:
     """Refuse to train a graph the executor computes differently from onnxruntime (first micro-batch)."""
     first = np.arange(min(runner.micro, dataset.n_samples))
@@ -498,7 +493,7 @@ def finetune(
         if recalibrate or config.features
         else None
     )
-    features = _FeatureMatch(teacher, _layer_outputs(compressed), config.features) if config.features else None
+    features = _FeatureMatch(teacher, layer_outputs(compressed.graph), config.features) if config.features else None
     if recalibrate:
         statistics = _recalibrated_statistics(runner, teacher, compressed, train)
         statistics = {n: v for n, v in statistics.items() if tunable is None or n in tunable}
