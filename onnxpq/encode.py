@@ -136,7 +136,7 @@ def _row_lookups(graph: onnx.GraphProto, q: QuantizedWeight, ranks: Mapping[str,
             or len(node.input) != 2
             or node.input[0] != w
             or node.input[1] == w
-            or axis not in (0, -len(cand.shape))
+            or axis != 0  # a negative axis would name another axis of the [rows, n, d] table
             or node.input[1] not in ranks
         ):
             return []

@@ -207,9 +207,16 @@ def _undeclared_rank(rng: np.random.Generator) -> onnx.ModelProto:
     return _lookup_model(rng, [helper.make_node("Gather", ["table", "ids"], ["y"], "embed")], None, ["y"])
 
 
-@pytest.mark.parametrize("build", [_tied_head, _undeclared_rank], ids=["tied_head", "undeclared_rank"])
+def _negative_axis(rng: np.random.Generator) -> onnx.ModelProto:
+    return _lookup_model(rng, [helper.make_node("Gather", ["table", "ids"], ["y"], "embed", axis=-2)], [4], ["y"])
+
+
+@pytest.mark.parametrize(
+    "build", [_tied_head, _undeclared_rank, _negative_axis], ids=["tied_head", "undeclared_rank", "negative_axis"]
+)
 def test_table_is_reshaped_when_not_only_looked_up(build, tmp_path, rng):
-    """A tied head reads the whole table, and an index of undeclared rank cannot size the rows' Reshape."""
+    """A tied head reads the whole table, an index of undeclared rank cannot size the rows' Reshape, and
+    axis -2 of a [rows, 32] table would be another axis of the [rows, n, d] one."""
     model = build(rng)
     compressed = compress_model(model, tmp_path)
     assert pq_name("table", "decode_reshape") in {n.name for n in compressed.graph.node}
