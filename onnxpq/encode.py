@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from onnxpq.errors import UnsupportedGraphError
 from onnxpq.model.graph import attributes, constant_tensors, opset_version, replace_constants, value_dims
-from onnxpq.model.subgraphs import scoped_nodes, value_names
+from onnxpq.model.subgraphs import ScopedNode, scoped_nodes, value_names
 from onnxpq.quantize.layer import QuantizedWeight
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "index_dtype",
     "layer_outputs",
     "pq_name",
+    "row_reshapes",
 ]
 
 METADATA_VERSION = "onnxpq.version"
@@ -103,45 +104,65 @@ def _tables(q: QuantizedWeight) -> tuple[np.ndarray, np.ndarray, int, bool]:
 
 
 def _declared_ranks(graph: onnx.GraphProto) -> dict[str, int]:
-    """Ranks onnxruntime enforces: the graph inputs' declared ones and the constants'.
+    """Ranks onnxruntime enforces: the graph inputs' declared ones and those of constants no input overrides.
 
-    ``value_info`` is left out: a stale annotation would make a lookup's Reshape wrong.
+    ``value_info`` is left out: a stale annotation would make a lookup's Reshape wrong. So is an
+    initializer that is also a graph input without a shape: a caller may feed it at any rank.
     """
-    ranks = {name: len(c.tensor.dims) for name, c in constant_tensors(graph).items()}
+    inputs = {i.name for i in graph.input}
+    ranks = {name: len(c.tensor.dims) for name, c in constant_tensors(graph).items() if name not in inputs}
     return ranks | {name: len(dims) for name, dims in value_dims(graph.input).items()}
 
 
-def _row_lookups(graph: onnx.GraphProto, q: QuantizedWeight, ranks: Mapping[str, int]) -> list[str]:
-    """The outputs of the ``Gather(weight, ids)`` nodes that read ``q``'s weight, when they are all its readers.
+def _scoped_readers(graph: onnx.GraphProto) -> dict[str, list[ScopedNode]]:
+    """For each value name, the nodes that read it, in the main graph or in a body that does not shadow it."""
+    out: dict[str, list[ScopedNode]] = {}
+    for scoped in scoped_nodes(graph):
+        for name in dict.fromkeys(scoped.node.input):
+            if name not in scoped.hidden:
+                out.setdefault(name, []).append(scoped)
+    return out
+
+
+def _row_names(weight: str, j: int) -> tuple[str, str, str]:
+    """(looked-up rows, their target shape, the Reshape node) of a weight's ``j``-th lookup."""
+    return pq_name(weight, f"rows_{j}"), pq_name(weight, f"rows_shape_{j}"), pq_name(weight, f"rows_reshape_{j}")
+
+
+def _row_lookups(
+    q: QuantizedWeight,
+    readers: Sequence[ScopedNode],
+    ranks: Mapping[str, int],
+    taken: Collection[str],
+    outputs: Collection[str],
+) -> list[str]:
+    """The outputs of the ``Gather(weight, ids)`` nodes that read ``q``'s weight, when they are all its ``readers``.
 
     Empty when anything else reads it (a tied LM head's MatMul, a body, a graph output), when a
-    lookup's index rank is not declared (its Reshape needs it), or when the weight has no Reshape
-    to move.
+    lookup's index rank is not declared (its Reshape needs it), when the weight has no Reshape
+    to move, or when a name the lookups would add is taken.
     """
     cand = q.candidate
     w = cand.name
     needs_reshape = _gather_layout(cand.shape, cand.row_axes, cand.subvector_dim)[2]
-    if cand.strided or not needs_reshape or w in {o.name for o in graph.output}:
+    if cand.strided or not needs_reshape or w in outputs or not readers:
         return []
-    lookups = []
-    for scoped in scoped_nodes(graph):
+    for scoped in readers:
         node = scoped.node
-        if w not in node.input or w in scoped.hidden:
-            continue
-        axis = attributes(node).get("axis", 0)
         if (
             scoped.in_subgraph
             or node.op_type != "Gather"
             or node.domain not in ("", "ai.onnx")
+            or list(node.input[:1]) != [w]
             or len(node.input) != 2
-            or node.input[0] != w
             or node.input[1] == w
-            or axis != 0  # a negative axis would name another axis of the [rows, n, d] table
+            or attributes(node).get("axis", 0) != 0  # a negative axis would name another axis of [rows, n, d]
             or node.input[1] not in ranks
         ):
             return []
-        lookups.append(node.output[0])
-    return lookups
+    if any(name in taken for j in range(len(readers)) for name in _row_names(w, j)):
+        return []
+    return [scoped.node.output[0] for scoped in readers]
 
 
 def _reshape_rows(
@@ -153,23 +174,19 @@ def _reshape_rows(
     the whole table at load. Returns the target shapes to add as initializers.
     """
     w = q.candidate.name
-    taken = {n.name for n in graph.node} | set(value_names(graph))
     shapes: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         nodes.append(node)
         if node.op_type != "Gather" or node.output[0] not in lookups:
             continue
-        j = len(shapes)
-        rows, target = pq_name(w, f"rows_{j}"), node.output[0]
-        for name in (rows, pq_name(w, f"rows_shape_{j}"), pq_name(w, f"rows_reshape_{j}")):
-            if name in taken:
-                raise UnsupportedGraphError(f"the graph already has a tensor or node named {name!r}")
+        rows, shape_name, reshape = _row_names(w, len(shapes))
+        target = node.output[0]
         node.input[0] = pq_name(w, "gathered")
         node.output[0] = rows
         shape = [0] * ranks[node.input[1]] + list(q.candidate.shape[1:])
-        shapes.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), pq_name(w, f"rows_shape_{j}")))
-        nodes.append(helper.make_node("Reshape", [rows, shapes[-1].name], [target], pq_name(w, f"rows_reshape_{j}")))
+        shapes.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), shape_name))
+        nodes.append(helper.make_node("Reshape", [rows, shape_name], [target], reshape))
     del graph.node[:]
     graph.node.extend(nodes)
     return shapes
@@ -223,8 +240,11 @@ def _decode_nodes(
     return nodes, inits
 
 
-def _check_names_free(graph: onnx.GraphProto, weights: Sequence[QuantizedWeight]) -> None:
-    """Generated names must be new in every scope: a body defining one would shadow the decoded table."""
+def _check_names_free(graph: onnx.GraphProto, weights: Sequence[QuantizedWeight]) -> set[str]:
+    """Generated names must be new in every scope: a body defining one would shadow the decoded table.
+
+    Returns the names taken (values of every scope, main-graph node names).
+    """
     taken = {n.name for n in graph.node} | set(value_names(graph))
     for q in weights:
         for role in _ROLES:
@@ -233,6 +253,7 @@ def _check_names_free(graph: onnx.GraphProto, weights: Sequence[QuantizedWeight]
                     f"the graph already has a tensor or node named {pq_name(q.candidate.name, role)!r}; "
                     "was it compressed by onnxpq before?"
                 )
+    return taken
 
 
 def encode_weights(
@@ -241,10 +262,12 @@ def encode_weights(
     *,
     metadata: dict[str, object],
     constants: Mapping[str, np.ndarray] | None = None,
+    row_lookups: bool = True,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with each weight replaced by its decode chain.
 
     ``constants`` gives new values for other float constants (same name, shape and dtype).
+    ``row_lookups``: embedding tables that only lookups read skip their Reshape (``_row_lookups``).
 
     The input model is not modified. Initializer weights get their decode nodes
     at the top of the graph; weights held by ``Constant`` nodes get them where
@@ -255,11 +278,15 @@ def encode_weights(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    _check_names_free(graph, weights)
+    taken = _check_names_free(graph, weights)
     replace_constants(graph, constants or {})
     by_name = {q.candidate.name: q for q in weights}
     ranks = _declared_ranks(graph)
-    lookups = {w: found for w, q in by_name.items() if (found := _row_lookups(graph, q, ranks))}
+    readers = _scoped_readers(graph) if row_lookups else {}
+    outputs = {o.name for o in graph.output}
+    lookups = {
+        w: found for w, q in by_name.items() if (found := _row_lookups(q, readers.get(w, []), ranks, taken, outputs))
+    }
     head: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     body: list[onnx.NodeProto] = []
@@ -289,6 +316,11 @@ def encode_weights(
             graph.initializer.extend(_reshape_rows(graph, q, lookups[q.candidate.name], ranks))
     _set_metadata(out, {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()})
     return out
+
+
+def row_reshapes(graph: onnx.GraphProto) -> list[str]:
+    """The names of the Reshape nodes that run on looked-up rows at inference (``_reshape_rows``)."""
+    return [n.name for n in graph.node if n.op_type == "Reshape" and "_pq_rows_reshape_" in n.name]
 
 
 def layer_outputs(graph: onnx.GraphProto) -> list[str]:

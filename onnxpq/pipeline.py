@@ -18,7 +18,14 @@ import onnx
 
 from onnxpq.calibration import Dataset, RandomInputs, batches, check_synthetic, load_dataset, random_dataset
 from onnxpq.config import AUTO, SYNTHETIC_SAMPLES, CompressConfig
-from onnxpq.encode import FOLD_LIMIT_BYTES, FOLD_LIMIT_KEY, METADATA_CONFIG, METADATA_VERSION, encode_weights
+from onnxpq.encode import (
+    FOLD_LIMIT_BYTES,
+    FOLD_LIMIT_KEY,
+    METADATA_CONFIG,
+    METADATA_VERSION,
+    encode_weights,
+    row_reshapes,
+)
 from onnxpq.errors import (
     ConfigError,
     InputModelError,
@@ -64,7 +71,7 @@ from onnxpq.quantize.stats import LAYER_SHARE, collect_stats, inline_taken
 from onnxpq.quantize.weights import quantize_sequential, quantize_weights
 from onnxpq.report import DATA_FREE_NOTE, Report, Stopwatch, layer_rows, sha256_file, versions, write_json
 from onnxpq.search import Search, Try, search_allocation
-from onnxpq.validate import Gate, check_gate, default_metric, file_bytes, validate_compressed
+from onnxpq.validate import Gate, check_gate, default_metric, file_bytes, same_fusions, validate_compressed
 from onnxpq.version import __version__
 
 #: Where a run logs what it does as it goes (a budget search's tries); the CLI prints it.
@@ -789,6 +796,11 @@ def _encode(run: _Run) -> None:
     quantized = [r.quantized for r in run.quantized.results.values()]
     with run.clock.stage("encode"):
         run.compressed = encode_weights(run.model, quantized, metadata=metadata, constants=run.quantized.biases)
+        reshapes = row_reshapes(run.compressed.graph)
+        if reshapes and not same_fusions(serialized(run.model), serialized(run.compressed), reshapes):
+            run.compressed = encode_weights(
+                run.model, quantized, metadata=metadata, constants=run.quantized.biases, row_lookups=False
+            )
     run.notes += _selection_notes(run.model, run.candidates) + _fold_warnings(run.candidates)
     run.notes += _unexercised_notes(run.quantized.allocation)
 

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
     "kl_divergence",
     "measure_latency_ms",
     "measure_load",
+    "same_fusions",
     "validate_compressed",
 ]
 
@@ -260,18 +262,41 @@ def check_gate(outputs: Sequence[Mapping[str, Any]], metric: str, max_degradatio
     return None
 
 
+def _optimized_graph(model: str | os.PathLike[str] | bytes, level: ort.GraphOptimizationLevel) -> onnx.GraphProto:
+    """The graph onnxruntime runs at ``level``, as it writes it to ``optimized_model_filepath`` (weights left out)."""
+    with tempfile.TemporaryDirectory(prefix="onnxpq-optimized-") as tmp:
+        out = os.path.join(tmp, "optimized.onnx")
+        session(model, level=level, optimized_path=out)
+        return onnx.load(out, load_external_data=False).graph
+
+
 def decode_nodes_left(path: str | os.PathLike[str], decode_nodes: Sequence[str]) -> list[str]:
     """Names of onnxpq decode nodes that survive onnxruntime's basic optimisation (should be none).
 
-    ORT writes the graph it actually runs to ``optimized_model_filepath``; a
-    folded decode chain is gone from it, replaced by a plain initializer.
+    A folded decode chain is gone from the graph ORT runs, replaced by a plain initializer.
     """
-    with tempfile.TemporaryDirectory(prefix="onnxpq-fold-") as tmp:
-        out = os.path.join(tmp, "optimized.onnx")
-        session(path, level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, optimized_path=out)
-        optimized = onnx.load(out, load_external_data=False)
     wanted = set(decode_nodes)
-    return sorted(n.name for n in optimized.graph.node if n.name in wanted)
+    graph = _optimized_graph(path, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    return sorted(n.name for n in graph.node if n.name in wanted)
+
+
+def same_fusions(original: bytes, compressed: bytes, extra: Collection[str]) -> bool:
+    """Whether onnxruntime's extended optimisations (fusions) leave the compressed model, its ``extra`` nodes
+    aside, the operator types of the original and no more nodes of any type; False when a session fails.
+
+    An embedding lookup followed by a Reshape (``encode``'s row lookups) no longer matches fusions
+    that start at the lookup, as onnxruntime's EmbedLayerNormalization (Gather -> Add ->
+    LayerNormalization) in BERT graphs with an Attention node: those would run unfused, as more
+    Gather, Add and LayerNormalization nodes. Fewer nodes are fine: two lookups of one table whose
+    outputs were graph outputs become one when a Reshape follows each (common subexpressions).
+    """
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    try:
+        before = Counter(n.op_type for n in _optimized_graph(original, level).node)
+        after = Counter(n.op_type for n in _optimized_graph(compressed, level).node if n.name not in extra)
+    except Exception:  # onnxruntime raises its own exception types, not a common base
+        return False
+    return set(before) == set(after) and all(after[op] <= before[op] for op in after)
 
 
 #: Where the probe reads its peak and current RSS; only Linux has it (tests point it elsewhere).

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import conv_model, make_model, rand, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
-from onnxpq.encode import layer_outputs, pq_name
+from onnxpq.encode import layer_outputs, pq_name, row_reshapes
 from onnxpq.model.graph import constant_foldable_nodes
+from onnxpq.model.session import session
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.quantize.selection import find_candidates
 from onnxpq.validate import decode_nodes_left
@@ -221,6 +223,94 @@ def test_table_is_reshaped_when_not_only_looked_up(build, tmp_path, rng):
     compressed = compress_model(model, tmp_path)
     assert pq_name("table", "decode_reshape") in {n.name for n in compressed.graph.node}
     assert_equivalent(model, compressed, {"ids": rng.integers(0, 1000, size=4).astype(np.int64)})
+
+
+def _overridable_ids(rng: np.random.Generator) -> onnx.ModelProto:
+    """``ids`` has a rank-1 default but is an input without a shape: a caller may feed any rank."""
+    model = _lookup_model(rng, [helper.make_node("Gather", ["table", "ids"], ["y"], "embed")], None, ["y"])
+    model.graph.initializer.append(numpy_helper.from_array(np.arange(4, dtype=np.int64), "ids"))
+    return model
+
+
+def _taken_rows_name(rng: np.random.Generator) -> onnx.ModelProto:
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["y0"], "embed"),
+        helper.make_node("Identity", ["y0"], [pq_name("table", "rows_0")], "taken"),
+        helper.make_node("Identity", [pq_name("table", "rows_0")], ["y"], "out"),
+    ]
+    return _lookup_model(rng, nodes, [4], ["y"])
+
+
+@pytest.mark.parametrize(
+    ("build", "id_shapes"),
+    [(_overridable_ids, [(4,), (2, 2)]), (_taken_rows_name, [(4,)])],
+    ids=["overridable_ids", "taken_name"],
+)
+def test_table_keeps_its_reshape_when_rows_cannot_be(build, id_shapes, tmp_path, rng):
+    """An index a caller may feed at another rank cannot size the rows' Reshape; a taken name is not refused."""
+    model = build(rng)
+    compressed = compress_model(model, tmp_path)
+    assert pq_name("table", "decode_reshape") in {n.name for n in compressed.graph.node}
+    for shape in id_shapes:
+        assert_equivalent(model, compressed, {"ids": rng.integers(0, 1000, size=shape).astype(np.int64)})
+
+
+def _embed_layer_norm_model(rng: np.random.Generator, hidden: int = 32) -> onnx.ModelProto:
+    """The BERT embedding onnxruntime fuses into EmbedLayerNormalization (an Attention node reads it)."""
+    int_scalar = {name: helper.make_tensor(name, TensorProto.INT64, [], [v]) for name, v in (("zero", 0), ("one", 1))}
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"]),
+        helper.make_node("Unsqueeze", ["batch"], ["batch1"], axes=[0]),
+        helper.make_node("Unsqueeze", ["length"], ["length1"], axes=[0]),
+        helper.make_node("Concat", ["batch1", "length1"], ["dims"], axis=0),
+        helper.make_node("Range", ["zero", "length", "one"], ["range"]),
+        helper.make_node("Unsqueeze", ["range"], ["range1"], axes=[0]),
+        helper.make_node("Expand", ["range1", "dims"], ["positions"]),
+        helper.make_node("Gather", ["pos_embed", "positions"], ["pos"], "pos_gather"),
+        helper.make_node("Gather", ["word_embed", "input_ids"], ["word"], "word_gather"),
+        helper.make_node("Add", ["word", "pos"], ["word_pos"]),
+        helper.make_node("Gather", ["seg_embed", "segment_ids"], ["seg"], "seg_gather"),
+        helper.make_node("Add", ["word_pos", "seg"], ["summed"]),
+        helper.make_node("LayerNormalization", ["summed", "ln_w", "ln_b"], ["normed"], axis=-1, epsilon=1e-5),
+        helper.make_node("Cast", ["input_mask"], ["mask32"], to=TensorProto.INT32),
+        helper.make_node("ReduceSum", ["mask32"], ["mask_index"], axes=[1], keepdims=0),
+        helper.make_node(
+            "Attention", ["normed", "qkv", "qkv_bias", "mask_index"], ["att"], domain="com.microsoft", num_heads=2
+        ),
+        helper.make_node("Add", ["att", "normed"], ["y"]),
+    ]
+    weights = {
+        "word_embed": rand(rng, 1000, hidden),
+        "pos_embed": rand(rng, 64, hidden),
+        "seg_embed": rand(rng, 2, hidden),
+        "ln_w": np.ones(hidden, np.float32),
+        "ln_b": np.zeros(hidden, np.float32),
+        "qkv": rand(rng, hidden, 3 * hidden) * 0.1,
+        "qkv_bias": np.zeros(3 * hidden, np.float32),
+    }
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", 5]) for n in ("input_ids", "segment_ids")]
+    graph = helper.make_graph(
+        nodes,
+        "embed_layer_norm",
+        [*ids, helper.make_tensor_value_info("input_mask", TensorProto.INT64, ["batch", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, hidden])],
+        [*int_scalar.values(), *(numpy_helper.from_array(v, k) for k, v in weights.items())],
+    )
+    opsets = [helper.make_opsetid("", 12), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=7)
+
+
+def test_lookups_keep_onnxruntimes_embedding_fusion(tmp_path, rng):
+    """A Reshape after the word lookup would leave EmbedLayerNormalization unfused: the table keeps its own."""
+    model = _embed_layer_norm_model(rng)
+    compressed = compress_model(model, tmp_path, op_types=("Gather",))
+    assert not row_reshapes(compressed.graph)
+    assert pq_name("word_embed", "decode_reshape") in {n.name for n in compressed.graph.node}
+    out = str(tmp_path / "optimized.onnx")
+    session(str(tmp_path / "out.onnx"), level=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, optimized_path=out)
+    assert "EmbedLayerNormalization" in [n.op_type for n in onnx.load(out).graph.node]
 
 
 def test_fp16_weights_decode_to_fp16_without_cast(tmp_path, rng):
