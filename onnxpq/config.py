@@ -116,6 +116,9 @@ class FinetuneConfig:
     mixup : train on blends of two calibration samples (a random weight per pair), with the
         original run on each blend, instead of on the samples with their outputs cached; only
         when every model input is floating point (token ids cannot blend).
+    codes : let the codes move too: each decode chain trains a latent copy of its weight by the
+        straight-through gradient, and every few steps (``training.CODE_STEPS``) each subvector
+        takes its latent copy's nearest codeword (``finetune.codes``).
     """
 
     steps: int | None = None
@@ -129,6 +132,7 @@ class FinetuneConfig:
     features: float = 0.0
     mixup: bool = True
     ema: float = DEFAULT_EMA
+    codes: bool = False
 
     def __post_init__(self) -> None:
         check_settings(self, FINETUNE, "finetune ")
@@ -623,6 +627,13 @@ FINETUNE = (
         high=1,
         high_open=True,
         metavar="DECAY",
+    ),
+    Setting(
+        "codes",
+        FINETUNING,
+        "also re-assign codes: subvectors move to another codeword when the gradient carries them there",
+        ("--finetune-codes",),
+        bool,
     ),
 )
 

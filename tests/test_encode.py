@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxpq import CompressConfig, compress
 from onnxpq.encode import layer_outputs, pq_name, row_reshapes
-from onnxpq.model.graph import constant_foldable_nodes
+from onnxpq.model.graph import constant_foldable_nodes, replace_constants
 from onnxpq.model.session import session
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.quantize.selection import find_candidates
@@ -431,3 +431,22 @@ def test_external_data_input_is_read(tmp_path, rng):
         validation=NO_VALIDATION,
     )
     assert_equivalent(model, onnx.load(tmp_path / "out.onnx"), {"x": rand(rng, 1, 16, 12, 12)})
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.UINT4, TensorProto.UINT8])
+def test_replaced_codes_keep_their_index_type(dtype, tmp_path, rng):
+    """Codes moved by fine-tuning come back widened (int64); written back, they keep the file's index type."""
+    opset = 21 if dtype == TensorProto.UINT4 else 17
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], "mm")
+    model = make_model([node], [("x", [2, 64])], ["y"], {"w": rand(rng, 64, 64)}, opset=opset)
+    compressed = compress_model(model, tmp_path, n_codewords=16)
+    name = pq_name("w", "indices")
+    tensor = next(t for t in compressed.graph.initializer if t.name == name)
+    assert tensor.data_type == dtype
+    codes = numpy_helper.to_array(tensor).astype(np.int64)
+    moved = (codes + 1) % 16
+    replace_constants(compressed.graph, {name: moved})
+    tensor = next(t for t in compressed.graph.initializer if t.name == name)
+    assert tensor.data_type == dtype
+    np.testing.assert_array_equal(numpy_helper.to_array(tensor).astype(np.int64), moved)
+    assert_equivalent(model, compressed, {"x": rand(rng, 2, 64)})

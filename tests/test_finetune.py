@@ -21,6 +21,7 @@ from onnxpq.calibration import (  # noqa: E402
 from onnxpq.cli import main  # noqa: E402
 from onnxpq.config import FinetuneConfig  # noqa: E402
 from onnxpq.errors import ConfigError  # noqa: E402
+from onnxpq.finetune.codes import MovingCodes, decode_chains  # noqa: E402
 from onnxpq.finetune.executor import OnnxModule  # noqa: E402
 from onnxpq.finetune.training import _Average, _Mixup, _Runner, _targets, finetune, loss_kinds, trainable_constants  # noqa: E402
 from onnxpq.model.files import load_model  # noqa: E402
@@ -376,3 +377,35 @@ def test_an_fp16_model_is_tuned_not_skipped(tmp_path, rng):
     result = compress(tmp_path / "m.onnx", tmp_path / "c.onnx", config, calibration=tmp_path / "d.npz", validation=OFF)
     assert not [w for w in result.report["warnings"] if "fine-tuning skipped" in w]
     assert result.report["finetune"]["trainable"]["tensors"] > 0
+
+
+def test_moving_codes_start_where_the_codes_are(case):
+    """The latent weights start at the decoded weights, so re-assigning before any step moves no code."""
+    _, compressed, _ = case
+    module = OnnxModule(compressed, trainable_constants(compressed))
+    chains = decode_chains(compressed)
+    assert {c.axis for c in chains} == {0, 1}  # the convs' kernel-shaped codebooks and the Gemm's strided one
+    moving = MovingCodes(module, chains)
+    assert len(moving.chains) == len(chains) == 3
+    before = moving.codes()
+    assert moving.reassign() == 0
+    assert all(np.array_equal(before[n], v) for n, v in moving.codes().items())
+
+
+def test_moving_codes_are_exported_and_run_in_onnxruntime(case):
+    original, compressed, data = case
+    config = FinetuneConfig(steps=40, lr=3e-2, eval_every=10, batch_size=8, codes=True, ema=0)
+    result = finetune(original, compressed, data, config)
+    report = result.report
+    assert report["codes_moved"] > 0
+    assert report["moving_codes"] == {"chains": 3, "indices": 3}
+    tuned = result.model
+    before = {t.name: t for t in compressed.graph.initializer}
+    for t in tuned.graph.initializer:
+        assert (t.data_type, list(t.dims)) == (before[t.name].data_type, list(before[t.name].dims))
+    if report["best_step"] > 0:
+        assert any(t.raw_data != before[t.name].raw_data for t in tuned.graph.initializer if "indices" in t.name)
+    x = np.random.default_rng(1).standard_normal((8, 8, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ours = OnnxModule(tuned)(x=torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(session(tuned.SerializeToString()).run(None, {"x": x})[0], ours, rtol=1e-4, atol=1e-4)

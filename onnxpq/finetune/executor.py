@@ -710,6 +710,8 @@ class OnnxModule(torch.nn.Module):
         ]
         self.input_names = [i.name for i in graph.input if i.name not in constants]
         self.output_names = [o.name for o in graph.output]
+        #: Functions applied to named tensors as they are computed (``codes.MovingCodes``' straight-through terms).
+        self.adjust: dict[str, Callable[[Tensor], Tensor]] = {}
 
     def constants(self) -> dict[str, np.ndarray]:
         """The trained constants in their ONNX dtypes (fp16 codebooks rounded), for writing back."""
@@ -740,12 +742,22 @@ class OnnxModule(torch.nn.Module):
                 raise UnsupportedGraphError(f"torch executor failed at node {where!r}: {err}") from err
             results = result if isinstance(result, tuple) else (result,)
             env.update((n, v) for n, v in zip(node.outputs, results, strict=False) if n)  # '' is a skipped output
+            for name in self.adjust.keys() & node.outputs:
+                env[name] = self.adjust[name](env[name])
         return [env[name] for name in (outputs or self.output_names)]
 
-    def set_constant(self, name: str, value: np.ndarray) -> None:
-        """Replace a fixed constant (e.g. re-estimated BatchNorm statistics)."""
-        buffer = getattr(self, f"fixed{self.fixed_names.index(name)}")
-        buffer.copy_(torch.from_numpy(np.asarray(value)).to(buffer.dtype))
+    def set_constant(self, name: str, value: np.ndarray | Tensor) -> None:
+        """Replace a fixed constant (e.g. re-estimated BatchNorm statistics, re-assigned codes)."""
+        buffer = self.fixed(name)
+        buffer.copy_(torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value).to(buffer.dtype))
+
+    def fixed(self, name: str) -> Tensor:
+        """The buffer holding a fixed constant."""
+        return getattr(self, f"fixed{self.fixed_names.index(name)}")
+
+    def parameter(self, name: str) -> torch.nn.Parameter:
+        """The float32 parameter of a trainable constant."""
+        return self.params[self.parameter_names.index(name)]
 
     def feeds(self, arrays: Mapping[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, Tensor]:
         """Numpy feeds as torch tensors on ``device``; every graph input must be present."""

@@ -44,6 +44,7 @@ try:  # The ``finetune`` extra; compression works without it.
     import torch
     import torch.nn.functional as F
 
+    from onnxpq.finetune.codes import MovingCodes, decode_chains
     from onnxpq.finetune.executor import OnnxModule
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None
@@ -59,6 +60,8 @@ _EXECUTOR_TOLERANCE = 1e-3
 _WARMUP = 0.05
 #: Row sums within this of 1 (and no negatives) make an output a probability distribution.
 _SUM_TOLERANCE = 1e-3
+#: Steps between re-assignments of moving codes (``FinetuneConfig.codes``).
+CODE_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -477,6 +480,7 @@ def finetune(
     device = _device()
     names = [n for n in trainable_constants(compressed) if tunable is None or n in tunable]
     student = OnnxModule(compressed, names).to(device)
+    moving = MovingCodes(student, decode_chains(compressed)) if config.codes else None
     micro = run_size(dataset, compressed, config.batch_size)
     teacher_session = session(serialized(original))
     teacher_out = run_session(teacher_session, dataset, original)
@@ -500,8 +504,12 @@ def finetune(
         for name, value in statistics.items():
             student.set_constant(name, value)
     mixup = _Mixup(teacher_session, rng) if config.mixup and _can_mix(dataset) else None
-    history = _train(runner, targets, features, mixup, train, held, config, rng, progress)
+    history = _train(runner, targets, features, mixup, moving, train, held, config, rng, progress)
+    codes = history.pop("best_codes")
+    if moving is not None:
+        moving.load(codes)
     tuned, history["loss_exported"] = _export(runner, history.pop("best_state"), targets, held if len(held) else train)
+    tuned.update(codes)
     out = onnx.ModelProto()
     out.CopyFrom(compressed)
     constants = {**tuned, **statistics}
@@ -511,6 +519,7 @@ def finetune(
         "samples": {"train": len(train), "holdout": len(held)},
         "loss_kinds": dict(zip([o.name for o in compressed.graph.output], targets.kinds, strict=True)),
         "trainable": {"tensors": len(names), "values": int(sum(p.numel() for p in student.params))},
+        "moving_codes": None if moving is None else {"chains": len(moving.chains), "indices": len(codes)},
         "batchnorm_recalibrated": len(statistics) // 2,
         "mixup": mixup is not None,
         "ema": config.ema,
@@ -576,19 +585,26 @@ def _train(
     targets: _Targets,
     features: _FeatureMatch | None,
     mixup: _Mixup | None,
+    moving: MovingCodes | None,
     train: np.ndarray,
     held: np.ndarray,
     config: FinetuneConfig,
     rng: np.random.Generator,
     progress: bool,
 ) -> dict[str, Any]:
-    """Adam with a cosine schedule over the budget; keeps the parameters of the best held-out step."""
+    """Adam with a cosine schedule over the budget; keeps the parameters (and codes) of the best held-out step.
+
+    Moving codes' latent weights train with the rest; the averaged values are evaluated with the
+    current codes, which are the ones kept with them.
+    """
     from tqdm.auto import tqdm
 
     params = list(runner.module.params)
     n_outputs = len(runner.module.output_names)
     names = runner.module.output_names + (features.names if features else [])
-    optimiser = torch.optim.Adam(params, lr=config.lr)
+    optimiser = torch.optim.Adam(params + (list(moving.latent) if moving else []), lr=config.lr)
+    saved_codes = moving.codes if moving is not None else dict
+    best_codes, moved = saved_codes(), 0
     average = _Average(params, config.ema) if config.ema else None
     evaluate = (lambda: runner.mean_loss(targets, held)) if len(held) else None
     start_loss = evaluate() if evaluate else None
@@ -622,6 +638,8 @@ def _train(
         if average is not None:
             average.update()
         step += 1
+        if moving is not None and step % CODE_STEPS == 0:
+            moved += moving.reassign()
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4g}")
         ends = _schedule_fraction(step, time.perf_counter() - began, config) >= 1
@@ -630,12 +648,15 @@ def _train(
                 held_loss = evaluate()
                 if held_loss < best_loss:
                     best_loss, best_step = held_loss, step
-                    best_state = [p.detach().clone() for p in params]
+                    best_state, best_codes = [p.detach().clone() for p in params], saved_codes()
             curve.append((step, held_loss))
     bar.close()
     if not evaluate:  # No held-out samples: the last step (or the average up to it) is all there is.
         best_state, best_step = [v.detach().clone() for v in (average.values if average else params)], step
+        best_codes = saved_codes()
     return {
+        "codes_moved": moved,
+        "best_codes": best_codes,
         "steps": step,
         "best_step": best_step,
         "loss_start": start_loss,
