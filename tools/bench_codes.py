@@ -7,6 +7,7 @@ on the task's held-out data (tools/bench_quantize.py). Rows go to docs/codes.jso
 the commit that produced them.
 
 Usage: python tools/bench_codes.py [--models mobilenetv2 mnist] [--target-bpw 2.5] [--seconds 300]
+       python tools/bench_codes.py --render   (docs/CODES.md from docs/codes.json, nothing run)
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def run_task(task: Task, work: Path, target: float, seconds: float) -> list[dict
     return rows
 
 
+def _cell(value: object) -> str:
+    """Four decimals, or four significant digits for the small losses of an almost lossless model."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if 0 < abs(value) < 0.01 else f"{value:.4f}"
+    return str(value)
+
+
 def markdown(results: dict[str, dict]) -> str:
     lines = [
         "# Moving codes: fine-tuning with fixed codes against `--finetune-codes`",
@@ -81,7 +91,7 @@ def markdown(results: dict[str, dict]) -> str:
         lines.append("|" + " --- |" * (1 + len(metrics) + len(extra)))
         for row in rows:
             cells = [row.get(k) for k in metrics + extra]
-            text = [f"{c:.4f}" if isinstance(c, float) else ("" if c is None else str(c)) for c in cells]
+            text = [_cell(c) for c in cells]
             lines.append(f"| {row['arm']} | " + " | ".join(text) + " |")
     return "\n".join(lines) + "\n"
 
@@ -91,9 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["mobilenetv2"], choices=sorted(TASKS))
     parser.add_argument("--target-bpw", type=float, default=2.5)
     parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--render", action="store_true", help="only rewrite docs/CODES.md from docs/codes.json")
     args = parser.parse_args(argv)
     store = ROOT / "docs" / "codes.json"
     results = json.loads(store.read_text()) if store.exists() else {}
+    if args.render:
+        (ROOT / "docs" / "CODES.md").write_text(markdown(results))
+        return
     command = "python tools/bench_codes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for key in args.models:
         with tempfile.TemporaryDirectory(prefix="onnxpq-codes-") as tmp:
