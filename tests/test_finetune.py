@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -409,3 +410,36 @@ def test_moving_codes_are_exported_and_run_in_onnxruntime(case):
     with torch.no_grad():
         ours = OnnxModule(tuned)(x=torch.from_numpy(x))[0].numpy()
     np.testing.assert_allclose(session(tuned.SerializeToString()).run(None, {"x": x})[0], ours, rtol=1e-4, atol=1e-4)
+
+
+def test_moving_codes_keep_uint4_indices(tmp_path, rng):
+    """A model with 4-bit indices (opset 21, k <= 16) fine-tunes, and its moved codes stay UINT4."""
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], "mm1"), helper.make_node("Relu", ["h"], ["r"], "relu")]
+    nodes.append(helper.make_node("MatMul", ["r", "w2"], ["y"], "mm2"))
+    model = make_model(nodes, [("x", ["N", 32])], ["y"], {"w1": rand(rng, 32, 64), "w2": rand(rng, 64, 8)}, opset=21)
+    onnx.save(model, tmp_path / "m.onnx")
+    compress(tmp_path / "m.onnx", tmp_path / "c.onnx", CompressConfig(min_elements=256, n_codewords=16), validation=OFF)
+    compressed = load_model(tmp_path / "c.onnx")
+    data = Dataset({"x": rand(rng, 48, 32)}, "test")
+    config = FinetuneConfig(steps=30, lr=3e-2, eval_every=10, batch_size=8, codes=True)
+    tuned = finetune(model, compressed, data, config).model
+    indices = [t for t in tuned.graph.initializer if t.name.endswith("_pq_indices")]
+    assert indices and all(t.data_type == onnx.TensorProto.UINT4 for t in indices)
+    x = rand(rng, 4, 32)
+    with torch.no_grad():
+        ours = OnnxModule(tuned)(x=torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(session(tuned.SerializeToString()).run(None, {"x": x})[0], ours, rtol=1e-4, atol=1e-4)
+
+
+def test_codes_stay_without_a_held_out_slice_or_outside_tunable(case):
+    """Nothing would stop moved codes that make the model worse without held-out samples; and only what
+    the caller may change moves."""
+    original, compressed, data = case
+    before = {t.name: t.raw_data for t in compressed.graph.initializer if t.name.endswith("_pq_indices")}
+    config = FinetuneConfig(steps=20, lr=3e-2, eval_every=10, batch_size=8, codes=True, holdout=0.0)
+    result = finetune(original, compressed, data, config)
+    assert result.report["moving_codes"].startswith("skipped")
+    tunable = set(trainable_constants(compressed))  # the codebooks, not the indices
+    result = finetune(original, compressed, data, replace(config, holdout=0.1), tunable=tunable)
+    assert result.report["moving_codes"] == {"chains": 0, "indices": 0}
+    assert all(t.raw_data == before[t.name] for t in result.model.graph.initializer if t.name in before)

@@ -75,7 +75,8 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 def _from_numpy(array: np.ndarray) -> Tensor:
     """A torch tensor of the array; sub-byte and unsigned-wide types widen to what torch indexes with."""
-    if array.dtype.kind in "ui" and array.dtype not in (np.uint8, np.int8, np.int16, np.int32, np.int64):
+    four_bit = array.dtype.name in ("uint4", "int4")  # ml_dtypes' 4-bit types (kind "V"): UINT4 indices
+    if four_bit or (array.dtype.kind in "ui" and array.dtype not in (np.uint8, np.int8, np.int16, np.int32, np.int64)):
         array = array.astype(np.int64)
     return torch.from_numpy(np.array(array, copy=True))
 

@@ -480,11 +480,12 @@ def finetune(
     device = _device()
     names = [n for n in trainable_constants(compressed) if tunable is None or n in tunable]
     student = OnnxModule(compressed, names).to(device)
-    moving = MovingCodes(student, decode_chains(compressed)) if config.codes else None
     micro = run_size(dataset, compressed, config.batch_size)
     teacher_session = session(serialized(original))
     teacher_out = run_session(teacher_session, dataset, original)
     train, held = _split(dataset.n_samples, config.holdout, rng)
+    # Without held-out samples nothing would keep moved codes that make the model worse from being exported.
+    moving = MovingCodes(student, decode_chains(compressed), tunable) if config.codes and len(held) else None
     targets = _targets(compressed, teacher_out, config.loss, labels, train, dataset.n_samples)
     scalars = per_sample_scalars(dataset, compressed)
     runner = _Runner(student, dataset, micro, device, scalars)
@@ -519,7 +520,7 @@ def finetune(
         "samples": {"train": len(train), "holdout": len(held)},
         "loss_kinds": dict(zip([o.name for o in compressed.graph.output], targets.kinds, strict=True)),
         "trainable": {"tensors": len(names), "values": int(sum(p.numel() for p in student.params))},
-        "moving_codes": None if moving is None else {"chains": len(moving.chains), "indices": len(codes)},
+        "moving_codes": _moving_report(config, moving, codes),
         "batchnorm_recalibrated": len(statistics) // 2,
         "mixup": mixup is not None,
         "ema": config.ema,
@@ -527,6 +528,15 @@ def finetune(
         **history,
     }
     return FinetuneResult(out, report, constants)
+
+
+def _moving_report(config: FinetuneConfig, moving: MovingCodes | None, codes: dict[str, np.ndarray]) -> object:
+    """The report's ``moving_codes``: None when not asked, why not when asked and skipped, else the chains."""
+    if not config.codes:
+        return None
+    if moving is None:
+        return "skipped: no held-out samples to check that moved codes do not make the model worse"
+    return {"chains": len(moving.chains), "indices": len(codes)}
 
 
 def _export(
