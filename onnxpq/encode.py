@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from onnxpq.errors import UnsupportedGraphError
 from onnxpq.model.graph import attributes, constant_tensors, opset_version, replace_constants, value_dims
 from onnxpq.model.subgraphs import ScopedNode, scoped_nodes, value_names
+from onnxpq.model.tensors import four_bit_tensor
 from onnxpq.quantize.layer import QuantizedWeight
 
 __all__ = [
@@ -78,11 +79,7 @@ def _gather_layout(shape: tuple[int, ...], row_axes: int, d: int) -> tuple[tuple
 
 def _index_tensor(name: str, codes: np.ndarray, shape: tuple[int, ...], dtype: int) -> onnx.TensorProto:
     if dtype == onnx.TensorProto.UINT4:
-        flat = codes.astype(np.uint8).ravel()
-        if len(flat) % 2:
-            flat = np.append(flat, np.uint8(0))
-        packed = flat[0::2] | (flat[1::2] << 4)  # ONNX packs the first element in the low nibble.
-        return helper.make_tensor(name, dtype, shape, packed.tobytes(), raw=True)
+        return four_bit_tensor(name, dtype, codes.reshape(shape))
     return numpy_helper.from_array(codes.astype(np.uint8).reshape(shape), name)
 
 
@@ -153,8 +150,8 @@ def _row_lookups(
             scoped.in_subgraph
             or node.op_type != "Gather"
             or node.domain not in ("", "ai.onnx")
-            or list(node.input[:1]) != [w]
             or len(node.input) != 2
+            or node.input[0] != w
             or node.input[1] == w
             or attributes(node).get("axis", 0) != 0  # a negative axis would name another axis of [rows, n, d]
             or node.input[1] not in ranks

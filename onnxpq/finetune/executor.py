@@ -750,7 +750,7 @@ class OnnxModule(torch.nn.Module):
     def set_constant(self, name: str, value: np.ndarray | Tensor) -> None:
         """Replace a fixed constant (e.g. re-estimated BatchNorm statistics, re-assigned codes)."""
         buffer = self.fixed(name)
-        buffer.copy_(torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value).to(buffer.dtype))
+        buffer.copy_(torch.as_tensor(value).to(buffer.dtype))
 
     def fixed(self, name: str) -> Tensor:
         """The buffer holding a fixed constant."""

@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxpq.errors import InputModelError
-from onnxpq.model.tensors import FLOAT_TYPES, tensor_array
+from onnxpq.model.tensors import FLOAT_TYPES, FOUR_BIT_TYPES, four_bit_tensor, tensor_array
 
 __all__ = [
     "MIN_OPSET",
@@ -206,19 +206,13 @@ def replace_constants(graph: onnx.GraphProto, values: Mapping[str, np.ndarray]) 
                     attr.t.CopyFrom(_tensor_like(attr.t, values[node.output[0]]))
 
 
-_FOUR_BIT = (onnx.TensorProto.UINT4, onnx.TensorProto.INT4)
-
-
 def _tensor_like(old: onnx.TensorProto, values: np.ndarray) -> onnx.TensorProto:
     """``values`` under ``old``'s name; integers in ``old``'s integer type (the executor widens indices)."""
     values = np.asarray(values)
     if values.dtype.kind not in "iu" or old.data_type in FLOAT_TYPES:
         return numpy_helper.from_array(values, old.name)
-    if old.data_type in _FOUR_BIT:
-        flat = (values.astype(np.int64).ravel() & 0x0F).astype(np.uint8)
-        flat = np.append(flat, np.uint8(0)) if len(flat) % 2 else flat
-        packed = flat[0::2] | (flat[1::2] << 4)  # the first element in the low nibble
-        return onnx.helper.make_tensor(old.name, old.data_type, values.shape, packed.tobytes(), raw=True)
+    if old.data_type in FOUR_BIT_TYPES:
+        return four_bit_tensor(old.name, old.data_type, values)
     return numpy_helper.from_array(values.astype(onnx.helper.tensor_dtype_to_np_dtype(old.data_type)), old.name)
 
 

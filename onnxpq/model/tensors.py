@@ -22,10 +22,12 @@ from onnxpq.errors import InputModelError
 __all__ = [
     "COPY_CHUNK",
     "FLOAT_TYPES",
+    "FOUR_BIT_TYPES",
     "External",
     "check_tensor",
     "external_info",
     "external_location",
+    "four_bit_tensor",
     "inline_external",
     "raw_bytes",
     "read_external",
@@ -122,6 +124,20 @@ def check_tensor(tensor: onnx.TensorProto) -> None:
             need = have  # packed sub-byte values, several to an int32 entry
     if need != have:
         raise InputModelError(f"tensor {name!r} has dims {dims} ({count} elements) but holds {have} {what}, not {need}")
+
+
+#: The 4-bit integer types, stored two to a byte.
+FOUR_BIT_TYPES = frozenset({onnx.TensorProto.UINT4, onnx.TensorProto.INT4})
+
+
+def four_bit_tensor(name: str, data_type: int, values: np.ndarray) -> onnx.TensorProto:
+    """``values`` as a UINT4 or INT4 tensor, packed as ONNX stores them: the first element in the low nibble."""
+    values = np.asarray(values)
+    flat = (values.astype(np.int64).ravel() & 0x0F).astype(np.uint8)
+    if len(flat) % 2:
+        flat = np.append(flat, np.uint8(0))
+    packed = flat[0::2] | (flat[1::2] << 4)
+    return onnx.helper.make_tensor(name, data_type, values.shape, packed.tobytes(), raw=True)
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
