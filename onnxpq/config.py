@@ -40,10 +40,10 @@ DEFAULT_EMA = 0.99
 MIN_ELEMENTS = 4096
 MIN_ELEMENTS_BUDGET = 1024
 #: Default memory for the layer statistics, MiB (see ``stats``). Issue 21 allows the compression 1 GB
-#: over the onnxruntime session of the original: the statistics of all layers together may hold half
-#: of this, and one layer at most a sixteenth, so its quantization (about eight float64 copies of its
-#: H) fits in the other half. A layer whose full H is larger (R = 4096 is 128 MiB) is quantized from
-#: a block-diagonal H instead.
+#: over the onnxruntime session of the original: the statistics of all layers together, held in float32,
+#: may take half of this, and one layer's float64 H at most a sixteenth, so its quantization (about eight
+#: float64 copies of its H) fits in the other half. A layer whose full H is larger (R = 4096 is 128 MiB
+#: in float64) is quantized from a block-diagonal H instead.
 STATISTICS_MEMORY_MIB = 2048
 
 

@@ -134,22 +134,29 @@ def map_tasks(
     total: int,
     desc: str,
     progress: bool = False,
-) -> list[T]:
-    """``[fn(*args) for args in tasks]``, in order, run where ``workers`` says.
+    then: Callable[[T], Any] | None = None,
+) -> list[Any]:
+    """``[then(fn(*args)) for args in tasks]``, in order, run where ``workers`` says.
 
-    ``tasks`` may be a generator: each task's arrays are read only when it is submitted.
+    ``tasks`` may be a generator: each task's arrays are read only when it is submitted. ``then`` runs here,
+    on each result as it arrives, so what a result becomes (moved to disk, say) is all that is ever held of it.
     """
+    keep = then or _same
     bar = tqdm(total=total, desc=desc, unit="layer", disable=not progress, leave=False)
     with bar:
         if workers.ray_address is not None:
-            return _on_ray(fn, tasks, workers.ray_address, bar)
+            return _on_ray(fn, tasks, workers.ray_address, bar, keep)
         if (workers.jobs or 1) > 1 and total > 1:
-            return _in_processes(fn, tasks, min(workers.jobs, total), bar)
+            return _in_processes(fn, tasks, min(workers.jobs, total), bar, keep)
         results = []
         for args in tasks:
-            results.append(fn(*args))
+            results.append(keep(fn(*args)))
             bar.update()
         return results
+
+
+def _same(result: T) -> T:
+    return result
 
 
 @contextlib.contextmanager
@@ -167,7 +174,9 @@ def _thread_limit(threads: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _in_processes(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], jobs: int, bar: tqdm) -> list[T]:
+def _in_processes(
+    fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], jobs: int, bar: tqdm, keep: Callable[[T], Any]
+) -> list[Any]:
     # spawn, not fork: the parent may hold onnxruntime or torch thread pools that fork would copy half-alive.
     threads = max(1, usable_cores() // jobs)
     with _thread_limit(threads), ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
@@ -176,7 +185,7 @@ def _in_processes(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], jobs: 
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             return [(future, future.result()) for future in done]
 
-        return _bounded(partial(pool.submit, _trimmed, fn), first_done, tasks, jobs * IN_FLIGHT_PER_WORKER, bar)
+        return _bounded(partial(pool.submit, _trimmed, fn), first_done, tasks, jobs * IN_FLIGHT_PER_WORKER, bar, keep)
 
 
 def _bounded(
@@ -185,8 +194,9 @@ def _bounded(
     tasks: Iterable[tuple[Any, ...]],
     limit: int,
     bar: tqdm,
+    keep: Callable[[Any], Any],
 ) -> list[Any]:
-    """Submit tasks with at most ``limit`` in flight and return their results in task order.
+    """Submit tasks with at most ``limit`` in flight and return ``keep`` of their results in task order.
 
     ``submit(*args)`` starts one task and returns a handle; ``first_done(handles)`` blocks until some finish and
     returns (handle, result) pairs: the one loop both the process pool and Ray run.
@@ -196,7 +206,7 @@ def _bounded(
 
     def collect() -> None:
         for handle, value in first_done(list(pending)):
-            results[pending.pop(handle)] = value
+            results[pending.pop(handle)] = keep(value)
             bar.update()
 
     for index, args in enumerate(tasks):
@@ -238,7 +248,9 @@ def _ray_session(address: str) -> Iterator[Any]:
             ray.shutdown()
 
 
-def _on_ray(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], address: str, bar: tqdm) -> list[T]:
+def _on_ray(
+    fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], address: str, bar: tqdm, keep: Callable[[T], Any]
+) -> list[Any]:
     with _ray_session(address) as ray:
         remote = ray.remote(num_cpus=1)(fn)
         limit = max(1, int(ray.cluster_resources().get("CPU", 1))) * IN_FLIGHT_PER_WORKER
@@ -247,4 +259,4 @@ def _on_ray(fn: Callable[..., T], tasks: Iterable[tuple[Any, ...]], address: str
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             return [(ref, ray.get(ref))]
 
-        return _bounded(remote.remote, first_done, tasks, limit, bar)
+        return _bounded(remote.remote, first_done, tasks, limit, bar, keep)

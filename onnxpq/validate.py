@@ -414,9 +414,14 @@ def validate_compressed(
     *,
     labels: np.ndarray | None = None,
     measure: bool = True,
+    reference: onnx.ModelProto | None = None,
 ) -> dict[str, object]:
-    """The report's validation section: fidelity, decode folding, load cost and latency."""
-    reference = onnx.load(str(original), load_external_data=False)
+    """The report's validation section: fidelity, decode folding, load cost and latency.
+
+    ``reference``: the original's graph when the caller holds it (inputs and outputs are all that is read);
+    loading it again held a second copy of every weight while both sessions ran.
+    """
+    reference = reference if reference is not None else onnx.load(str(original), load_external_data=False)
     metrics = compare_models(original, compressed, dataset, reference, labels=labels)
     graph = onnx.load(str(compressed), load_external_data=False).graph
     decode = [n.name for n in constant_foldable_nodes(graph) if n.name]

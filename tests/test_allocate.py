@@ -141,6 +141,34 @@ def test_estimates_refit_to_their_own_tolerance_and_the_chosen_settings_to_the_f
         CompressConfig(refit_tolerance=-1.0)
 
 
+def test_estimate_codes_wait_on_disk_and_allocate_as_when_held_in_memory(tmp_path, monkeypatch):
+    """Every setting's codes (about 9 bytes per weight over all settings) go to files as they arrive and are
+    mapped back: the output is the same as with them held in memory, and no file is left behind."""
+    import tempfile
+
+    from onnxpq.quantize import allocate
+
+    outputs = []
+    for spill, folder in ((1 << 40, tmp_path / "held"), (0, tmp_path / "spilled")):
+        monkeypatch.setattr(allocate, "SPILL_BYTES", spill)
+        (folder / "tmp").mkdir(parents=True)
+        monkeypatch.setattr(tempfile, "tempdir", str(folder / "tmp"))
+        mapped: list[bool] = []
+        real = allocate._Spill._spilled
+
+        def recording(self, result, real=real, mapped=mapped):
+            kept = real(self, result)
+            mapped.append(isinstance(kept.quantized.codebook.codes, np.memmap))
+            return kept
+
+        monkeypatch.setattr(allocate._Spill, "_spilled", recording)
+        _compress_mlp(folder, np.random.default_rng(0), target_bpw=2.5)
+        outputs.append((folder / "out.onnx").read_bytes())
+        assert mapped and all(mapped) == (spill == 0)
+        assert not list((folder / "tmp").glob("onnxpq-estimates-*"))
+    assert outputs[0] == outputs[1]
+
+
 @pytest.mark.parametrize("sequential", [0, 2])
 def test_the_written_codebooks_are_the_allocated_ones(tmp_path, rng, sequential):
     """Every compressed layer of the output has the (k, d) the allocator chose and the report lists. With

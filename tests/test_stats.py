@@ -172,10 +172,11 @@ def test_the_budget_shrinks_the_largest_layers_first_and_refuses_what_cannot_fit
     assert plan_blocks(shapes, 4096 * mib) == {"big": 4096, "small": 512}
     # One layer may hold 1/16 of the budget: 64 MiB leaves "big" 4 MiB, 128 columns; "small" (2 MiB) fits whole.
     assert plan_blocks(shapes, 64 * mib) == {"big": 128, "small": 512}
-    # All layers together may hold half of it: ten 8 MiB layers in 64 MiB, four of them halve their blocks.
-    many = {f"l{i}": StatsShape(1, 1024, 4) for i in range(10)}
+    # All layers together may hold half of it (in float32): twenty 4 MiB layers in 64 MiB, eight of them halve
+    # their blocks. Each layer's float64 copy (8 MiB) is within the 1/16 a layer may take.
+    many = {f"l{i}": StatsShape(1, 1024, 4) for i in range(20)}
     blocks = plan_blocks(many, 128 * mib)
-    assert sorted(blocks.values()) == [512] * 4 + [1024] * 6
+    assert sorted(blocks.values()) == [512] * 8 + [1024] * 12
     with pytest.raises(ConfigError, match="statistics_memory_mib"):
         plan_blocks(shapes, 0.1 * mib)
 
@@ -221,7 +222,7 @@ def test_statistics_follow_a_strided_variant_into_its_column_order(rng):
     (four,) = find_candidates(model, CompressConfig(min_elements=1, subvector_dim=4))
     (eight,) = find_candidates(model, CompressConfig(min_elements=1, subvector_dim=8))
     assert four.strided and not np.array_equal(input_order(four), input_order(eight))
-    moved = collect_stats(model, [four], data)["w"].reordered(input_order(eight))
+    moved = collect_stats(model, [four], data)["w"].working(input_order(eight))
     direct = collect_stats(model, [eight], data)["w"]
     np.testing.assert_allclose(moved.hessian, direct.hessian, rtol=1e-6)
     np.testing.assert_allclose(moved.mean, direct.mean, rtol=1e-6)
@@ -249,5 +250,5 @@ def test_a_held_covariance_is_the_computed_one_and_does_not_follow_a_reordering(
     np.testing.assert_array_equal(held.covariance(), stats.covariance())
     assert held.covariance() is held.covariance()
     np.testing.assert_array_equal(
-        held.reordered(input_order(eight)).covariance(), stats.reordered(input_order(eight)).covariance()
+        held.working(input_order(eight)).covariance(), stats.working(input_order(eight)).covariance()
     )

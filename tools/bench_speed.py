@@ -26,7 +26,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import results as results_store  # noqa: E402
 from bench import TASKS  # noqa: E402
+from processes import TreePeak  # noqa: E402
 
 import onnxpq  # noqa: E402
 from onnxpq.validate import measure_load  # noqa: E402
@@ -45,45 +45,15 @@ SPEED_METHOD = "onnxpq compress --target-bpw, validation off"
 PAGE = ROOT / "docs" / "SPEED.md"
 
 
-def _tree_rss_kib(root: int) -> int:
-    """Summed RSS of ``root`` and every process below it (the compression and its workers)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            pid = int(stat.parent.name)
-            parents[pid], rss[pid] = int(fields[1]), int(fields[21]) * 4
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo += [child for child, parent in parents.items() if parent == pid and child not in tree]
-    return sum(rss.get(pid, 0) for pid in tree)
-
-
 def run_measured(cmd: list[str], log: Path) -> tuple[int, float, float]:
     """(exit code, wall seconds, peak summed RSS MiB of the process tree)."""
-    peak = 0
     with log.open("w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.wait(0.2):
-                peak = max(peak, _tree_rss_kib(proc.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        code = proc.wait()
-        wall = time.perf_counter() - start
-        done.set()
-        sampler.join()
-    return code, wall, peak / 1024
+        with TreePeak(proc.pid) as peak:
+            code = proc.wait()
+            wall = time.perf_counter() - start
+    return code, wall, peak.mib
 
 
 def _commit() -> str:

@@ -11,23 +11,43 @@ import onnxruntime as ort
 
 __all__ = ["run_feeds", "session"]
 
+#: Where an optimized model's weights go, beside ``optimized_path``.
+WEIGHTS_FILE = "optimized.weights"
+
 
 def session(
     model: str | os.PathLike[str] | bytes,
     *,
     level: ort.GraphOptimizationLevel | None = None,
     optimized_path: str | None = None,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
     """A CPU session on a model file or serialized bytes; ``level`` and ``optimized_path`` let validation see
-    what onnxruntime's optimizer made of the graph."""
+    what onnxruntime's optimizer made of the graph.
+
+    ``prepack=False`` for a session that runs a few batches once (the statistics pass): onnxruntime's packed
+    copies of the weights took BERT-base's session from 427 to 636 MiB, and without them a batch ran 3 %
+    slower.
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if level is not None:
         options.graph_optimization_level = level
     if optimized_path is not None:
         options.optimized_model_filepath = optimized_path
+        # Weights go to a file beside it: the callers read the optimized graph, and loading a BERT's folded
+        # weights back from it held a second copy of them.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS_FILE)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    # onnxruntime's Python wrapper keeps serialized bytes for the session's whole life, only to rebuild the
+    # session on other providers; these are CPU-only. Letting go of them frees a copy of every weight: on a
+    # 108 M-parameter BERT, 434 MB of the statistics pass, whose probe session is built from bytes.
+    sess._model_bytes = None
+    return sess
 
 
 def run_feeds(sess: ort.InferenceSession, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[np.ndarray]:

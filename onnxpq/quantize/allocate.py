@@ -11,8 +11,10 @@ picks the settings, then a greedy pass spends what is left of the budget.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -61,6 +63,8 @@ _UNEXERCISED = 1e-10
 #: Output error of a setting that makes the outputs overflow or NaN: never worth its bits, yet finite
 #: so the log-log interpolation and the allocator's comparisons still order it.
 _NON_FINITE = 1e30
+#: Estimate codes from this size on wait on disk (``_Spill``).
+SPILL_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -415,9 +419,16 @@ def price_settings(
             correct = config.bias_correction and c.name in targets and c.name in stats
             yield constants[c.name].to_array(), chain, quick, stats.get(c.name), correct
 
-    estimated = map_tasks(
-        _estimate_task, tasks(), workers or Workers(), total=len(chains), desc="estimate settings", progress=progress
-    )
+    with tempfile.TemporaryDirectory(prefix="onnxpq-estimates-", ignore_cleanup_errors=True) as folder:
+        estimated = map_tasks(
+            _estimate_task,
+            tasks(),
+            workers or Workers(),
+            total=len(chains),
+            desc="estimate settings",
+            progress=progress,
+            then=_Spill(Path(folder)),
+        )
     tried: dict[str, list[tuple[Candidate, LayerResult]]] = {c.name: [] for c in todo}
     for (c, chain), rs in zip(chains, estimated, strict=True):
         tried[c.name] += zip(chain, rs, strict=True)
@@ -462,6 +473,35 @@ def _chains(settings: Sequence[Candidate]) -> list[list[Candidate]]:
     return chains
 
 
+class _Spill:
+    """Moves each estimate's codes to a file in ``folder`` and maps it back, read-only, as it arrives.
+
+    Every setting of every layer is estimated before any is chosen, and their codes add up to about
+    9 bytes per weight (a 108 M-parameter BERT: 1 GB); only a few settings per layer are ever read again
+    (the measured ones, the chosen ones), and only their pages come back into memory. The mapped files
+    may be deleted at once where the system allows it (not on Windows): the data stays readable until its
+    arrays are gone. Where ``tempfile`` puts the folder is where the codes go (``TMPDIR``; on a tmpfs
+    they are in memory again, outside the process).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+
+    def __call__(self, results: list[LayerResult]) -> list[LayerResult]:
+        return [self._spilled(r) for r in results]
+
+    def _spilled(self, result: LayerResult) -> LayerResult:
+        book = result.quantized.codebook
+        if book.codes.nbytes < SPILL_BYTES:
+            return result
+        path = self.folder / f"{self.count}.npy"
+        self.count += 1
+        np.save(path, book.codes)
+        codes = np.load(path, mmap_mode="r")
+        return replace(result, quantized=replace(result.quantized, codebook=replace(book, codes=codes)))
+
+
 def _estimate_task(
     array: np.ndarray, chain: Sequence[Candidate], quick: CompressConfig, stats: LayerStats | None, correct: bool
 ) -> list[LayerResult]:
@@ -472,7 +512,7 @@ def _estimate_task(
     instead of a fresh k-means++ seeding and Lloyd's iterations over the whole layer.
     """
     if stats is not None:  # every setting of the chain reads the inputs in one order (the layout's)
-        stats = stats.reordered(input_order(chain[0]))
+        stats = stats.working(input_order(chain[0]))
         stats = None if stats is None else stats.with_covariance()
     results: list[LayerResult] = []
     for v in chain:

@@ -231,7 +231,7 @@ def quantize_layer(
     rng = layer_rng(config.seed, candidate.name)
     k, iters = candidate.n_codewords, config.kmeans_iters
     if stats is not None:
-        stats = stats.reordered(input_order(candidate))
+        stats = stats.working(input_order(candidate))
     groups = stats.groups // stats.blocks if stats is not None else 1  # unit groups; blocks cut columns
     rows = _sample_rows(units.shape, d, k, groups, fit_units, config.sample_per_codeword)
     fitted = units if rows is None else units[rows]

@@ -81,9 +81,11 @@ class LayerStats:
 
     Parameters
     ----------
-    hessian : (groups, R, R) float64, mean of x xᵀ over all input rows (patches, tokens, samples).
+    hessian : (groups, R, R), mean of x xᵀ over all input rows (patches, tokens, samples).
         Block-diagonal statistics hold (groups * blocks, B, B): the diagonal blocks of B
-        columns, block b of unit group g at index g * blocks + b.
+        columns, block b of unit group g at index g * blocks + b. Held in float32, since a run
+        holds every layer's H at once (on a 108 M-parameter BERT, half a gigabyte in float32);
+        ``working`` hands a quantizer the float64 copy of one layer it computes in.
     mean : (groups, R) float64, mean of x; the output shift a bias can absorb
         ((groups * blocks, B) when block-diagonal).
     rows : number of input rows averaged.
@@ -105,8 +107,9 @@ class LayerStats:
         row, and on MiniLM's 1536-input layers computing it again for each took a tenth of the estimates' time."""
         return replace(self, known_covariance=self.covariance())
 
-    def reordered(self, order: np.ndarray) -> LayerStats | None:
-        """The statistics with columns in ``order`` (another layout's ``input_order``); None where they cannot be.
+    def working(self, order: np.ndarray) -> LayerStats | None:
+        """The statistics a quantizer computes with: in float64, columns in ``order`` (a layout's
+        ``input_order``); None where they cannot be put in that order.
 
         A strided MatMul weight's column order depends on its subvector length, so
         the allocator's variants of one weight need the same H in other orders. A full
@@ -115,11 +118,11 @@ class LayerStats:
         and the allocator measures it as such).
         """
         if self.order is None or np.array_equal(self.order, order):
-            return self
+            return replace(self, hessian=self.hessian.astype(np.float64, copy=False))
         if self.blocks > 1:
             return None
         index = np.argsort(self.order)[order]
-        h, mean = self.hessian[:, index][:, :, index], self.mean[:, index]
+        h, mean = self.hessian[:, index][:, :, index].astype(np.float64), self.mean[:, index]
         return LayerStats(hessian=h, mean=mean, rows=self.rows, order=order)
 
     @property
@@ -305,7 +308,7 @@ def _windows(x: np.ndarray, weight_shape: Sequence[int], attrs: Mapping[str, obj
 
 
 def _moment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Σ a bᵀ per group for (n, groups, R) rows: (groups, R, R) in float32 (the caller sums them in float64)."""
+    """Σ a bᵀ per group for (n, groups, R) rows: (groups, R, R) in float32, as H is held."""
     a_g = a.astype(np.float32, copy=False).transpose(1, 2, 0)
     b_g = b.astype(np.float32, copy=False).transpose(1, 0, 2)
     return np.matmul(a_g, b_g)
@@ -335,22 +338,27 @@ class _Accumulator:
             if not np.array_equal(self.order, np.arange(len(self.order))):
                 rows = rows[:, :, self.order]
             rows = rows.reshape(len(rows), -1, self.block)
+        # Summed in float32: a chunk's moment already adds thousands of rows in float32, and summing a few
+        # hundred chunks more moves H by about 1e-5 relative, far below its sampling error.
         xx = _moment(rows, rows)
         x = rows.sum(axis=0, dtype=np.float64)
         if self.xx is None:
-            self.xx, self.x = xx.astype(np.float64), x
+            self.xx, self.x = xx, x
         else:
             self.xx += xx
             self.x += x
         self.rows += len(rows)
 
     def result(self) -> LayerStats:
+        """The mean statistics, made from the sums in place: call it once, at the end."""
         n = max(self.rows, 1)
         order = self.order
         if self.blocks > 1:
-            return LayerStats(hessian=self.xx / n, mean=self.x / n, rows=self.rows, blocks=self.blocks, order=order)
-        h, mean = self.xx[:, order][:, :, order] / n, self.x[:, order] / n
-        return LayerStats(hessian=h, mean=mean, rows=self.rows, order=order)
+            self.xx /= n
+            return LayerStats(hessian=self.xx, mean=self.x / n, rows=self.rows, blocks=self.blocks, order=order)
+        h = self.xx[:, order][:, :, order]
+        h /= n
+        return LayerStats(hessian=h, mean=self.x[:, order] / n, rows=self.rows, order=order)
 
 
 @dataclass(frozen=True)
@@ -369,8 +377,12 @@ class StatsShape:
         return self.units is None or block * block <= WORK_PER_WEIGHT * self.units
 
     def bytes(self, block: int) -> int:
-        """float64 bytes of the H blocks of ``block`` columns: groups x R/B blocks of B x B."""
-        return 8 * self.groups * self.inputs * block
+        """Bytes of the H blocks of ``block`` columns as held (float32): groups x R/B blocks of B x B."""
+        return 4 * self.groups * self.inputs * block
+
+    def working_bytes(self, block: int) -> int:
+        """... and as a quantizer computes with them (float64, ``LayerStats.working``)."""
+        return 2 * self.bytes(block)
 
     def smaller(self, block: int) -> int | None:
         """The next block below ``block``: a multiple of ``step`` that divides R; None at the smallest."""
@@ -391,9 +403,10 @@ def _shape(c: Candidate, reader: _Reader) -> StatsShape:
 def plan_blocks(shapes: Mapping[str, StatsShape], memory_bytes: float) -> dict[str, int]:
     """Columns per H block for each weight: R (the full H) where the budget allows.
 
-    The H of all layers together may take ``1 / HELD_SHARE`` of the budget and one
-    layer ``1 / LAYER_SHARE`` of it (the rest is the working memory that quantizing
-    a layer takes). While they do not fit, the layer holding the most bytes steps
+    The H of all layers together, as held (float32), may take ``1 / HELD_SHARE`` of
+    the budget, and one layer's H as a quantizer computes with it (float64)
+    ``1 / LAYER_SHARE`` of it (the rest is the working memory that quantizing a
+    layer takes). While they do not fit, the layer holding the most bytes steps
     down to its next smaller block: the largest layers give up their cross-block
     terms first, and every layer whose full H fits keeps it. On MNIST's three convs
     quantized from blocks of R/2, R/4 and 9 columns, the output error rose 1.15-1.6x,
@@ -407,7 +420,9 @@ def plan_blocks(shapes: Mapping[str, StatsShape], memory_bytes: float) -> dict[s
     blocks = {}
     for name, sh in shapes.items():
         block = sh.inputs
-        while (sh.bytes(block) > layer_cap or not sh.affordable(block)) and (smaller := sh.smaller(block)) is not None:
+        while (sh.working_bytes(block) > layer_cap or not sh.affordable(block)) and (
+            smaller := sh.smaller(block)
+        ) is not None:
             block = smaller
         blocks[name] = block
     while sum(shapes[n].bytes(b) for n, b in blocks.items()) > memory_bytes / HELD_SHARE:
@@ -416,12 +431,13 @@ def plan_blocks(shapes: Mapping[str, StatsShape], memory_bytes: float) -> dict[s
             break
         name = max(shrinkable, key=lambda n: (shapes[n].bytes(blocks[n]), n))
         blocks[name] = shapes[name].smaller(blocks[name])
-    need = {n: shapes[n].bytes(b) for n, b in blocks.items()}
-    worst = max(need, key=need.get, default=None)
-    if worst is not None and (sum(need.values()) > memory_bytes / HELD_SHARE or need[worst] > layer_cap):
+    held = sum(shapes[n].bytes(b) for n, b in blocks.items())
+    work = {n: shapes[n].working_bytes(b) for n, b in blocks.items()}
+    worst = max(work, key=work.get, default=None)
+    if worst is not None and (held > memory_bytes / HELD_SHARE or work[worst] > layer_cap):
         raise ConfigError(
-            f"layer statistics need {sum(need.values()) / 2**20:.0f} MiB even as the smallest blocks "
-            f"({worst}: {need[worst] / 2**20:.0f} MiB), more than the statistics memory of "
+            f"layer statistics need {held / 2**20:.0f} MiB even as the smallest blocks "
+            f"({worst}: {work[worst] / 2**20:.0f} MiB to quantize it), more than the statistics memory of "
             f"{memory_bytes / 2**20:.0f} MiB allows (half for all layers, 1/{LAYER_SHARE} for one); "
             "raise statistics_memory_mib or compress fewer layers data-aware"
         )
@@ -464,7 +480,7 @@ class _Probe:
     def __init__(self, model: onnx.ModelProto, activations: Sequence[str]) -> None:
         from onnxpq.model.session import session
 
-        self.session = session(_probe_model(model, activations))
+        self.session = session(_probe_model(model, activations), prepack=False)
         outputs = {o.name for o in self.session.get_outputs()}
         self.fetch = [a for a in activations if a in outputs]
         self.activations = set(activations)
@@ -512,7 +528,8 @@ def collect_stats(
                 pick = functools.partial(samplers[name].pick, reader=i, batch=index)
                 for rows in r.rows(np.asarray(values[r.activation]), ROW_CHUNK_BYTES, pick):
                     acc[name].add(rows)
-    return {name: a.result() for name, a in acc.items()}
+    # Each accumulator is let go as its result is made: the reordered copies would otherwise double H at the end.
+    return {name: acc.pop(name).result() for name in list(acc)}
 
 
 class _Sampler:
