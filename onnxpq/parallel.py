@@ -11,9 +11,6 @@ layers however large the model is.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -25,8 +22,9 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from onnxpq.errors import ConfigError
+from onnxpq.heap import trim_heap
 
-__all__ = ["Workers", "available_memory", "map_tasks", "trim_heap", "usable_cores"]
+__all__ = ["Workers", "available_memory", "map_tasks", "usable_cores"]
 
 T = TypeVar("T")
 
@@ -61,30 +59,6 @@ def available_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return FALLBACK_AVAILABLE_BYTES
-
-
-def trim_heap() -> None:
-    """Give the memory freed since the last call back to the system, where the C library can (glibc).
-
-    glibc's malloc raises its mmap threshold as large blocks are freed, so after a stage of large
-    temporaries (the statistics' activation batches, a layer's distance blocks) numpy's later arrays come
-    from the heap, and what they free stays in the process's RSS. On MiniLM the main process kept 220 MB
-    of freed statistics batches while the workers started on the largest layers: the run's peak RSS.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, looked up once per process (each worker task ends with a trim); None for C
-    libraries without it (musl, macOS, Windows)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
 
 
 def _trimmed(fn: Callable[..., T], *args: Any) -> T:

@@ -33,6 +33,7 @@ from onnxpq.errors import (
     UnsupportedGraphError,
     ValidationFailedError,
 )
+from onnxpq.heap import trim_heap
 from onnxpq.model.files import (
     IN_MEMORY,
     Staging,
@@ -52,7 +53,7 @@ from onnxpq.model.files import (
 from onnxpq.model.graph import check_conv_channels, constant_tensors, replace_constants
 from onnxpq.model.session import session
 from onnxpq.model.subgraphs import lift_subgraph_weights, subgraph_weight_count
-from onnxpq.parallel import Workers, trim_heap
+from onnxpq.parallel import Workers
 from onnxpq.permute.search import consumer_distortion, permute_model
 from onnxpq.quantize.allocate import (
     Allocation,

@@ -169,6 +169,25 @@ def test_estimate_codes_wait_on_disk_and_allocate_as_when_held_in_memory(tmp_pat
     assert outputs[0] == outputs[1]
 
 
+def test_estimates_stay_in_memory_where_they_cannot_be_written(tmp_path, rng, monkeypatch):
+    """A full disk (or Windows, which cannot delete a mapped file) keeps the codes in memory, as before."""
+    from onnxpq.quantize import allocate
+
+    w = rand(rng, 64, 32)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["n", 64])], ["y"], {"w": w})
+    (candidate,) = find_candidates(model, CompressConfig(min_elements=1))
+    result = quantize_layer(w, candidate, CompressConfig(min_elements=1))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(allocate, "SPILL_BYTES", 0)
+    monkeypatch.setattr(allocate.np, "save", full_disk)
+    spill = allocate._Spill(tmp_path)
+    assert spill([result, result]) == [result, result]
+    assert spill.folder is None and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("sequential", [0, 2])
 def test_the_written_codebooks_are_the_allocated_ones(tmp_path, rng, sequential):
     """Every compressed layer of the output has the (k, d) the allocator chose and the report lists. With

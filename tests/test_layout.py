@@ -15,7 +15,7 @@ import onnxpq
 PACKAGE = Path(onnxpq.__file__).parent
 #: Lowest first; a module's layer is that of its top-level name (``quantize.stats`` is in ``quantize``).
 LAYERS = (
-    ("errors", "version", "operators", "config"),
+    ("errors", "version", "operators", "config", "heap"),
     ("model",),
     ("calibration", "parallel"),
     ("quantize",),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes.util
+
 import numpy as np
 import onnx
 import pytest
@@ -10,6 +12,7 @@ from onnx import helper
 
 from onnxpq import CompressConfig, compress, parallel
 from onnxpq.cli import main
+from onnxpq.heap import trim_heap
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.pipeline import ValidationSettings
 
@@ -105,7 +108,7 @@ def _rss_kib() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
-@pytest.mark.skipif(not parallel.ctypes.util.find_library("c"), reason="no C library to trim")
+@pytest.mark.skipif(not ctypes.util.find_library("c"), reason="no C library to trim")
 def test_trim_heap_gives_freed_heap_memory_back():
     """Blocks freed between live ones stay in the process (glibc) until trimmed; on other C libraries
     trimming is a no-op that must not fail."""
@@ -114,7 +117,7 @@ def test_trim_heap_gives_freed_heap_memory_back():
     kept = blocks[::16]  # live blocks all along the heap: it cannot shrink from the top
     held = _rss_kib()
     del blocks
-    parallel.trim_heap()
+    trim_heap()
     assert _rss_kib() < held - (512 << 10)
     assert all(k[0] == 1.0 for k in kept)
 

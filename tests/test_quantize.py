@@ -291,7 +291,7 @@ def test_quantize_layer_never_raises_on_hostile_statistics(kind, seed, rows, blo
     r = 64 // blocks
     hessian = np.stack([HOSTILE_H[kind](rng, r) for _ in range(blocks)])
     mean = np.zeros((blocks, r)) if kind == "zero" else rng.standard_normal((blocks, r))
-    stats = LayerStats(hessian=hessian, mean=mean, rows=rows, blocks=blocks)
+    stats = LayerStats(moment=hessian, mean=mean, rows=rows, blocks=blocks)
     result = layer.quantize_layer(weight, cand, config, stats, correct_bias=correct)
     book = result.quantized.codebook
     assert np.isfinite(book.centroids).all()

@@ -9,7 +9,7 @@ import onnx
 from conftest import make_model, rand
 from onnx import helper
 
-from onnxpq.model.session import WEIGHTS_FILE, session
+from onnxpq.model.session import session, weights_file
 
 
 def _matmul(w: np.ndarray) -> onnx.ModelProto:
@@ -35,7 +35,7 @@ def test_an_optimized_model_leaves_its_weights_beside_it(tmp_path, rng):
     graph = onnx.load(out, load_external_data=False).graph
     (weight,) = [t for t in graph.initializer if t.name == "w"]
     assert weight.data_location == onnx.TensorProto.EXTERNAL
-    assert (tmp_path / WEIGHTS_FILE).stat().st_size >= 256 * 64 * 4
+    assert (tmp_path / weights_file(out)).stat().st_size >= 256 * 64 * 4
 
 
 def test_a_session_without_packed_weights_computes_the_same(rng):

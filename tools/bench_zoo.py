@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import resource
@@ -110,6 +111,16 @@ def run_child(cmd: list[str], log: Path, timeout_s: float, memory_limit: int) ->
     return proc.returncode, time.perf_counter() - start, cpu, usage.ru_maxrss / 1024, tree.mib
 
 
+@functools.cache
+def session_peak_mib(model: Path) -> float | None:
+    """Peak RSS of an onnxruntime session of ``model`` in a fresh process, once per model; None where it cannot
+    be measured (the row then shows no bound)."""
+    try:
+        return round(measure_load(model).peak_rss_mib, 1)
+    except RuntimeError:
+        return None
+
+
 def last_error(log: Path) -> str:
     """The last meaningful line of a failed child's output (the exception or the CLI's one-line error)."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -202,7 +213,7 @@ def compress(built: zoo.Built, name: str, budget: float, args: argparse.Namespac
     code, wall, cpu, rss, tree = run_child(cli, log, args.timeout, int(args.memory_limit_gb * 2**30))
     row.exit_code, row.wall_s, row.cpu_s, row.peak_rss_mib = code, round(wall, 2), round(cpu, 2), round(rss, 1)
     row.tree_peak_rss_mib = round(tree, 1)
-    row.ort_session_mib = round(measure_load(built.model).peak_rss_mib, 1)
+    row.ort_session_mib = session_peak_mib(built.model)
     row.us_per_parameter = round(1e6 * cpu / max(row.parameters, 1), 3)
     report = Path(f"{out}.report.json")
     if code not in (0, 1) or not out.exists() or not report.exists():

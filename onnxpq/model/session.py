@@ -9,10 +9,9 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnxruntime as ort
 
-__all__ = ["run_feeds", "session"]
+from onnxpq.heap import trim_heap
 
-#: Where an optimized model's weights go, beside ``optimized_path``.
-WEIGHTS_FILE = "optimized.weights"
+__all__ = ["run_feeds", "session", "weights_file"]
 
 
 def session(
@@ -39,15 +38,23 @@ def session(
         options.optimized_model_filepath = optimized_path
         # Weights go to a file beside it: the callers read the optimized graph, and loading a BERT's folded
         # weights back from it held a second copy of them.
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS_FILE)
+        weights = weights_file(optimized_path)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     source = model if isinstance(model, bytes) else str(model)
     sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     # onnxruntime's Python wrapper keeps serialized bytes for the session's whole life, only to rebuild the
     # session on other providers; these are CPU-only. Letting go of them frees a copy of every weight: on a
     # 108 M-parameter BERT, 434 MB of the statistics pass, whose probe session is built from bytes.
-    sess._model_bytes = None
+    sess._model_bytes = None  # so it cannot be rebuilt on other providers (``set_providers``): onnxpq never does
+    trim_heap()  # building parsed the model and copied every weight; glibc keeps much of what that freed
     return sess
+
+
+def weights_file(optimized_path: str | os.PathLike[str]) -> str:
+    """The file, beside an optimized model, that ``session`` writes its weights to: named after the model, so
+    two optimized models in one folder keep their own."""
+    return f"{os.path.basename(optimized_path)}.weights"
 
 
 def run_feeds(sess: ort.InferenceSession, feeds: Iterable[Mapping[str, np.ndarray]]) -> list[np.ndarray]:

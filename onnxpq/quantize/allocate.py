@@ -11,6 +11,7 @@ picks the settings, then a greedy pass spends what is left of the budget.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -240,10 +241,16 @@ def _fill(options: Mapping[str, Sequence[Option]], chosen: dict[str, Option], bu
         chosen[best[0]] = best[1]
 
 
-def _relative_mse(ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
-    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in ref)
-    noise = sum(float(np.sum((r.astype(np.float64) - t) ** 2)) for r, t in zip(ref, test, strict=True))
-    return noise / signal if signal > 0 else noise
+def _squared_error(ref: Sequence[np.ndarray], test: Sequence[np.ndarray] | None = None) -> float:
+    """Σ (ref - test)² over all outputs in float64 (Σ ref² without ``test``), one float64 copy at a time."""
+    total = 0.0
+    for i, r in enumerate(ref):
+        diff = r.astype(np.float64)
+        if test is not None:
+            diff -= test[i]
+        diff *= diff
+        total += float(np.sum(diff))
+    return total
 
 
 def layer_error(result: LayerResult) -> float:
@@ -267,6 +274,7 @@ class _Probe:
         self.session = session(serialized(constants_as_inputs(model, names)))
         self.feeds = list(batches(dataset.head(samples), model, batch_size=PROBE_BATCH))
         self.reference = self.outputs({})
+        self.signal = _squared_error(self.reference)  # the same for every setting: once, not per probe
         broken = [o.name for o, r in zip(model.graph.output, self.reference, strict=True) if not np.isfinite(r).all()]
         if broken:
             raise ConfigError(
@@ -282,7 +290,8 @@ class _Probe:
 
     def error(self, changed: Mapping[str, np.ndarray]) -> float:
         """Relative output MSE of the model with ``changed`` in place of the original values."""
-        error = _relative_mse(self.reference, self.outputs(changed))
+        noise = _squared_error(self.reference, self.outputs(changed))
+        error = noise / self.signal if self.signal > 0 else noise
         return error if math.isfinite(error) else _NON_FINITE
 
 
@@ -478,14 +487,15 @@ class _Spill:
 
     Every setting of every layer is estimated before any is chosen, and their codes add up to about
     9 bytes per weight (a 108 M-parameter BERT: 1 GB); only a few settings per layer are ever read again
-    (the measured ones, the chosen ones), and only their pages come back into memory. The mapped files
-    may be deleted at once where the system allows it (not on Windows): the data stays readable until its
-    arrays are gone. Where ``tempfile`` puts the folder is where the codes go (``TMPDIR``; on a tmpfs
-    they are in memory again, outside the process).
+    (the measured ones, the chosen ones), and only their pages come back into memory. The folder is
+    deleted as soon as every estimate is in: a mapped file stays readable until its arrays are gone.
+    Windows cannot delete a mapped file, so there the codes stay in memory, as they do once a write fails
+    (a full disk). Where ``tempfile`` puts the folder is where the codes go (``TMPDIR``; on a tmpfs they
+    are in memory again, outside the process).
     """
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
+        self.folder: Path | None = folder if os.name != "nt" else None
         self.count = 0
 
     def __call__(self, results: list[LayerResult]) -> list[LayerResult]:
@@ -493,11 +503,15 @@ class _Spill:
 
     def _spilled(self, result: LayerResult) -> LayerResult:
         book = result.quantized.codebook
-        if book.codes.nbytes < SPILL_BYTES:
+        if self.folder is None or book.codes.nbytes < SPILL_BYTES:
             return result
         path = self.folder / f"{self.count}.npy"
         self.count += 1
-        np.save(path, book.codes)
+        try:
+            np.save(path, book.codes)
+        except OSError:
+            self.folder = None
+            return result
         codes = np.load(path, mmap_mode="r")
         return replace(result, quantized=replace(result.quantized, codebook=replace(book, codes=codes)))
 

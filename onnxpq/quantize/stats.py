@@ -14,10 +14,11 @@ keeps only the diagonal blocks of B contiguous columns (B a multiple of every
 subvector dimension the allocator may try, dividing R; the largest that fits):
 the quantizers see each (group, column block) as a group of its own, so they run
 unchanged on R/B times more groups of B inputs. A 1-D audio conv with 64 taps
-over 1024 channels (R = 65 536, a 34 GB H) is quantized that way in megabytes.
+over 1024 channels (R = 65 536, a 17 GB H in float32) is quantized that way in megabytes.
 
 The inputs are read with onnxruntime by exposing the layers' input tensors as
-extra graph outputs, so the statistics are exactly those of the deployed graph.
+extra graph outputs, so the statistics are those of the deployed graph (run without onnxruntime's packed
+weight copies, which can move a MatMul's outputs in their last bits).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ LAYER_SHARE = 16
 #: PP-OCRv4 rec is below this bound (the highest, a PP-OCR conv with R = 2880 and 60 units, is at half of it),
 #: so blocks appear only where a layer has far more inputs than outputs.
 WORK_PER_WEIGHT = 1 << 18
+#: What a refused statistics plan suggests.
+_MORE_MEMORY = "raise statistics_memory_mib (--statistics-memory) or compress fewer layers data-aware"
 
 
 #: Given how many input rows a batch holds, the sorted indices of those to use, or None for all.
@@ -81,26 +84,49 @@ class LayerStats:
 
     Parameters
     ----------
-    hessian : (groups, R, R), mean of x xᵀ over all input rows (patches, tokens, samples).
-        Block-diagonal statistics hold (groups * blocks, B, B): the diagonal blocks of B
-        columns, block b of unit group g at index g * blocks + b. Held in float32, since a run
-        holds every layer's H at once (on a 108 M-parameter BERT, half a gigabyte in float32);
-        ``working`` hands a quantizer the float64 copy of one layer it computes in.
+    moment : (groups, R, R), mean of (x - centre)(x - centre)ᵀ over all input rows (patches, tokens,
+        samples). Block-diagonal statistics hold (groups * blocks, B, B): the diagonal blocks of B
+        columns, block b of unit group g at index g * blocks + b. As collected it is held in float32
+        about ``centre``, since a run holds every layer's at once (on a 108 M-parameter BERT, half a
+        gigabyte in float32); ``working`` hands a quantizer the float64 H of one layer it computes in.
     mean : (groups, R) float64, mean of x; the output shift a bias can absorb
         ((groups * blocks, B) when block-diagonal).
     rows : number of input rows averaged.
     blocks : column blocks per unit group; 1 is the full H.
     order : (R,) which input of the node each column holds (``layout.input_order`` of the
         candidate the statistics were collected for); None when built for the caller's layout.
+    centre : (groups, R) float64, the point ``moment`` is taken about; None for zero, where ``moment`` is
+        H itself. About a point near the mean, float32 keeps the covariance H - μμᵀ (which bias
+        correction quantizes against) as precise as the spread of x allows; H itself in float32 loses
+        it where the mean is large against the spread (mean 5, spread 0.05: 0.2 % of the covariance).
     """
 
-    hessian: np.ndarray
+    moment: np.ndarray
     mean: np.ndarray
     rows: int
     blocks: int = 1
     order: np.ndarray | None = None
+    centre: np.ndarray | None = None
     #: ``covariance()`` computed ahead by ``with_covariance``.
     known_covariance: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """H = E[x xᵀ]: ``moment`` itself about zero; else put together in float64, a new array at each call
+        (quantizers read the one ``working`` holds)."""
+        if self.centre is None:
+            return self.moment
+        h = self._about_mean()
+        h += self.mean[:, :, None] * self.mean[:, None, :]
+        return h
+
+    def _about_mean(self) -> np.ndarray:
+        """E[(x - μ)(x - μ)ᵀ] in float64 from the moment about the centre (the centre's offset d = μ - c
+        taken out: E[(x - c)(x - c)ᵀ] = cov + ddᵀ)."""
+        d = self.mean - self.centre
+        cov = self.moment.astype(np.float64)
+        cov -= d[:, :, None] * d[:, None, :]
+        return cov
 
     def with_covariance(self) -> LayerStats:
         """These statistics holding their covariance: the allocator quantizes a layer at several settings in a
@@ -108,7 +134,7 @@ class LayerStats:
         return replace(self, known_covariance=self.covariance())
 
     def working(self, order: np.ndarray) -> LayerStats | None:
-        """The statistics a quantizer computes with: in float64, columns in ``order`` (a layout's
+        """The statistics a quantizer computes with: H in float64, columns in ``order`` (a layout's
         ``input_order``); None where they cannot be put in that order.
 
         A strided MatMul weight's column order depends on its subvector length, so
@@ -118,22 +144,22 @@ class LayerStats:
         and the allocator measures it as such).
         """
         if self.order is None or np.array_equal(self.order, order):
-            return replace(self, hessian=self.hessian.astype(np.float64, copy=False))
+            return replace(self, moment=self.hessian.astype(np.float64, copy=False), centre=None)
         if self.blocks > 1:
             return None
         index = np.argsort(self.order)[order]
-        h, mean = self.hessian[:, index][:, :, index].astype(np.float64), self.mean[:, index]
-        return LayerStats(hessian=h, mean=mean, rows=self.rows, order=order)
+        h, mean = self.hessian[:, index][:, :, index].astype(np.float64, copy=False), self.mean[:, index]
+        return LayerStats(moment=h, mean=mean, rows=self.rows, order=order)
 
     @property
     def groups(self) -> int:
         """Groups as the quantizers see them: (unit group, column block) pairs."""
-        return self.hessian.shape[0]
+        return self.moment.shape[0]
 
     @property
     def block(self) -> int:
         """Columns per block: R when the H is full."""
-        return self.hessian.shape[-1]
+        return self.moment.shape[-1]
 
     @property
     def form(self) -> str:
@@ -144,7 +170,9 @@ class LayerStats:
         """H - μμᵀ: the error left once the mean output shift is put back into the bias."""
         if self.known_covariance is not None:
             return self.known_covariance
-        return self.hessian - self.mean[:, :, None] * self.mean[:, None, :]
+        if self.centre is not None:
+            return self._about_mean()
+        return self.moment - self.mean[:, :, None] * self.mean[:, None, :]
 
     def shrinkage(self, cov: np.ndarray | None = None) -> np.ndarray:
         """Per group, the Oracle Approximating Shrinkage weight ρ of the covariance (Chen et al., 2010).
@@ -170,7 +198,7 @@ class LayerStats:
     @property
     def rank_deficient(self) -> bool:
         """Fewer rows than dimensions: the covariance is singular and the quantizer can hide error in its null space."""
-        return self.rows < self.hessian.shape[-1]
+        return self.rows < self.moment.shape[-1]
 
     def metric(self, centred: bool, rho: float | None = None, cov: np.ndarray | None = None) -> np.ndarray:
         """H (or the covariance when ``centred``) with its covariance shrunk by ``rho`` towards its mean variance x I.
@@ -320,11 +348,14 @@ class _Accumulator:
     Block-diagonal sums take the rows in ``layout.unit_matrix`` column order first
     (``order``), so each block is B contiguous columns of the unit matrix; only
     those blocks are ever computed. The full H is reordered at the end, as it always was.
+
+    The sums are of x - c in float32, c the first chunk's mean (``LayerStats.centre`` says why).
     """
 
     def __init__(self, order: np.ndarray, block: int) -> None:
         self.order = order
         self.block = block
+        self.shift: np.ndarray | None = None
         self.xx: np.ndarray | None = None
         self.x: np.ndarray | None = None
         self.rows = 0
@@ -338,9 +369,10 @@ class _Accumulator:
             if not np.array_equal(self.order, np.arange(len(self.order))):
                 rows = rows[:, :, self.order]
             rows = rows.reshape(len(rows), -1, self.block)
-        # Summed in float32: a chunk's moment already adds thousands of rows in float32, and summing a few
-        # hundred chunks more moves H by about 1e-5 relative, far below its sampling error.
-        xx = _moment(rows, rows)
+        if self.shift is None:
+            self.shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+        about = rows - self.shift
+        xx = _moment(about, about)
         x = rows.sum(axis=0, dtype=np.float64)
         if self.xx is None:
             self.xx, self.x = xx, x
@@ -350,15 +382,15 @@ class _Accumulator:
         self.rows += len(rows)
 
     def result(self) -> LayerStats:
-        """The mean statistics, made from the sums in place: call it once, at the end."""
+        """The mean statistics, made from the sums in place: call it once, at the end (it uses them up)."""
         n = max(self.rows, 1)
-        order = self.order
+        self.xx /= n
+        centre, mean = self.shift.astype(np.float64), self.x / n
         if self.blocks > 1:
-            self.xx /= n
-            return LayerStats(hessian=self.xx, mean=self.x / n, rows=self.rows, blocks=self.blocks, order=order)
-        h = self.xx[:, order][:, :, order]
-        h /= n
-        return LayerStats(hessian=h, mean=self.x[:, order] / n, rows=self.rows, order=order)
+            return LayerStats(self.xx, mean, self.rows, blocks=self.blocks, order=self.order, centre=centre)
+        order = self.order
+        moment = self.xx[:, order][:, :, order]
+        return LayerStats(moment, mean[:, order], self.rows, order=order, centre=centre[:, order])
 
 
 @dataclass(frozen=True)
@@ -434,12 +466,14 @@ def plan_blocks(shapes: Mapping[str, StatsShape], memory_bytes: float) -> dict[s
     held = sum(shapes[n].bytes(b) for n, b in blocks.items())
     work = {n: shapes[n].working_bytes(b) for n, b in blocks.items()}
     worst = max(work, key=work.get, default=None)
-    if worst is not None and (held > memory_bytes / HELD_SHARE or work[worst] > layer_cap):
+    memory = f"the statistics memory of {memory_bytes / 2**20:.0f} MiB"
+    if held > memory_bytes / HELD_SHARE:
+        need = f"the layer statistics need {held / 2**20:.0f} MiB (float32) even as the smallest blocks, "
+        raise ConfigError(need + f"more than the half of {memory} all layers may hold; " + _MORE_MEMORY)
+    if worst is not None and work[worst] > layer_cap:
+        need = f"{worst}'s statistics need {work[worst] / 2**20:.0f} MiB (float64) to quantize even as its smallest "
         raise ConfigError(
-            f"layer statistics need {held / 2**20:.0f} MiB even as the smallest blocks "
-            f"({worst}: {work[worst] / 2**20:.0f} MiB to quantize it), more than the statistics memory of "
-            f"{memory_bytes / 2**20:.0f} MiB allows (half for all layers, 1/{LAYER_SHARE} for one); "
-            "raise statistics_memory_mib or compress fewer layers data-aware"
+            need + f"blocks, more than the 1/{LAYER_SHARE} of {memory} one layer may take; " + _MORE_MEMORY
         )
     return blocks
 
@@ -463,15 +497,16 @@ def _readers(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[st
 
 
 def _probe_model(model: onnx.ModelProto, activations: Sequence[str]) -> bytes:
-    """The model with every needed activation exposed as an output (untyped: onnxruntime infers it)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {o.name for o in probe.graph.output}
-    inputs = {i.name for i in probe.graph.input}
-    for name in activations:
-        if name not in outputs and name not in inputs:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    return serialized(probe)
+    """The model's bytes with every needed activation exposed as an output (untyped: onnxruntime infers it).
+
+    The outputs follow the model as a second serialized message: a parser merges concatenated messages
+    (repeated fields append; protobuf's encoding guide documents it), so the model is never copied. On
+    BERT-base a copy held 434 MB of heap that glibc kept after the session was built.
+    """
+    known = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    extra = onnx.ModelProto()
+    extra.graph.output.extend(onnx.ValueInfoProto(name=name) for name in activations if name not in known)
+    return serialized(model) + extra.SerializeToString()
 
 
 class _Probe:
