@@ -263,10 +263,11 @@ def check_gate(outputs: Sequence[Mapping[str, Any]], metric: str, max_degradatio
 
 
 def _optimized_graph(model: str | os.PathLike[str] | bytes, level: ort.GraphOptimizationLevel) -> onnx.GraphProto:
-    """The graph onnxruntime runs at ``level``, as it writes it to ``optimized_model_filepath`` (weights left out)."""
+    """The graph onnxruntime runs at ``level``, as it writes it to ``optimized_model_filepath`` (weights left out,
+    and never packed: only the graph is read)."""
     with tempfile.TemporaryDirectory(prefix="onnxpq-optimized-") as tmp:
         out = os.path.join(tmp, "optimized.onnx")
-        session(model, level=level, optimized_path=out)
+        session(model, level=level, optimized_path=out, prepack=False)
         return onnx.load(out, load_external_data=False).graph
 
 
