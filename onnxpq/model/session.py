@@ -44,9 +44,9 @@ def session(
     source = model if isinstance(model, bytes) else str(model)
     sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     # onnxruntime's Python wrapper keeps serialized bytes for the session's whole life, only to rebuild the
-    # session on other providers; these are CPU-only. Letting go of them frees a copy of every weight: on a
-    # 108 M-parameter BERT, 434 MB of the statistics pass, whose probe session is built from bytes.
-    sess._model_bytes = None  # so it cannot be rebuilt on other providers (``set_providers``): onnxpq never does
+    # session on other providers (``set_providers``), which onnxpq never does. Letting go of them frees a copy
+    # of every weight: on a 108 M-parameter BERT, 434 MB of the statistics pass, whose probe is built from bytes.
+    sess._model_bytes = None
     trim_heap()  # building parsed the model and copied every weight; glibc keeps much of what that freed
     return sess
 

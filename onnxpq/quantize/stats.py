@@ -355,7 +355,7 @@ class _Accumulator:
     def __init__(self, order: np.ndarray, block: int) -> None:
         self.order = order
         self.block = block
-        self.shift: np.ndarray | None = None
+        self.centre: np.ndarray | None = None
         self.xx: np.ndarray | None = None
         self.x: np.ndarray | None = None
         self.rows = 0
@@ -369,9 +369,9 @@ class _Accumulator:
             if not np.array_equal(self.order, np.arange(len(self.order))):
                 rows = rows[:, :, self.order]
             rows = rows.reshape(len(rows), -1, self.block)
-        if self.shift is None:
-            self.shift = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
-        about = rows - self.shift
+        if self.centre is None:
+            self.centre = rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+        about = rows - self.centre
         xx = _moment(about, about)
         x = rows.sum(axis=0, dtype=np.float64)
         if self.xx is None:
@@ -385,7 +385,7 @@ class _Accumulator:
         """The mean statistics, made from the sums in place: call it once, at the end (it uses them up)."""
         n = max(self.rows, 1)
         self.xx /= n
-        centre, mean = self.shift.astype(np.float64), self.x / n
+        centre, mean = self.centre.astype(np.float64), self.x / n
         if self.blocks > 1:
             return LayerStats(self.xx, mean, self.rows, blocks=self.blocks, order=self.order, centre=centre)
         order = self.order
