@@ -809,7 +809,10 @@ def _encode(run: _Run) -> None:
     with run.clock.stage("encode"):
         run.compressed = encode_weights(run.model, quantized, metadata=metadata, constants=run.quantized.biases)
         reshapes = row_reshapes(run.compressed.graph)
-        if reshapes and not same_fusions(serialized(run.model), serialized(run.compressed), reshapes):
+        # The input file when there is one: the same operators as ``run.model`` (permuting and lifting body
+        # weights move values, not nodes), and no serialized copy of every weight held through both sessions.
+        original = run.source if run.source is not None else serialized(run.model)
+        if reshapes and not same_fusions(original, serialized(run.compressed), reshapes):
             run.compressed = encode_weights(
                 run.model, quantized, metadata=metadata, constants=run.quantized.biases, row_lookups=False
             )

@@ -281,7 +281,7 @@ def decode_nodes_left(path: str | os.PathLike[str], decode_nodes: Sequence[str])
     return sorted(n.name for n in graph.node if n.name in wanted)
 
 
-def same_fusions(original: bytes, compressed: bytes, extra: Collection[str]) -> bool:
+def same_fusions(original: str | os.PathLike[str] | bytes, compressed: bytes, extra: Collection[str]) -> bool:
     """Whether onnxruntime's extended optimisations (fusions) leave the compressed model, its ``extra`` nodes
     aside, the operator types of the original and no more nodes of any type; False when a session fails.
 

@@ -18,11 +18,9 @@ from onnxpq.errors import ConfigError
 from onnxpq.model.graph import constant_tensors, constants_as_inputs, replace_constants
 from onnxpq.pipeline import ValidationSettings
 from onnxpq.quantize.allocate import (
-    _NON_FINITE,
     HOLD_OUT_FACTOR,
     Option,
     _anchors,
-    _Probe,
     _through,
     budget_bits,
     budget_candidates,
@@ -32,6 +30,7 @@ from onnxpq.quantize.allocate import (
     probe_split,
 )
 from onnxpq.quantize.layer import decoded_weight, quantize_layer
+from onnxpq.quantize.probe import NON_FINITE, OutputProbe
 from onnxpq.quantize.selection import Candidate, find_candidates, variants
 
 
@@ -286,12 +285,12 @@ def test_non_finite_outputs_are_refused_as_reference_and_never_worth_bits_as_a_s
     model = _conv_then_gemm(rng)
     x = rand(rng, 8, 4, 6, 6)
     w = constant_tensors(model.graph)["w"].to_array()
-    probe = _Probe(model, ["w"], Dataset({"x": x}, "test"), PROBE_SAMPLES)
-    assert probe.error({"w": np.full_like(w, np.inf)}) == _NON_FINITE
-    assert 0 < probe.error({"w": w * 1.01}) < 1
+    probe = OutputProbe(model, {"w": ["w"]}, Dataset({"x": x}, "test"), PROBE_SAMPLES)
+    assert probe.error("w", {"w": np.full_like(w, np.inf)}) == NON_FINITE
+    assert 0 < probe.error("w", {"w": w * 1.01}) < 1
     x[3, 0, 2, 2] = np.nan
     with pytest.raises(ConfigError, match=r"not finite .* calibration"):
-        _Probe(model, ["w"], Dataset({"x": x}, "test"), PROBE_SAMPLES)
+        OutputProbe(model, {"w": ["w"]}, Dataset({"x": x}, "test"), PROBE_SAMPLES)
 
 
 def test_interpolation_is_exact_at_the_anchors_and_a_power_law_between():

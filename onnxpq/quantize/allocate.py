@@ -13,24 +13,24 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnxpq.calibration import Dataset, batches
+from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
 from onnxpq.errors import ConfigError
-from onnxpq.model.files import serialized
-from onnxpq.model.graph import constant_tensors, constants_as_inputs
+from onnxpq.model.graph import constant_tensors
 from onnxpq.operators import OP_TYPES
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.quantize.bias import BiasTarget, result_biases
 from onnxpq.quantize.kmeans import coarsened
 from onnxpq.quantize.layer import LayerResult, decoded_weight, layer_rng, quantize_layer
 from onnxpq.quantize.layout import input_order
+from onnxpq.quantize.probe import OutputProbe
 from onnxpq.quantize.selection import Candidate, find_candidates, variants
 from onnxpq.quantize.size import float_parameters, layer_bits, pqf_sizes
 from onnxpq.quantize.stats import LayerStats
@@ -49,10 +49,6 @@ __all__ = [
     "probe_split",
 ]
 
-#: Samples per onnxruntime run of the probe. onnxruntime keeps the activation memory of its largest run:
-#: all 32 at once put MobileNetV2's peak RSS at 1217 MiB (--jobs 1), 8 at a time at 902 MiB, with the same
-#: wall time and the same output bytes.
-PROBE_BATCH = 8
 #: With at least this many times ``probe_samples`` calibration samples, the probe samples are held out of the
 #: statistics.
 HOLD_OUT_FACTOR = 4
@@ -61,9 +57,6 @@ _TINY = 1e-12
 #: Output error below which even a layer's coarsest setting counts as not moving the outputs at all
 #: (the samples never reach the layer; see ``_default_option``). 8-bit rounding of a real layer measures 1e-6 and up.
 _UNEXERCISED = 1e-10
-#: Output error of a setting that makes the outputs overflow or NaN: never worth its bits, yet finite
-#: so the log-log interpolation and the allocator's comparisons still order it.
-_NON_FINITE = 1e30
 #: Estimate codes from this size on wait on disk (``_Spill``).
 SPILL_BYTES = 1 << 20
 
@@ -241,58 +234,10 @@ def _fill(options: Mapping[str, Sequence[Option]], chosen: dict[str, Option], bu
         chosen[best[0]] = best[1]
 
 
-def _squared_error(ref: Sequence[np.ndarray], test: Sequence[np.ndarray] | None = None) -> float:
-    """Σ (ref - test)² over all outputs in float64 (Σ ref² without ``test``), one float64 copy at a time."""
-    total = 0.0
-    for i, r in enumerate(ref):
-        diff = r.astype(np.float64)
-        if test is not None:
-            diff -= test[i]
-        diff *= diff
-        total += float(np.sum(diff))
-    return total
-
-
 def layer_error(result: LayerResult) -> float:
     """A layer's own relative error: on its outputs with data, on its weights without."""
     e = result.error
     return e.output_rel if e.output_rel is not None else e.rel_l2**2
-
-
-class _Probe:
-    """The model with the compressible weights and their biases as inputs, run on a few calibration samples.
-
-    One session serves every setting of every layer: only the fed values change,
-    so measuring a setting costs one forward pass, not a session build.
-    """
-
-    def __init__(self, model: onnx.ModelProto, names: Collection[str], dataset: Dataset, samples: int) -> None:
-        from onnxpq.model.session import session
-
-        constants = constant_tensors(model.graph)
-        self.values = {n: constants[n].to_array() for n in names}
-        self.session = session(serialized(constants_as_inputs(model, names)))
-        self.feeds = list(batches(dataset.head(samples), model, batch_size=PROBE_BATCH))
-        self.reference = self.outputs({})
-        self.signal = _squared_error(self.reference)  # the same for every setting: once, not per probe
-        broken = [o.name for o, r in zip(model.graph.output, self.reference, strict=True) if not np.isfinite(r).all()]
-        if broken:
-            raise ConfigError(
-                f"the model's output {broken[0]!r} is not finite (inf or NaN) on the first {samples} "
-                "calibration samples, so the bit allocation has nothing to measure errors against; "
-                "check the calibration data"
-            )
-
-    def outputs(self, changed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        values = {**self.values, **changed}
-        runs = [self.session.run(None, {**feed, **values}) for feed in self.feeds]
-        return [np.concatenate([np.ravel(r[i]) for r in runs]) for i in range(len(runs[0]))]
-
-    def error(self, changed: Mapping[str, np.ndarray]) -> float:
-        """Relative output MSE of the model with ``changed`` in place of the original values."""
-        noise = _squared_error(self.reference, self.outputs(changed))
-        error = noise / self.signal if self.signal > 0 else noise
-        return error if math.isfinite(error) else _NON_FINITE
 
 
 def probe_split(dataset: Dataset, samples: int) -> tuple[Dataset, Dataset]:
@@ -329,13 +274,14 @@ def output_errors(
     """
     from tqdm.auto import tqdm
 
-    biases = {targets[n].tensor for n in tried if n in targets}
-    probe = _Probe(model, set(tried) | biases, dataset, config.probe_samples)
+    layers = {n: {n, targets[n].tensor} if n in targets else {n} for n in tried}
+    probe = OutputProbe(model, layers, dataset, config.probe_samples)
     out = {}
-    for name, results in tqdm(tried.items(), desc="measure settings", unit="layer", disable=not progress, leave=False):
+    for name in tqdm(probe.order, desc="measure settings", unit="layer", disable=not progress, leave=False):
+        results = tried[name]
         own = np.array([layer_error(r) for r in results])
         anchors = _anchors(own, config.measured_settings)
-        measured = [probe.error(_decoded_values(model, name, results[i], targets)) for i in anchors]
+        measured = [probe.error(name, _decoded_values(model, name, results[i], targets)) for i in anchors]
         out[name] = _through(own[anchors], np.array(measured), own).tolist()
     return out
 
