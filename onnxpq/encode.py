@@ -25,7 +25,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxpq.errors import UnsupportedGraphError
-from onnxpq.model.graph import attributes, constant_tensors, opset_version, replace_constants, value_dims
+from onnxpq.model.graph import (
+    attributes,
+    constant_tensors,
+    copy_except,
+    opset_version,
+    replace_constants,
+    value_dims,
+)
 from onnxpq.model.subgraphs import ScopedNode, scoped_nodes, value_names
 from onnxpq.model.tensors import four_bit_tensor
 from onnxpq.quantize.layer import QuantizedWeight
@@ -272,42 +279,39 @@ def encode_weights(
     listed as a graph input (old exporters did this) is removed from the inputs:
     it can no longer be overridden, which no deployment relies on.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    taken = _check_names_free(graph, weights)
-    replace_constants(graph, constants or {})
+    source = model.graph
+    taken = _check_names_free(source, weights)
     by_name = {q.candidate.name: q for q in weights}
-    ranks = _declared_ranks(graph)
-    readers = _scoped_readers(graph) if row_lookups else {}
-    outputs = {o.name for o in graph.output}
+    ranks = _declared_ranks(source)
+    readers = _scoped_readers(source) if row_lookups else {}
+    outputs = {o.name for o in source.output}
     lookups = {
         w: found for w, q in by_name.items() if (found := _row_lookups(q, readers.get(w, []), ranks, taken, outputs))
     }
     head: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     body: list[onnx.NodeProto] = []
-    for node in graph.node:
+    for node in source.node:
         if node.op_type == "Constant" and node.output[0] in by_name:
             w = node.output[0]
-            nodes, inits = _decode_nodes(by_name.pop(w), out, looked_up=w in lookups)
+            nodes, inits = _decode_nodes(by_name.pop(w), model, looked_up=w in lookups)
             body.extend(nodes)
             new_inits.extend(inits)
         else:
             body.append(node)
-    kept_inits = [t for t in graph.initializer if t.name not in by_name]
+    kept_inits = [t for t in source.initializer if t.name not in by_name]
     for q in by_name.values():
-        nodes, inits = _decode_nodes(q, out, looked_up=q.candidate.name in lookups)
+        nodes, inits = _decode_nodes(q, model, looked_up=q.candidate.name in lookups)
         head.extend(nodes)
         new_inits.extend(inits)
     replaced = {q.candidate.name for q in weights}
-    kept_inputs = [i for i in graph.input if i.name not in replaced]
-    del graph.node[:]
+    # Built from parts, not copied and then edited: a copy keeps the replaced weights' bytes (``copy_except``).
+    out = copy_except(model, onnx.ModelProto(), "graph")
+    graph = copy_except(source, out.graph, "node", "initializer", "input")
     graph.node.extend(head + body)
-    del graph.initializer[:]
     graph.initializer.extend(kept_inits + new_inits)
-    del graph.input[:]
-    graph.input.extend(kept_inputs)
+    graph.input.extend(i for i in source.input if i.name not in replaced)
+    replace_constants(graph, constants or {})
     for q in weights:
         if q.candidate.name in lookups:
             graph.initializer.extend(_reshape_rows(graph, q, lookups[q.candidate.name], ranks))

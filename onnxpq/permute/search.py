@@ -22,7 +22,7 @@ import onnx
 from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
 from onnxpq.model.files import serialized
-from onnxpq.model.graph import constant_tensors, replace_constants
+from onnxpq.model.graph import constant_tensors, with_constants
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.permute.channels import ChannelGroup, Member, find_groups
 from onnxpq.quantize.layer import quantize_layer
@@ -62,10 +62,7 @@ def apply_permutations(
             raise ValueError(f"group {i} is frozen ({group.frozen}) and cannot be permuted")
         for m in group.members:
             changed[m.tensor] = permuted_member(changed.get(m.tensor, values[m.tensor]), m, perm)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    replace_constants(out.graph, changed)
-    return out
+    return with_constants(model, changed)
 
 
 def verify_groups(

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from onnxpq.calibration import Dataset
 from onnxpq.config import CompressConfig
-from onnxpq.model.graph import constant_tensors, display_name, replace_constants
+from onnxpq.model.graph import constant_tensors, display_name, with_constants
 from onnxpq.parallel import Workers, map_tasks
 from onnxpq.quantize.bias import BiasTarget, result_biases
 from onnxpq.quantize.layer import LayerResult, decoded_weight, quantize_layer
@@ -87,8 +87,7 @@ def quantize_sequential(
     """
     todo = [c for c in candidates if c.compressed]
     ordered = _graph_order(model, [c for c in todo if data_aware(c)])
-    current = onnx.ModelProto()
-    current.CopyFrom(model)
+    current = model  # each group's decoded weights go into a new model (``with_constants``), never into this one
     results: dict[str, LayerResult] = {}
     chunks = [list(part) for part in np.array_split(np.array(ordered, dtype=object), config.sequential) if len(part)]
     for index, chunk in enumerate(tqdm(chunks, desc="sequential", unit="group", disable=not progress, leave=False)):
@@ -104,7 +103,7 @@ def quantize_sequential(
         done = quantize_weights(current, chunk, config, stats=stats, bias_weights=frozenset(targets), progress=False)
         results.update(done)
         dense = {c.name: decoded_weight(done[c.name].quantized) for c in chunk}
-        replace_constants(current.graph, {**dense, **result_biases(current, targets, done)})
+        current = with_constants(current, {**dense, **result_biases(current, targets, done)})
     rest = [c for c in todo if c.name not in results]
     results.update(quantize_weights(model, rest, config, progress=False))
     return {c.name: results[c.name] for c in todo}
