@@ -20,6 +20,7 @@ def session(
     level: ort.GraphOptimizationLevel | None = None,
     optimized_path: str | None = None,
     prepack: bool = True,
+    arena: bool = True,
 ) -> ort.InferenceSession:
     """A CPU session on a model file or serialized bytes; ``level`` and ``optimized_path`` let validation see
     what onnxruntime's optimizer made of the graph.
@@ -27,9 +28,13 @@ def session(
     ``prepack=False`` for a session that runs a few batches once (the statistics pass): onnxruntime's packed
     copies of the weights took BERT-base's session from 427 to 636 MiB, and without them a batch ran 3 %
     slower.
+
+    ``arena=False`` for a session that waits while others run: onnxruntime's arena keeps the memory of the
+    session's largest run until the session is gone; without it each run gives its memory back.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
     if level is not None:

@@ -165,12 +165,14 @@ class _Runner:
         return runs
 
 
-def _runner(model: onnx.ModelProto, part: _Part, held: Held) -> _Runner:
+def _runner(model: onnx.ModelProto, part: _Part, held: Held, *, arena: bool = True) -> _Runner:
+    """A runner of ``part`` (``arena``: see ``session``; off for the whole model's, which waits while the
+    suffixes run: its arena held 260 MB more on BERT-base)."""
     from onnxpq.model.session import session
 
     # The whole model as it is: its If/Loop/Scan bodies read outer values that no main-graph node lists.
     source = serialized(model) if part.whole else _part_model(model, part, held)
-    return _Runner(session(source, prepack=False), part.outputs)
+    return _Runner(session(source, prepack=False, arena=arena), part.outputs)
 
 
 class OutputProbe:
@@ -197,7 +199,7 @@ class OutputProbe:
         graph = self.model.graph
         probed = dataset.head(samples)
         self.feeds = [{**feed, **values} for feed in batches(probed, model, batch_size=PROBE_BATCH)]
-        self.whole = _runner(self.model, _whole(graph), {})
+        self.whole = _runner(self.model, _whole(graph), {}, arena=False)
         self.reference = dict(zip(self.whole.outputs, _concatenated(self.whole.runs(self.feeds, {})), strict=True))
         self.signal = squared_error(list(self.reference.values()))  # the same for every setting: once
         broken = [name for name, r in self.reference.items() if not np.isfinite(r).all()]
@@ -224,7 +226,7 @@ class OutputProbe:
         names = sorted({b for s in self.suffixes.values() for b in s.border})
         if not names:
             return {}
-        sized = _Runner(session(_with_outputs(self.model, names), prepack=False), names)
+        sized = _Runner(session(_with_outputs(self.model, names), prepack=False, arena=False), names)
         return {n: int(a.nbytes * runs) for n, a in zip(names, sized.runs([first], {})[0], strict=True)}
 
     def _grouped(self, sizes: Mapping[str, int], limit: int) -> dict[str, int]:
@@ -251,7 +253,8 @@ class OutputProbe:
             held = {n: last[n] for n in names if n in last}
             todo = [n for n in names if n not in last]
             if todo:
-                runs = _runner(self.model, _part(self.model.graph, todo, last), last).runs(self.feeds, last)
+                segment = _runner(self.model, _part(self.model.graph, todo, last), last, arena=False)
+                runs = segment.runs(self.feeds, last)
                 held.update((n, [r[i] for r in runs]) for i, n in enumerate(todo))
             self._held = (group, held)
         return self._held[1]
