@@ -257,12 +257,42 @@ def status(row: dict[str, Any]) -> str:
     return "ok" if row["exit_code"] == 0 else "gate"
 
 
-#: The speed benchmark's rows plotted beside the zoo's: the code they measured (docs/SPEED.md).
-SPEED_LABEL = "after (0.4.0, rows capped, probe 8 at a time)"
+#: The speed benchmark's rows plotted and quoted beside the zoo's: its plain runs (docs/SPEED.md), the latest
+#: per model, as ``tools/bench_speed.py`` keeps one row per label.
+SPEED_LABEL = ""
 PLOT = DOCS / "zoo_time_per_parameter.png"
 #: Float parameters of the speed benchmark's models, as the report counts them (``quantize.size.float_parameters``
 #: of tools/bench.py's task models, measured 2026-12-07): speed.json does not record them.
 SPEED_PARAMETERS = {"MobileNetV2": 3_487_886, "PP-OCRv4 rec": 2_690_352, "all-MiniLM-L6-v2": 22_565_426}
+
+
+def speed_rows() -> list[dict[str, Any]]:
+    """The speed benchmark's plain ``--jobs auto`` rows of the models whose parameters are known."""
+    rows = json.loads((DOCS / "speed.json").read_text())
+    return [r for r in rows if r["label"] == SPEED_LABEL and r["jobs"] == "auto" and r["model"] in SPEED_PARAMETERS]
+
+
+def speed_text(speed: list[dict[str, Any]]) -> list[str]:
+    """The speed benchmark's time per parameter, each model's next to twice MobileNetV2's (issue 21's bound)."""
+    mobilenet = next((r for r in speed if r["model"] == "MobileNetV2"), None)
+    if mobilenet is None:
+        return ["The speed benchmark has no MobileNetV2 row to compare with (docs/SPEED.md)."]
+    base = mobilenet["wall_s"] / SPEED_PARAMETERS["MobileNetV2"] * 1e6
+    parts = [
+        f"{r['model']} {r['wall_s']:.0f} s for {SPEED_PARAMETERS[r['model']] / 1e6:.1f} M parameters, "
+        f"{r['wall_s'] / SPEED_PARAMETERS[r['model']] * 1e6:.1f} µs each "
+        f"({r['wall_s'] / SPEED_PARAMETERS[r['model']] * 1e6 / base:.2f}x MobileNetV2's; {r['commit']})"
+        for r in speed
+    ]
+    return [
+        "Reading the times: issue 21 bounds every model at 2x MobileNetV2's time per parameter. The speed",
+        "benchmark (`--target-bpw 3`, 256 samples, wall time, docs/SPEED.md) on this machine: "
+        + "; ".join(parts)
+        + ".",
+        "CPU s counts the child and its worker processes; the small models' µs/parameter is mostly fixed",
+        "per-run and per-layer cost. zoo_time_per_parameter.png plots wall µs per parameter against parameters",
+        "for every row that ended with exit 0, with those speed rows.",
+    ]
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -273,7 +303,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    speed = [r for r in json.loads((DOCS / "speed.json").read_text()) if r["label"] == SPEED_LABEL]
+    speed = speed_rows()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for small, marker in ((True, "o"), (False, "s")):
         done = [r for r in rows if r["exit_code"] == 0 and r["small"] == small and r["wall_s"]]
@@ -348,12 +378,7 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any], anchors: dict[str, 
         "Each row's own command is in docs/zoo.json; every child ran under `nice -n 10` with its address",
         "space capped (`--memory-limit-gb`, default 12), while other jobs shared the two cores.",
         "",
-        "Reading the times: issue 21 bounds every model at 2x MobileNetV2's time per parameter. MobileNetV2",
-        "`--target-bpw 3` (256 samples, docs/SPEED.md) took 54 s wall on this machine at ae0dceb for 3.5 M",
-        "parameters, ~15.5 µs of wall time per parameter. CPU s counts the child and its worker processes;",
-        "the small models' µs/parameter is mostly fixed per-run and per-layer cost. zoo_time_per_parameter.png",
-        "plots wall µs per parameter against parameters for every row that ended with exit 0, with the speed",
-        "benchmark's models as of that run. At ae0dceb PP-OCRv4 rec (2.7 M parameters, 87 s, 32 µs) is 2.1x.",
+        *speed_text(speed_rows()),
         "",
         "Data: inputs with a fixed shape that is not a sample axis are stored once at that shape (Silero's",
         "rank-0 `sr` = 16000, the sequence variant's zero `h`/`c`, `scalar_input`'s rank-0 `gain`,",
@@ -402,12 +427,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds before a child is killed")
     parser.add_argument("--memory-limit-gb", type=float, default=12, help="address-space cap of each child")
     parser.add_argument("--silero-anchors", action="store_true", help="measure Silero's float16 floor, no compress")
+    parser.add_argument("--render", action="store_true", help="only redraw docs/ZOO.md and the plot from zoo.json")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models) - set(zoo.MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(zoo.MODELS)}")
     results = load_results()
     anchors = results.get("silero_anchors", {})
+    if args.render:  # after a speed run: the text and the plot quote its rows
+        (DOCS / "ZOO.md").write_text(render(results["rows"], results["meta"], anchors))
+        plot(results["rows"], PLOT)
+        return 0
     if args.silero_anchors:
         for name in [m for m in args.models or zoo.MODELS if m in zoo.SILERO_VARIANTS]:
             anchors[name] = silero_anchors(name, zoo.build(name, small=True))
