@@ -107,3 +107,67 @@ def test_models_with_subgraphs_are_probed_whole(rng):
     assert probe.suffixes["w"].whole
     w = constant_tensors(model.graph)["w"].to_array()
     assert probe.error("w", {"w": w * 1.1}) == pytest.approx(_relative_error(model, {"w": w * 1.1}, x), rel=1e-4)
+
+
+def _whole_probe(model: onnx.ModelProto, layers: dict, x: np.ndarray) -> OutputProbe:
+    """The probe of 0.8.0: every layer on the whole model."""
+    return OutputProbe(model, layers, Dataset({"x": x}, "test"), len(x), border_bytes=0)
+
+
+def test_float16_borders_measure_against_the_suffix_itself(rng):
+    """onnxruntime runs float16 nodes in float32 without the casts between them: measured against the whole
+    model, a float16 border would read as error even with the weight unchanged."""
+    nodes = [
+        helper.make_node("Exp", ["x"], ["u"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("Exp", ["u"], ["u2"]),
+        helper.make_node("Mul", ["y", "u2"], ["o"]),
+    ]
+    w = (rand(rng, 16, 16) * 0.3).astype(np.float16)
+    model = make_model(nodes, [("x", ["n", 16])], ["o"], {"w": w}, elem_type=onnx.TensorProto.FLOAT16)
+    x = (rand(rng, 8, 16) * 0.5).astype(np.float16)
+    probe = OutputProbe(model, {"w": ["w"]}, Dataset({"x": x}, "test"), 8)
+    assert probe.suffixes["w"].border == ("u2",)
+    assert probe.error("w", {"w": w}) == 0.0
+    changed = {"w": (w * 1.01).astype(np.float16)}
+    assert probe.error("w", changed) == pytest.approx(
+        _whole_probe(model, {"w": ["w"]}, x).error("w", changed), rel=0.05
+    )
+
+
+def test_nodes_out_of_order_are_sorted_before_the_suffixes_are_found(rng):
+    model = _skip_model(rng)
+    nodes = list(model.graph.node)[::-1]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    x = rand(rng, 12, 4, 6, 6)
+    probe = OutputProbe(model, LAYERS, Dataset({"x": x}, "test"), 12)
+    assert probe.suffixes["w2"].border == ("r1",)
+    w2 = constant_tensors(model.graph)["w2"].to_array() * 1.05
+    assert probe.error("w2", {"w2": w2}) == pytest.approx(_relative_error(model, {"w2": w2}, x), rel=1e-4)
+
+
+def test_a_border_that_is_not_an_array_probes_the_layer_whole(rng):
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("SequenceConstruct", ["r"], ["s"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("SequenceInsert", ["s", "y"], ["s2"]),
+        helper.make_node("ConcatFromSequence", ["s2"], ["o"], axis=0),
+    ]
+    w = rand(rng, 8, 8)
+    model = make_model(nodes, [("x", ["n", 8])], ["o"], {"w": w})
+    x = rand(rng, 6, 8)
+    probe = OutputProbe(model, {"w": ["w"]}, Dataset({"x": x}, "test"), 6)
+    assert probe.suffixes["w"].whole
+    assert probe.error("w", {"w": w * 1.1}) == pytest.approx(_relative_error(model, {"w": w * 1.1}, x), rel=1e-4)
+
+
+def test_a_repeated_output_counts_in_the_signal_as_often_as_in_the_noise(rng):
+    model = _skip_model(rng)
+    model.graph.output.insert(1, model.graph.output[0])
+    x = rand(rng, 12, 4, 6, 6)
+    w2 = constant_tensors(model.graph)["w2"].to_array() * 1.05
+    probe = OutputProbe(model, LAYERS, Dataset({"x": x}, "test"), 12)
+    assert probe.error("w2", {"w2": w2}) == pytest.approx(_whole_probe(model, LAYERS, x).error("w2", {"w2": w2}))
+    assert probe.error("w2", {"w2": w2}) == pytest.approx(_relative_error(model, {"w2": w2}, x), rel=1e-4)

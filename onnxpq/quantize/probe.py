@@ -24,7 +24,7 @@ from onnxpq.errors import ConfigError
 from onnxpq.model.files import serialized
 from onnxpq.model.graph import constant_tensors, constants_as_inputs, node_bodies
 
-__all__ = ["BORDER_BYTES", "NON_FINITE", "PROBE_BATCH", "OutputProbe", "squared_error"]
+__all__ = ["ARRAY_TYPES", "BORDER_BYTES", "NON_FINITE", "PROBE_BATCH", "OutputProbe", "squared_error"]
 
 #: Samples per onnxruntime run of the probe. onnxruntime keeps the activation memory of its largest run:
 #: all 32 at once put MobileNetV2's peak RSS at 1217 MiB (--jobs 1), 8 at a time at 902 MiB, with the same
@@ -37,6 +37,11 @@ NON_FINITE = 1e30
 #: whose border alone is larger is probed on the whole model.
 BORDER_BYTES = 64 << 20
 
+#: onnxruntime's types of the activations a border may hold: tensors it returns as numpy arrays.
+ARRAY_TYPES = frozenset(
+    f"tensor({t})"
+    for t in ("float", "double", "float16", "bool", *(f"{s}int{b}" for s in ("", "u") for b in (8, 16, 32, 64)))
+)
 #: Activation values per name: one array per probe batch.
 Held = Mapping[str, Sequence[np.ndarray]]
 
@@ -80,6 +85,36 @@ def _part(graph: onnx.GraphProto, targets: Sequence[str], held: Collection[str])
             nodes.add(producer[name])
             todo.extend(i for i in graph.node[producer[name]].input if i)
     return _Part(tuple(sorted(nodes)), tuple(sorted(border)), tuple(targets))
+
+
+def _in_order(graph: onnx.GraphProto) -> list[int] | None:
+    """Node indices with every node after the producers of its inputs (the graph's own order when it is one,
+    as ONNX asks, though onnxruntime sorts what it is given); None when there is no such order."""
+    available, order, pending = _fixed(graph) | {""}, [], list(range(len(graph.node)))
+    while pending:
+        left = []
+        for index in pending:
+            if available.issuperset(graph.node[index].input):
+                order.append(index)
+                available.update(graph.node[index].output)
+            else:
+                left.append(index)
+        if len(left) == len(pending):
+            return None
+        pending = left
+    return order
+
+
+def _sorted(graph: onnx.GraphProto) -> bool:
+    """Put the nodes in topological order, in place; False when they have none."""
+    order = _in_order(graph)
+    if order is None:
+        return False
+    if order != sorted(order):
+        nodes = [onnx.NodeProto.FromString(graph.node[i].SerializeToString()) for i in order]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return True
 
 
 def _whole(graph: onnx.GraphProto) -> _Part:
@@ -201,7 +236,8 @@ class OutputProbe:
         self.feeds = [{**feed, **values} for feed in batches(probed, model, batch_size=PROBE_BATCH)]
         self.whole = _runner(self.model, _whole(graph), {}, arena=False)
         self.reference = dict(zip(self.whole.outputs, _concatenated(self.whole.runs(self.feeds, {})), strict=True))
-        self.signal = squared_error(list(self.reference.values()))  # the same for every setting: once
+        # Over the outputs as listed, a repeated one as often as a suffix's error counts it; once, not per probe.
+        self.signal = squared_error([self.reference[n] for n in self.whole.outputs])
         broken = [name for name, r in self.reference.items() if not np.isfinite(r).all()]
         if broken:
             raise ConfigError(
@@ -209,27 +245,31 @@ class OutputProbe:
                 "calibration samples, so the bit allocation has nothing to measure errors against; "
                 "check the calibration data"
             )
-        bodies = any(True for n in graph.node for _ in node_bodies(n))
-        self.suffixes = {name: _whole(graph) if bodies else _suffix(graph, ch) for name, ch in layers.items()}
+        # Bodies read outer values by name, past any border; a graph without a topological order has no suffixes.
+        whole = any(True for n in graph.node for _ in node_bodies(n)) or not _sorted(graph)
+        self.suffixes = {name: _whole(graph) if whole else _suffix(graph, ch) for name, ch in layers.items()}
         self.order = sorted(layers, key=lambda n: (self.suffixes[n].nodes[:1] or (len(graph.node),), n))
         step = run_size(probed, model, 1)  # one sample, or a fixed batch of them
         first = next(batches(probed.head(step), model, batch_size=1))
         sizes = self._border_bytes({**self.feeds[0], **first}, probed.n_samples / step)
         self.groups = self._grouped(sizes, border_bytes)
         self._held: tuple[int, dict[str, list[np.ndarray]]] = (-1, {})
-        self._suffix: tuple[str, _Runner] | None = None
+        self._suffix: tuple[str, _Runner, list[np.ndarray]] | None = None
 
-    def _border_bytes(self, first: Mapping[str, np.ndarray], runs: float) -> dict[str, int]:
-        """Bytes each border activation takes over all probe samples, ``runs`` times a run of ``first``."""
+    def _border_bytes(self, first: Mapping[str, np.ndarray], runs: float) -> dict[str, float]:
+        """Bytes each border activation takes over all probe samples, ``runs`` times a run of ``first``;
+        infinite for one that cannot be fed back as an array (a sequence, an optional, a bfloat16 tensor)."""
         from onnxpq.model.session import session
 
         names = sorted({b for s in self.suffixes.values() for b in s.border})
         if not names:
             return {}
-        sized = _Runner(session(_with_outputs(self.model, names), prepack=False, arena=False), names)
-        return {n: int(a.nbytes * runs) for n, a in zip(names, sized.runs([first], {})[0], strict=True)}
+        built = session(_with_outputs(self.model, names), prepack=False, arena=False)
+        arrays = [o.name for o in built.get_outputs() if o.name in names and o.type in ARRAY_TYPES]
+        sized = dict(zip(arrays, _Runner(built, arrays).runs([first], {})[0], strict=True)) if arrays else {}
+        return {n: sized[n].nbytes * runs if n in sized else math.inf for n in names}
 
-    def _grouped(self, sizes: Mapping[str, int], limit: int) -> dict[str, int]:
+    def _grouped(self, sizes: Mapping[str, float], limit: int) -> dict[str, int]:
         """Each layer's group: consecutive layers (in ``order``) whose borders together fit ``limit`` bytes.
         A layer whose border alone does not fit is probed whole."""
         groups, group, held = {}, 0, set()
@@ -259,23 +299,31 @@ class OutputProbe:
             self._held = (group, held)
         return self._held[1]
 
-    def _suffix_runner(self, layer: str) -> _Runner:
-        """The session of ``layer``'s suffix (the whole model's when probed whole); the last one is kept."""
+    def _suffix_runner(self, layer: str) -> tuple[_Runner, list[np.ndarray]]:
+        """The session of ``layer``'s suffix (the whole model's when probed whole) and the outputs to measure
+        against; the last layer's are kept."""
         suffix = self.suffixes[layer]
         if suffix.whole:
-            return self.whole
+            return self.whole, [self.reference[n] for n in suffix.outputs]
         if self._suffix is None or self._suffix[0] != layer:
             self._suffix = None  # let go of the last layer's session before building this one
-            self._suffix = (layer, _runner(self.model, suffix, self._border(layer)))
-        return self._suffix[1]
+            held = self._border(layer)
+            runner = _runner(self.model, suffix, held)
+            reference = [self.reference[n] for n in suffix.outputs]
+            if any(held[b][0].dtype.kind == "f" and held[b][0].dtype.itemsize < 4 for b in suffix.border):
+                # onnxruntime runs float16 nodes in float32 and drops the casts between them, so the whole
+                # model never rounds there, and a float16 border would read as error of its own.
+                reference = _concatenated(runner.runs(self.feeds, held))
+            self._suffix = (layer, runner, reference)
+        return self._suffix[1], self._suffix[2]
 
     def error(self, layer: str, changed: Mapping[str, np.ndarray]) -> float:
         """Relative output MSE of the model with ``changed`` in place of ``layer``'s original tensors."""
         suffix = self.suffixes[layer]
         if not suffix.outputs:
             return 0.0  # the layer reaches no output
-        runner, held = self._suffix_runner(layer), {} if suffix.whole else self._border(layer)
+        (runner, reference), held = self._suffix_runner(layer), {} if suffix.whole else self._border(layer)
         runs = runner.runs([{**feed, **changed} for feed in self.feeds], held)
-        noise = squared_error([self.reference[n] for n in suffix.outputs], _concatenated(runs))
+        noise = squared_error(reference, _concatenated(runs))
         error = noise / self.signal if self.signal > 0 else noise
         return error if math.isfinite(error) else NON_FINITE
