@@ -28,10 +28,10 @@ from onnxpq.errors import UnsupportedGraphError
 from onnxpq.model.graph import (
     attributes,
     constant_tensors,
-    copy_except,
     opset_version,
     replace_constants,
     value_dims,
+    without,
 )
 from onnxpq.model.subgraphs import ScopedNode, scoped_nodes, value_names
 from onnxpq.model.tensors import four_bit_tensor
@@ -305,9 +305,8 @@ def encode_weights(
         head.extend(nodes)
         new_inits.extend(inits)
     replaced = {q.candidate.name for q in weights}
-    # Built from parts, not copied and then edited: a copy keeps the replaced weights' bytes (``copy_except``).
-    out = copy_except(model, onnx.ModelProto(), "graph")
-    graph = copy_except(source, out.graph, "node", "initializer", "input")
+    out = without(model, "node", "initializer", "input")  # not a copy to edit: it would keep the old weights
+    graph = out.graph
     graph.node.extend(head + body)
     graph.initializer.extend(kept_inits + new_inits)
     graph.input.extend(i for i in source.input if i.name not in replaced)

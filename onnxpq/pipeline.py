@@ -776,13 +776,21 @@ def _permute(run: _Run) -> None:
         run.permutation["consumer_distortion"] = consumer_distortion(unpermuted, run.model, run.candidates, config)
 
 
+def _original(run: _Run) -> Path | bytes:
+    """The original model for a session: the input file when there is one, else the model's bytes.
+
+    The file has the operators of ``run.model`` (permuting and lifting body weights move values, not nodes)
+    and spares a serialized copy of every weight held through the session.
+    """
+    return run.source if run.source is not None else serialized(run.model)
+
+
 def _quantize_stage(run: _Run) -> None:
     """PQF's Q: statistics, bit allocation (or the budget search) and the per-layer quantizer (``_quantize``)."""
     gate = None
     if run.config.searches_budget:
         assert run.data is not None and run.validation.max_degradation is not None
-        original = run.source if run.source is not None else serialized(run.model)
-        gate = Gate(original, run.model, run.data, run.validation.metric, run.validation.max_degradation)
+        gate = Gate(_original(run), run.model, run.data, run.validation.metric, run.validation.max_degradation)
     args = (run.model, run.candidates, run.config, run.calib, run.progress, run.workers, run.clock)
     run.quantized = _quantize(*args, gate=gate)
     trim_heap()  # the statistics are gone: give them back before encoding and validation
@@ -809,10 +817,7 @@ def _encode(run: _Run) -> None:
     with run.clock.stage("encode"):
         run.compressed = encode_weights(run.model, quantized, metadata=metadata, constants=run.quantized.biases)
         reshapes = row_reshapes(run.compressed.graph)
-        # The input file when there is one: the same operators as ``run.model`` (permuting and lifting body
-        # weights move values, not nodes), and no serialized copy of every weight held through both sessions.
-        original = run.source if run.source is not None else serialized(run.model)
-        if reshapes and not same_fusions(original, serialized(run.compressed), reshapes):
+        if reshapes and not same_fusions(_original(run), serialized(run.compressed), reshapes):
             run.compressed = encode_weights(
                 run.model, quantized, metadata=metadata, constants=run.quantized.biases, row_lookups=False
             )
@@ -869,7 +874,7 @@ def _publish(run: _Run, force: bool) -> CompressResult:
     raises ``ValidationFailedError`` carrying the report.
     """
     assert run.target is not None and run.report_file is not None
-    original = run.source if run.source is not None else serialized(run.model)
+    original = _original(run)
     with staging() as stage:
         with run.clock.stage("save"):
             written = _save_checked(run.compressed, run.model, stage, run.target, run.notes)
@@ -899,7 +904,7 @@ def _in_memory(run: _Run) -> CompressResult:
             _tolerate_checker_failure(run.model, err, run.notes)
         data = serialized(run.compressed)
         _check_output_loads(data)
-    original = run.source if run.source is not None else serialized(run.model)
+    original = _original(run)
     report = _finished_report(run, original, data)
     if report.gate_failure:
         message = f"{report.gate_failure} (the compressed model is this error's .model)"

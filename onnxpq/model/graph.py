@@ -34,6 +34,7 @@ __all__ = [
     "replace_constants",
     "value_dims",
     "with_constants",
+    "without",
 ]
 
 MIN_OPSET = 11
@@ -151,8 +152,8 @@ def constants_as_inputs(model: onnx.ModelProto, names: Collection[str]) -> onnx.
     missing = sorted(wanted - set(found))
     if missing:
         raise KeyError(f"not constants of the main graph: {missing}")
-    out = copy_except(model, onnx.ModelProto(), "graph")
-    graph = copy_except(model.graph, out.graph, "node", "initializer")
+    out = without(model, "node", "initializer")
+    graph = out.graph
     graph.node.extend(n for n in model.graph.node if not (n.op_type == "Constant" and n.output[0] in wanted))
     graph.initializer.extend(t for t in model.graph.initializer if t.name not in wanted)
     # Models older than IR 4 also list their initializers as inputs; those entries already declare the tensor.
@@ -183,6 +184,14 @@ def copy_except(source: Message, target: Message, *skipped: str) -> Message:
         else:
             setattr(target, field.name, value)
     return target
+
+
+def without(model: onnx.ModelProto, *graph_fields: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose main graph lacks ``graph_fields`` (its nodes, initializers ...), for the caller
+    to fill with what it keeps: built from parts, it never holds what is left out (``copy_except``)."""
+    out = copy_except(model, onnx.ModelProto(), "graph")
+    copy_except(model.graph, out.graph, *graph_fields)
+    return out
 
 
 def display_name(node: onnx.NodeProto, index: int) -> str:
@@ -231,8 +240,8 @@ def with_constants(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> 
 
     For replacing weights: built from parts, so the copy never holds the old values (``copy_except``).
     """
-    out = copy_except(model, onnx.ModelProto(), "graph")
-    graph = copy_except(model.graph, out.graph, "node", "initializer")
+    out = without(model, "node", "initializer")
+    graph = out.graph
     graph.initializer.extend(
         _tensor_like(t, values[t.name]) if t.name in values else t for t in model.graph.initializer
     )

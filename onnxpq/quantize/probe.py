@@ -12,7 +12,7 @@ have to follow them into every body.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from onnxpq.calibration import Dataset, batches, run_size
 from onnxpq.errors import ConfigError
-from onnxpq.model.files import serialized
+from onnxpq.model.files import serialized, serialized_with_outputs
 from onnxpq.model.graph import constant_tensors, constants_as_inputs, node_bodies
 
 __all__ = ["ARRAY_TYPES", "BORDER_BYTES", "NON_FINITE", "PROBE_BATCH", "OutputProbe", "squared_error"]
@@ -158,14 +158,6 @@ def _part_model(model: onnx.ModelProto, part: _Part, held: Held) -> bytes:
     return serialized(out)
 
 
-def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
-    """The model's bytes with ``names`` as extra, untyped outputs (onnxruntime infers them), the model not
-    copied: protobuf merges a second message's repeated fields into the first's."""
-    extra = onnx.ModelProto()
-    extra.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
-    return serialized(model) + extra.SerializeToString()
-
-
 def squared_error(ref: Sequence[np.ndarray], test: Sequence[np.ndarray] | None = None) -> float:
     """Σ (ref - test)² over all outputs in float64 (Σ ref² without ``test``), one float64 copy at a time."""
     total = 0.0
@@ -264,7 +256,7 @@ class OutputProbe:
         names = sorted({b for s in self.suffixes.values() for b in s.border})
         if not names:
             return {}
-        built = session(_with_outputs(self.model, names), prepack=False, arena=False)
+        built = session(serialized_with_outputs(self.model, names), prepack=False, arena=False)
         arrays = [o.name for o in built.get_outputs() if o.name in names and o.type in ARRAY_TYPES]
         sized = dict(zip(arrays, _Runner(built, arrays).runs([first], {})[0], strict=True)) if arrays else {}
         return {n: sized[n].nbytes * runs if n in sized else math.inf for n in names}

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from onnxpq.calibration import Dataset, batches, run_size
 from onnxpq.config import MAX_ROWS, ROWS_PER_INPUT, STATISTICS_MEMORY_MIB
 from onnxpq.errors import ConfigError
-from onnxpq.model.files import serialized
+from onnxpq.model.files import serialized_with_outputs
 from onnxpq.model.graph import attributes, display_name
 from onnxpq.model.subgraphs import inline_branches
 from onnxpq.operators import REGISTRY, Operator, conv_pads
@@ -496,26 +496,13 @@ def _readers(model: onnx.ModelProto, candidates: Sequence[Candidate]) -> dict[st
     return readers
 
 
-def _probe_model(model: onnx.ModelProto, activations: Sequence[str]) -> bytes:
-    """The model's bytes with every needed activation exposed as an output (untyped: onnxruntime infers it).
-
-    The outputs follow the model as a second serialized message: a parser merges concatenated messages
-    (repeated fields append; protobuf's encoding guide documents it), so the model is never copied. On
-    BERT-base a copy held 434 MB of heap that glibc kept after the session was built.
-    """
-    known = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
-    extra = onnx.ModelProto()
-    extra.graph.output.extend(onnx.ValueInfoProto(name=name) for name in activations if name not in known)
-    return serialized(model) + extra.SerializeToString()
-
-
 class _Probe:
     """An onnxruntime session that returns the wanted activations (graph inputs come from the feed)."""
 
     def __init__(self, model: onnx.ModelProto, activations: Sequence[str]) -> None:
         from onnxpq.model.session import session
 
-        self.session = session(_probe_model(model, activations), prepack=False)
+        self.session = session(serialized_with_outputs(model, activations), prepack=False)
         outputs = {o.name for o in self.session.get_outputs()}
         self.fetch = [a for a in activations if a in outputs]
         self.activations = set(activations)
